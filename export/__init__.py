@@ -1,0 +1,1 @@
+"""pianolm.export: the torch side (models, reference decode, training, ONNX/TensorRT export)."""

@@ -1,0 +1,1 @@
+"""pianolm.runtime: the deployable side. numpy + onnxruntime + soundfile + mido; never torch."""
