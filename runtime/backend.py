@@ -1,0 +1,43 @@
+"""The interface between the decode loop and whatever runs the networks.
+
+The same hierarchical loop (`runtime/decode.py`) drives every backend: ONNX Runtime, TensorRT,
+and (from `pianolm.export`) PyTorch with a KV cache or without one (the authors' decode).
+Arrays cross this interface as numpy; a device backend may keep its own state on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class StageSession(Protocol):
+    """One stage's decoder over one batch of segments; owns that batch's self-attention cache."""
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Feed a chunk and return the logits of its last position.
+
+        tokens: int64 [B, n], the next n tokens of every row.
+        mask:   bool [B, n], False where a row feeds padding (it waits or has finished):
+                those positions are invisible to every later token of the row, and do not
+                advance the row's position counter (RoPE positions count real tokens only).
+        returns float32 [B, vocab]: logits after the chunk's last position of each row.
+        """
+        ...
+
+
+class Backend(Protocol):
+    """Runs the encoder and opens decoder sessions for the stages a model has."""
+
+    stages: tuple[str, ...]  # e.g. ("onset", "velocity", "offset") or ("flat",)
+    sample_rate: int  # 16000
+    segment_samples: int  # 160000
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        """float32 waveform [B, segment_samples] -> embeddings [B, T, E]."""
+        ...
+
+    def start(self, stage: str, embeddings: np.ndarray) -> StageSession:
+        """Compute the stage's cross-attention K/V once and return an empty session."""
+        ...

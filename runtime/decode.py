@@ -1,0 +1,238 @@
+"""The hierarchical greedy decode loop, for any backend (runtime/backend.py).
+
+For one batch of segments: encoder once -> onset stage (greedy until eos or the note limit) ->
+velocity stage (feed each known `time pitch`, read one velocity) -> offset stage (feed each known
+`time pitch`, read one `off`; then the notes carried in from the previous segment). Every step is
+grammar-constrained (runtime/grammar.py), so the output always parses and always ends.
+
+Rows of a batch are segments, of one file or of several. A row's previous segment may sit in the
+same batch (`RowSpec.prev`); its carried notes then become known while the offset stage runs and
+are fed in rounds, in the order docs/tokens.md gives (owning segment descending, then pitch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import vocab as V
+from .backend import Backend, StageSession
+from .grammar import FlatGrammar, OnsetGrammar, offset_mask, velocity_mask
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NOTES = 384  # per 10 s segment: ~38 notes/s, beyond dense piano playing
+
+
+@dataclass(frozen=True, order=True)
+class OpenNote:
+    """A note still sounding at a segment's end. Sorts in carried-block order."""
+
+    neg_owner: int  # minus the owning segment's index: later owners first
+    pitch: int
+
+    @property
+    def owner(self) -> int:
+        return -self.neg_owner
+
+
+@dataclass
+class RowSpec:
+    """One row of a batch: which segment it is and where its carried notes come from."""
+
+    segment: int  # the segment's index within its file
+    prev: int | None = None  # row holding the previous segment of the same file, if in batch
+    carry_in: list[OpenNote] = field(default_factory=list)  # open notes, when prev is None
+
+
+@dataclass
+class SegmentTokens:
+    """What the decoders said about one segment: one token list per stage."""
+
+    segment: int
+    tokens: dict[str, list[int]]
+    carry_out: list[OpenNote]  # notes still sounding at the segment's end
+
+
+def argmax_allowed(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    return np.where(allowed, logits, -np.inf).argmax(axis=1)
+
+
+def _prefill(session: StageSession, stage: str, batch: int) -> np.ndarray:
+    tokens = np.tile(np.array([[V.SOS, V.TASK_TOKEN[stage]]], dtype=np.int64), (batch, 1))
+    return session.step(tokens, np.ones_like(tokens, dtype=bool))
+
+
+def _greedy(session: StageSession, stage: str, grammar: OnsetGrammar | FlatGrammar
+            ) -> list[list[int]]:
+    """Free-running greedy decode until every row ends (eos, or the grammar's note limit)."""
+    batch = len(grammar.done)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    logits = _prefill(session, stage, batch)
+    while True:
+        live = ~grammar.done
+        chosen = argmax_allowed(logits, grammar.mask())
+        for row in np.flatnonzero(live):
+            out[row].append(int(chosen[row]))
+        grammar.update(chosen)
+        if grammar.done.all():
+            return out
+        fed = np.where(live, chosen, V.PAD)[:, None]
+        logits = session.step(fed, (live & ~grammar.done)[:, None])
+
+
+def decode_onsets(backend: Backend, embeddings: np.ndarray, max_notes: int) -> list[list[int]]:
+    """Onset stage: returns each row's tokens after `sos task_onset`, eos included."""
+    grammar = OnsetGrammar(len(embeddings), max_notes)
+    return _greedy(backend.start("onset", embeddings), "onset", grammar)
+
+
+def _note_chunk(prev: np.ndarray, on: np.ndarray, pitch: np.ndarray, fed: np.ndarray):
+    """The 3-token chunk `previous prediction, on, pitch`; rows not fed get masked padding.
+    A row's first chunk has no previous prediction (prev == PAD): that slot is masked too."""
+    tokens = np.stack([prev, on, pitch], axis=1).astype(np.int64)
+    mask = np.stack([fed & (prev != V.PAD), fed, fed], axis=1)
+    return np.where(mask, tokens, V.PAD), mask
+
+
+def decode_velocities(backend: Backend, embeddings: np.ndarray,
+                      notes: list[list[tuple[int, int]]]) -> list[list[int]]:
+    """Velocity stage: one velocity token per known (tick, pitch), fed in order."""
+    batch = len(embeddings)
+    session = backend.start("velocity", embeddings)
+    _prefill(session, "velocity", batch)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    prev = np.full(batch, V.PAD)
+    for i in range(max((len(n) for n in notes), default=0)):
+        fed = np.array([i < len(n) for n in notes])
+        on = np.array([V.time_token(n[i][0]) if f else V.PAD for n, f in zip(notes, fed)])
+        pitch = np.array([V.pitch_token(n[i][1]) if f else V.PAD for n, f in zip(notes, fed)])
+        logits = session.step(*_note_chunk(prev, on, pitch, fed))
+        chosen = argmax_allowed(logits, velocity_mask(batch))
+        for row in np.flatnonzero(fed):
+            out[row].append(int(chosen[row]))
+        prev = np.where(fed, chosen, V.PAD)
+    return out
+
+
+def _next_onset_of_same_key(notes: list[tuple[int, int]]) -> list[int]:
+    """For each note, the tick of the next note of the same key in the segment, or -1."""
+    limit, seen = [-1] * len(notes), {}
+    for i in range(len(notes) - 1, -1, -1):
+        tick, pitch = notes[i]
+        limit[i] = seen.get(pitch, -1)
+        seen[pitch] = tick
+    return limit
+
+
+def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
+                   notes: list[list[tuple[int, int]]]
+                   ) -> tuple[list[list[int]], list[list[OpenNote]]]:
+    """Offset stage: own notes first (every row in parallel), then carried notes in rounds.
+
+    Returns each row's offset-stage tokens after `sos task_offset` (`on pitch off` per note) and
+    the notes still sounding at each row's end.
+    """
+    batch = len(rows)
+    session = backend.start("offset", embeddings)
+    _prefill(session, "offset", batch)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    carry_out: list[list[OpenNote]] = [[] for _ in range(batch)]
+    first_onset = [{p: t for t, p in reversed(n)} for n in notes]  # key -> its first onset tick
+    successor = {spec.prev: r for r, spec in enumerate(rows) if spec.prev is not None}
+    # Per row, the notes still to feed: (on_token, pitch, on_tick, limit_tick, owner).
+    queues: list[list[tuple[int, int, int, int, int]]] = []
+    for r, (spec, own) in enumerate(zip(rows, notes)):
+        limits = _next_onset_of_same_key(own)
+        queue = [(V.time_token(t), p, t, lim, spec.segment) for (t, p), lim in zip(own, limits)]
+        queue += [_carried_entry(o, first_onset[r]) for o in sorted(spec.carry_in)]
+        queues.append(queue)
+    own_left = [len(n) for n in notes]
+    # A row's own notes that sustain reach its successor sorted by pitch, so they are held
+    # back until the row has decided all of its own notes.
+    held: list[list[OpenNote]] = [[] for _ in range(batch)]
+    _release_finished_own(own_left, held, successor, queues, first_onset)
+    prev = np.full(batch, V.PAD)
+    while True:
+        fed = np.array([bool(q) for q in queues])
+        if not fed.any():
+            # Every chain starts at a row with no predecessor in the batch, so an empty round
+            # means every row has fed all its notes.
+            return out, carry_out
+        heads = [q.pop(0) if q else None for q in queues]
+        on = np.array([h[0] if h else V.PAD for h in heads])
+        pitch = np.array([V.pitch_token(h[1]) if h else V.PAD for h in heads])
+        logits = session.step(*_note_chunk(prev, on, pitch, fed))
+        on_tick = np.array([h[2] if h else 0 for h in heads])
+        limit = np.array([h[3] if h else -1 for h in heads])
+        chosen = argmax_allowed(logits, offset_mask(on_tick, limit))
+        for r in np.flatnonzero(fed):
+            on_token, key, _, _, owner = heads[r]
+            out[r] += [on_token, V.pitch_token(key), int(chosen[r])]
+            own = on_token != V.NOTE_SUSTAIN
+            own_left[r] -= own
+            if chosen[r] == V.NOTE_SUSTAIN:
+                open_note = OpenNote(-owner, key)
+                carry_out[r].append(open_note)
+                if own:
+                    held[r].append(open_note)
+                elif r in successor:  # already in carried-block order
+                    nxt = successor[r]
+                    queues[nxt].append(_carried_entry(open_note, first_onset[nxt]))
+        _release_finished_own(own_left, held, successor, queues, first_onset)
+        prev = np.where(fed, chosen, prev)
+
+
+def _release_finished_own(own_left, held, successor, queues, first_onset) -> None:
+    """Pass the sustaining own notes of rows that decided all their own notes to successors."""
+    for r, waiting in enumerate(held):
+        if own_left[r] == 0 and waiting and r in successor:
+            nxt = successor[r]
+            queues[nxt] += [_carried_entry(o, first_onset[nxt]) for o in sorted(waiting)]
+            waiting.clear()
+
+
+def _carried_entry(note: OpenNote, first_onset: dict[int, int]) -> tuple[int, int, int, int, int]:
+    return (V.NOTE_SUSTAIN, note.pitch, -1, first_onset.get(note.pitch, -1), note.owner)
+
+
+def onset_notes(tokens: list[int]) -> list[tuple[int, int]]:
+    """(tick, pitch) pairs from a grammar-constrained onset-stage output."""
+    pairs = [t for t in tokens if t != V.EOS]
+    return [(V.token_time(t), V.token_pitch(p)) for t, p in zip(pairs[::2], pairs[1::2])]
+
+
+def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
+                 max_notes: int = DEFAULT_MAX_NOTES) -> list[SegmentTokens]:
+    """Decode one batch of segments [B, segment_samples] through all stages."""
+    embeddings = backend.encode(audio)
+    if backend.stages == ("flat",):
+        return decode_flat(backend, embeddings, rows, max_notes)
+    onsets = decode_onsets(backend, embeddings, max_notes)
+    notes = [onset_notes(t) for t in onsets]
+    for spec, n in zip(rows, notes):
+        if len(n) >= max_notes:
+            log.warning("segment %d reached the limit of %d notes", spec.segment, max_notes)
+    velocities = decode_velocities(backend, embeddings, notes)
+    offsets, carry_out = decode_offsets(backend, embeddings, rows, notes)
+    return [SegmentTokens(spec.segment, {"onset": on, "velocity": _with_velocities(n, vel),
+                                         "offset": off}, co)
+            for spec, on, n, vel, off, co in zip(rows, onsets, notes, velocities, offsets,
+                                                 carry_out)]
+
+
+def _with_velocities(notes: list[tuple[int, int]], velocities: list[int]) -> list[int]:
+    out = []
+    for (tick, pitch), vel in zip(notes, velocities):
+        out += [V.time_token(tick), V.pitch_token(pitch), vel]
+    return out
+
+
+def decode_flat(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
+                max_notes: int) -> list[SegmentTokens]:
+    """The flattened baseline: one decoder predicts `on pitch off velocity` for every note."""
+    grammar = FlatGrammar(len(rows), max_notes)
+    out = _greedy(backend.start("flat", embeddings), "flat", grammar)
+    return [SegmentTokens(spec.segment, {"flat": toks}, []) for spec, toks in zip(rows, out)]

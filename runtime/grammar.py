@@ -1,0 +1,137 @@
+"""Which tokens may come next: the grammar that keeps every decoded sequence parseable.
+
+Masks are boolean arrays [B, vocab]; the decode loop sets disallowed logits to -inf before argmax.
+- onset stage: after a pitch (or at the start) a time >= the previous time, or eos; after a time,
+  a pitch, strictly above the previous pitch when the time is unchanged (no duplicate notes).
+  Onset times lie in 0..999 (tick 1000 is the segment's end).
+- velocity stage: a velocity token.
+- offset stage: a time after the onset and no later than the next onset of the same key in the
+  segment (a key cannot sound twice), or note_sustain when no later onset of that key exists.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import vocab as V
+
+_TICKS = np.arange(V.SEGMENT_TICKS + 1)  # 0..1000
+_PITCHES = np.arange(V.MIN_PITCH, V.MAX_PITCH + 1)
+_LAST_ONSET_TICK = V.SEGMENT_TICKS - 1
+
+
+class OnsetGrammar:
+    """Tracks each row of a batch through the onset stage and says what may come next."""
+
+    def __init__(self, batch: int, max_notes: int):
+        self.max_notes = max_notes
+        self.last_tick = np.full(batch, -1)  # tick of the latest note; -1 before the first
+        self.last_pitch = np.full(batch, V.MIN_PITCH - 1)
+        self.pending_tick = np.full(batch, -1)  # a time was emitted, its pitch is due
+        self.n_notes = np.zeros(batch, dtype=np.int64)
+        self.done = np.zeros(batch, dtype=bool)
+
+    def mask(self) -> np.ndarray:
+        batch = len(self.done)
+        allowed = np.zeros((batch, V.VOCAB_SIZE), dtype=bool)
+        want_pitch = self.pending_tick >= 0
+        # Time (or eos) next: times never go back; the same time again needs room for a
+        # higher pitch; no time at all once the note limit is reached.
+        room = (self.n_notes < self.max_notes)[:, None]
+        later = _TICKS[None, :] > self.last_tick[:, None]
+        top = (self.last_pitch < V.MAX_PITCH)[:, None]
+        same = (_TICKS[None, :] == self.last_tick[:, None]) & top
+        time_ok = room & (later | same) & (_TICKS <= _LAST_ONSET_TICK)[None, :]
+        rows = ~want_pitch & ~self.done
+        allowed[:, V.TIME_BASE:V.PITCH_BASE] = time_ok & rows[:, None]
+        allowed[:, V.EOS] = rows
+        # Pitch next: above the previous pitch when the time did not move.
+        floor = np.where(self.pending_tick == self.last_tick, self.last_pitch, V.MIN_PITCH - 1)
+        pitch_ok = _PITCHES[None, :] > floor[:, None]
+        allowed[:, V.PITCH_BASE:V.VELOCITY_BASE] = pitch_ok & (want_pitch & ~self.done)[:, None]
+        # A finished row is fed padding; keep argmax well defined.
+        allowed[self.done, V.PAD] = True
+        return allowed
+
+    def update(self, tokens: np.ndarray) -> None:
+        """Advance every unfinished row by its chosen token."""
+        live = ~self.done
+        is_eos = live & (tokens == V.EOS)
+        is_time = live & (tokens >= V.TIME_BASE) & (tokens < V.PITCH_BASE)
+        is_pitch = live & (tokens >= V.PITCH_BASE) & (tokens < V.VELOCITY_BASE)
+        self.done |= is_eos
+        self.pending_tick = np.where(is_time, tokens - V.TIME_BASE, self.pending_tick)
+        pitch = tokens - V.PITCH_BASE + V.MIN_PITCH
+        self.last_tick = np.where(is_pitch, self.pending_tick, self.last_tick)
+        self.last_pitch = np.where(is_pitch, pitch, self.last_pitch)
+        self.n_notes += is_pitch
+        self.pending_tick = np.where(is_pitch, -1, self.pending_tick)
+
+
+def velocity_mask(batch: int) -> np.ndarray:
+    allowed = np.zeros((batch, V.VOCAB_SIZE), dtype=bool)
+    allowed[:, V.VELOCITY_BASE:] = True
+    return allowed
+
+
+def offset_mask(on_tick: np.ndarray, limit_tick: np.ndarray) -> np.ndarray:
+    """Allowed `off` tokens per row.
+
+    on_tick:    onset tick of the note in the segment, -1 for a carried note.
+    limit_tick: the next onset tick of the same key in the segment, or -1 if there is none
+                (then the note may also sustain past the segment's end).
+    """
+    allowed = np.zeros((len(on_tick), V.VOCAB_SIZE), dtype=bool)
+    hi = np.where(limit_tick >= 0, limit_tick, V.SEGMENT_TICKS)
+    ok = (_TICKS[None, :] > on_tick[:, None]) & (_TICKS[None, :] <= hi[:, None])
+    allowed[:, V.TIME_BASE:V.PITCH_BASE] = ok
+    allowed[:, V.NOTE_SUSTAIN] = limit_tick < 0
+    # Never empty: a later onset of the key lies after on_tick (onsets of a key never repeat
+    # a tick), and a carried note (on_tick -1) may always end at tick 0.
+    return allowed
+
+
+class FlatGrammar:
+    """The flattened baseline: `on pitch off velocity` per note, own notes (on = a time, never
+    going back) before carried ones (on = note_sustain), then eos."""
+
+    ON, PITCH, OFF, VELOCITY = range(4)
+
+    def __init__(self, batch: int, max_notes: int):
+        self.max_notes = max_notes
+        self.field = np.full(batch, self.ON)
+        self.last_on = np.full(batch, -1)  # latest onset tick; -2 once carried notes began
+        self.on = np.full(batch, -1)  # the current note's onset tick (-1: carried)
+        self.n_notes = np.zeros(batch, dtype=np.int64)
+        self.done = np.zeros(batch, dtype=bool)
+
+    def mask(self) -> np.ndarray:
+        batch = len(self.done)
+        allowed = np.zeros((batch, V.VOCAB_SIZE), dtype=bool)
+        live = ~self.done
+        at = {f: live & (self.field == f) for f in range(4)}
+        room = self.n_notes < self.max_notes
+        own_open = at[self.ON] & room & (self.last_on > -2)
+        times = (_TICKS[None, :] >= self.last_on[:, None]) & (_TICKS <= _LAST_ONSET_TICK)[None, :]
+        allowed[:, V.TIME_BASE:V.PITCH_BASE] |= times & own_open[:, None]
+        allowed[:, V.NOTE_SUSTAIN] |= at[self.ON] & room
+        allowed[:, V.EOS] |= at[self.ON]
+        allowed[:, V.PITCH_BASE:V.VELOCITY_BASE] |= at[self.PITCH][:, None]
+        allowed[:, V.TIME_BASE:V.PITCH_BASE] |= (_TICKS[None, :] > self.on[:, None]) & at[
+            self.OFF][:, None]
+        allowed[:, V.NOTE_SUSTAIN] |= at[self.OFF]
+        allowed[:, V.VELOCITY_BASE:] |= at[self.VELOCITY][:, None]
+        allowed[self.done, V.PAD] = True
+        return allowed
+
+    def update(self, tokens: np.ndarray) -> None:
+        live = ~self.done
+        at_on = live & (self.field == self.ON)
+        self.done |= at_on & (tokens == V.EOS)
+        live = ~self.done
+        sustain_on = at_on & live & (tokens == V.NOTE_SUSTAIN)
+        time_on = at_on & live & (tokens >= V.TIME_BASE) & (tokens < V.PITCH_BASE)
+        self.on = np.where(time_on, tokens - V.TIME_BASE, np.where(sustain_on, -1, self.on))
+        self.last_on = np.where(time_on, self.on, np.where(sustain_on, -2, self.last_on))
+        self.n_notes += live & (self.field == self.VELOCITY)
+        self.field = np.where(live, (self.field + 1) % 4, self.field)

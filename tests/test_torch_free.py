@@ -1,0 +1,65 @@
+"""The runtime must import and run with torch absent: a subprocess whose import system refuses
+torch (and pianolm.export, which is the torch side)."""
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = {blocked!r}
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + '.') for b in BLOCKED):
+                raise ModuleNotFoundError(f"blocked: {{name}}", name=name)
+    sys.meta_path.insert(0, Refuse())
+""")
+
+
+def _run(code: str, blocked=("torch", "pianolm.export")) -> subprocess.CompletedProcess:
+    script = BLOCKER.format(blocked=tuple(blocked)) + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_blocker_really_blocks_torch():
+    res = _run("import torch")
+    assert res.returncode != 0 and "blocked: torch" in res.stderr
+
+
+def test_every_runtime_module_imports_without_torch():
+    res = _run("""
+        import pkgutil, importlib, sys
+        import pianolm.runtime as rt
+        names = [m.name for m in pkgutil.iter_modules(rt.__path__)]
+        assert 'decode' in names and 'vocab' in names, names
+        for name in names:
+            importlib.import_module(f'pianolm.runtime.{name}')
+        assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules)
+        print('ok', len(names))
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ok")
+
+
+def test_decode_loop_runs_without_torch():
+    res = _run("""
+        import numpy as np, sys
+        sys.path.insert(0, '.')
+        from tests.fake_backend import FakeBackend
+        from pianolm.runtime.decode import RowSpec, decode_batch
+        audio = np.random.default_rng(0).normal(size=(2, 160000)).astype(np.float32)
+        out = decode_batch(FakeBackend(), audio, [RowSpec(0), RowSpec(1, 0)], max_notes=4)
+        print(len(out))
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "2"
+
+
+def test_torch_side_command_says_which_extra_to_install():
+    res = _run("""
+        from pianolm.runtime.cli import main
+        raise SystemExit(main(['info', '--preset', 'tiny']))
+    """, blocked=("torch",))
+    assert res.returncode == 2
+    assert "pip install 'pianolm[export]'" in res.stderr and "Traceback" not in res.stderr
