@@ -20,6 +20,8 @@ import numpy as np
 from . import vocab as V
 from .backend import Backend, StageSession
 from .grammar import FlatGrammar, OnsetGrammar, offset_mask, velocity_mask
+from .notes import Note
+from .tokens import SegmentResult, decode, decode_onset, stitch
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
     for r, (spec, own) in enumerate(zip(rows, notes)):
         limits = _next_onset_of_same_key(own)
         queue = [(V.time_token(t), p, t, lim, spec.segment) for (t, p), lim in zip(own, limits)]
-        queue += [_carried_entry(o, first_onset[r]) for o in sorted(spec.carry_in)]
+        queue += _carried_entries(sorted(spec.carry_in), first_onset[r])
         queues.append(queue)
     own_left = [len(n) for n in notes]
     # A row's own notes that sustain reach its successor sorted by pitch, so they are held
@@ -180,7 +182,7 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
                     held[r].append(open_note)
                 elif r in successor:  # already in carried-block order
                     nxt = successor[r]
-                    queues[nxt].append(_carried_entry(open_note, first_onset[nxt]))
+                    queues[nxt] += _carried_entries([open_note], first_onset[nxt])
         _release_finished_own(own_left, held, successor, queues, first_onset)
         prev = np.where(fed, chosen, prev)
 
@@ -190,18 +192,15 @@ def _release_finished_own(own_left, held, successor, queues, first_onset) -> Non
     for r, waiting in enumerate(held):
         if own_left[r] == 0 and waiting and r in successor:
             nxt = successor[r]
-            queues[nxt] += [_carried_entry(o, first_onset[nxt]) for o in sorted(waiting)]
+            queues[nxt] += _carried_entries(sorted(waiting), first_onset[nxt])
             waiting.clear()
 
 
-def _carried_entry(note: OpenNote, first_onset: dict[int, int]) -> tuple[int, int, int, int, int]:
-    return (V.NOTE_SUSTAIN, note.pitch, -1, first_onset.get(note.pitch, -1), note.owner)
-
-
-def onset_notes(tokens: list[int]) -> list[tuple[int, int]]:
-    """(tick, pitch) pairs from a grammar-constrained onset-stage output."""
-    pairs = [t for t in tokens if t != V.EOS]
-    return [(V.token_time(t), V.token_pitch(p)) for t, p in zip(pairs[::2], pairs[1::2])]
+def _carried_entries(notes: list[OpenNote], first_onset: dict[int, int]) -> list[tuple]:
+    """Queue entries for carried notes. A key struck again at tick 0 ends the carried note at
+    the segment's start: it is not fed (training data never holds such a carried note)."""
+    return [(V.NOTE_SUSTAIN, o.pitch, 0, first_onset.get(o.pitch, -1), o.owner)
+            for o in notes if first_onset.get(o.pitch) != 0]
 
 
 def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
@@ -211,7 +210,7 @@ def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
     if backend.stages == ("flat",):
         return decode_flat(backend, embeddings, rows, max_notes)
     onsets = decode_onsets(backend, embeddings, max_notes)
-    notes = [onset_notes(t) for t in onsets]
+    notes = [decode_onset(t) for t in onsets]
     for spec, n in zip(rows, notes):
         if len(n) >= max_notes:
             log.warning("segment %d reached the limit of %d notes", spec.segment, max_notes)
@@ -236,3 +235,15 @@ def decode_flat(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
     grammar = FlatGrammar(len(rows), max_notes)
     out = _greedy(backend.start("flat", embeddings), "flat", grammar)
     return [SegmentTokens(spec.segment, {"flat": toks}, []) for spec, toks in zip(rows, out)]
+
+
+def to_notes(segments: list[SegmentTokens], end: float | None = None) -> list[Note]:
+    """One file's decoded segments (in order) -> its notes, through the codec's stitching."""
+    results = []
+    for seg in segments:
+        if "flat" in seg.tokens:
+            results.append(SegmentResult.from_flat(decode("flat", seg.tokens["flat"])))
+        else:
+            results.append(SegmentResult.from_stages(*(decode(stage, seg.tokens[stage])
+                                                        for stage in V.STAGES)))
+    return stitch(results, end)

@@ -77,7 +77,8 @@ def velocity_mask(batch: int) -> np.ndarray:
 def offset_mask(on_tick: np.ndarray, limit_tick: np.ndarray) -> np.ndarray:
     """Allowed `off` tokens per row.
 
-    on_tick:    onset tick of the note in the segment, -1 for a carried note.
+    on_tick:    onset tick of the note in the segment; 0 for a carried note (it ends at tick 1 or
+                later: ending at tick 0 is the previous segment's tick 1000).
     limit_tick: the next onset tick of the same key in the segment, or -1 if there is none
                 (then the note may also sustain past the segment's end).
     """
@@ -86,8 +87,8 @@ def offset_mask(on_tick: np.ndarray, limit_tick: np.ndarray) -> np.ndarray:
     ok = (_TICKS[None, :] > on_tick[:, None]) & (_TICKS[None, :] <= hi[:, None])
     allowed[:, V.TIME_BASE:V.PITCH_BASE] = ok
     allowed[:, V.NOTE_SUSTAIN] = limit_tick < 0
-    # Never empty: a later onset of the key lies after on_tick (onsets of a key never repeat
-    # a tick), and a carried note (on_tick -1) may always end at tick 0.
+    # Never empty: a later onset of the key lies after on_tick (onsets of a key never repeat a
+    # tick), and the loop does not feed a carried note whose key is struck again at tick 0.
     return allowed
 
 
@@ -101,7 +102,7 @@ class FlatGrammar:
         self.max_notes = max_notes
         self.field = np.full(batch, self.ON)
         self.last_on = np.full(batch, -1)  # latest onset tick; -2 once carried notes began
-        self.on = np.full(batch, -1)  # the current note's onset tick (-1: carried)
+        self.on = np.full(batch, -1)  # the current note's onset tick (0 for a carried note)
         self.n_notes = np.zeros(batch, dtype=np.int64)
         self.done = np.zeros(batch, dtype=bool)
 
@@ -131,7 +132,8 @@ class FlatGrammar:
         live = ~self.done
         sustain_on = at_on & live & (tokens == V.NOTE_SUSTAIN)
         time_on = at_on & live & (tokens >= V.TIME_BASE) & (tokens < V.PITCH_BASE)
-        self.on = np.where(time_on, tokens - V.TIME_BASE, np.where(sustain_on, -1, self.on))
+        # A carried note's off is tick 1 or later, as in the offset stage.
+        self.on = np.where(time_on, tokens - V.TIME_BASE, np.where(sustain_on, 0, self.on))
         self.last_on = np.where(time_on, self.on, np.where(sustain_on, -2, self.last_on))
         self.n_notes += live & (self.field == self.VELOCITY)
         self.field = np.where(live, (self.field + 1) % 4, self.field)

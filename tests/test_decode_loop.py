@@ -3,9 +3,10 @@ independence from how segments are batched."""
 
 import numpy as np
 import pytest
-
 from pianolm.runtime import vocab as V
-from pianolm.runtime.decode import OpenNote, RowSpec, decode_batch, onset_notes
+from pianolm.runtime.decode import OpenNote, RowSpec, decode_batch, to_notes
+from pianolm.runtime.tokens import decode_onset
+
 from tests.fake_backend import FakeBackend
 
 
@@ -50,7 +51,7 @@ def test_grammar_holds_in_every_stage():
     for seg in res:
         on = seg.tokens["onset"]
         assert on[-1] == V.EOS
-        notes = onset_notes(on)
+        notes = decode_onset(on)
         assert len(notes) <= 12
         assert notes == sorted(notes) and len(set(notes)) == len(notes)
         vel = seg.tokens["velocity"]
@@ -68,7 +69,7 @@ def test_grammar_holds_in_every_stage():
 def test_note_limit_ends_the_onset_stage():
     backend = FakeBackend(bias={V.EOS: -100.0})  # a model that never says eos
     (res,) = decode_batch(backend, _audio(1), [RowSpec(0)], max_notes=5)
-    assert len(onset_notes(res.tokens["onset"])) == 5 and res.tokens["onset"][-1] == V.EOS
+    assert len(decode_onset(res.tokens["onset"])) == 5 and res.tokens["onset"][-1] == V.EOS
 
 
 def test_carry_in_order_is_owner_descending_then_pitch():
@@ -86,3 +87,13 @@ def test_flat_baseline_decodes_and_ends():
     for seg in res:
         toks = seg.tokens["flat"]
         assert toks[-1] == V.EOS and (len(toks) - 1) % 4 == 0 and len(toks) <= 4 * 6 + 1
+
+
+def test_decoded_segments_stitch_into_valid_notes():
+    res = decode_batch(FakeBackend(), _audio(4, 5),
+                       [RowSpec(k, k - 1 if k else None) for k in range(4)], max_notes=10)
+    notes = to_notes(res, end=40.0)
+    n_own = sum(len(decode_onset(r.tokens["onset"])) for r in res)
+    assert len(notes) == n_own
+    assert all(0 <= n.onset < n.offset <= 40.0 and 21 <= n.pitch <= 108 for n in notes)
+    assert any(n.offset - n.onset > 10.0 for n in notes)  # carried through 2+ segments

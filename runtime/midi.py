@@ -1,0 +1,396 @@
+"""Notes in and out: MIDI files (mido), TSV and JSON note lists.
+
+numpy-free and torch-free; mido only.
+
+Writing (`write_midi`): a type-0 file with one track: track name, tempo (120 bpm unless told),
+4/4, program 0 (acoustic grand piano) on channel 0, then the notes. Conventions:
+- Note ends are written as real `note_off` messages (status 0x80) with release velocity 64,
+  the MIDI default when release velocity is unknown. Readers that expect `note_on` with
+  velocity 0 handle `note_off` as well; `note_off` is never confused with an attack.
+- Velocities are kept; velocity 0 (a legal token of the model, but `note_on` velocity 0
+  means "note off" in MIDI) is written as velocity 1, the quietest audible attack.
+- Times are rounded to the nearest tick (480 ticks/beat at 120 bpm: 1/960 s, error
+  <= 0.52 ms); a note is at least one tick long, so no note vanishes.
+- Same-pitch overlaps: a note struck again while still sounding is cut at the new onset
+  (what a piano does, and what `read_midi` does with a repeated `note_on`); two notes on the
+  same pitch and the same tick become one (the longer end, the louder velocity). At equal
+  ticks every `note_off` precedes every `note_on`, so a re-strike never reads as a zero-length
+  note.
+- The file is written to a temporary file in the destination folder and moved into place with
+  `os.replace`: a failed write never leaves a half-written file (or destroys an old one).
+
+Reading (`read_midi`, `read_midi_with_pedal`): all tracks merged (type 0 and 1; a type-2
+file's tracks are merged too), tempo changes honoured, `note_on` velocity 0 = `note_off`, a
+repeated `note_on` of a sounding key (same channel) closes the previous note, notes left
+sounding at the end of the file end at the file's last event. Sustain pedal: CC64 >= 64 is
+down, < 64 up, on any channel (one piano, one pedal); a pedal still down at the end is released
+at the file's last event. With `extend_pedal=True`, offsets are extended by the pedal (a key
+released while the pedal is down sounds until the pedal is released or the key is struck
+again), using `pianolm.runtime.tokens.extend_by_pedal`, the single implementation of that rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from typing import IO
+
+import mido
+
+from .notes import Note
+
+DEFAULT_TEMPO_BPM = 120.0
+DEFAULT_TICKS_PER_BEAT = 480
+PEDAL_CC = 64  # sustain (damper) pedal
+PEDAL_THRESHOLD = 64  # value >= 64: down
+NOTE_OFF_VELOCITY = 64  # release velocity written on note_off (MIDI default)
+TSV_HEADER = ("onset_s", "offset_s", "pitch", "velocity")  # the dev set's columns
+
+__all__ = [
+    "MidiError", "write_midi", "read_midi", "read_midi_with_pedal",
+    "read_notes_tsv", "write_notes_tsv", "write_notes_json", "read_notes_json",
+]
+
+
+class MidiError(ValueError):
+    """A MIDI or note-list file that cannot be read; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through `write(fileobj)` into a temp file beside `path`, then os.replace it.
+
+    The temp file is created with O_EXCL and mode 0o666 filtered by the umask, so the final
+    file gets the same permissions a plain open() would give it.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _check_note(i: int, n: Note) -> None:
+    if not (math.isfinite(n.onset) and math.isfinite(n.offset)):
+        raise ValueError(f"note {i} has a non-finite time: {n}")
+    if n.onset < -1e-6:  # tolerate float round-off just below 0
+        raise ValueError(f"note {i} starts before 0 s: {n}")
+    if n.offset < n.onset:
+        raise ValueError(f"note {i} ends before it starts: {n}")
+    if not 0 <= int(n.pitch) <= 127 or int(n.pitch) != n.pitch:
+        raise ValueError(f"note {i} has pitch {n.pitch!r} outside MIDI 0..127: {n}")
+    if not 0 <= int(n.velocity) <= 127 or int(n.velocity) != n.velocity:
+        raise ValueError(f"note {i} has velocity {n.velocity!r} outside 0..127: {n}")
+
+
+def _note_ticks(notes: Iterable[Note], ticks_per_second: float
+                ) -> list[tuple[int, int, int, int]]:
+    """Quantise to ticks and resolve same-pitch overlaps: [(on, off, pitch, velocity)]."""
+    by_pitch: dict[int, list[list[int]]] = {}
+    for i, n in enumerate(notes):
+        _check_note(i, n)
+        on = max(0, int(round(n.onset * ticks_per_second)))
+        off = max(int(round(n.offset * ticks_per_second)), on + 1)
+        by_pitch.setdefault(int(n.pitch), []).append([on, off, max(1, int(n.velocity))])
+    out = []
+    for pitch, items in by_pitch.items():
+        items.sort()
+        kept: list[list[int]] = []
+        for on, off, vel in items:
+            if kept and on == kept[-1][0]:  # same pitch, same tick: one note
+                kept[-1][1] = max(kept[-1][1], off)
+                kept[-1][2] = max(kept[-1][2], vel)
+                continue
+            if kept and on < kept[-1][1]:  # struck again while sounding: cut the earlier
+                kept[-1][1] = on
+            kept.append([on, off, vel])
+        out.extend((on, off, pitch, vel) for on, off, vel in kept)
+    return out
+
+
+def write_midi(notes: Iterable[Note], path: str | os.PathLike, tempo_bpm: float = 120.0,
+               ticks_per_beat: int = 480) -> None:
+    """Write notes (seconds) as a single-track piano MIDI file; see the module doc.
+
+    Raises ValueError for a note with a non-finite or negative time, an offset before its
+    onset, or a pitch/velocity outside 0..127. The write is atomic (temp file + os.replace).
+    """
+    if not (isinstance(ticks_per_beat, int) and 1 <= ticks_per_beat <= 0x7FFF):
+        raise ValueError(f"ticks_per_beat must be an int in 1..32767, got {ticks_per_beat!r}")
+    if not (math.isfinite(tempo_bpm) and tempo_bpm > 0):
+        raise ValueError(f"tempo_bpm must be positive, got {tempo_bpm!r}")
+    tempo = mido.bpm2tempo(tempo_bpm)  # microseconds per beat (an int, as the file stores it)
+    if not 1 <= tempo <= 0xFFFFFF:
+        raise ValueError(f"tempo_bpm {tempo_bpm!r} is out of the range a MIDI file can store")
+    ticks_per_second = ticks_per_beat * 1e6 / tempo
+
+    events = []  # (tick, kind: 0 off / 1 on, pitch, velocity)
+    for on, off, pitch, vel in _note_ticks(notes, ticks_per_second):
+        events.append((on, 1, pitch, vel))
+        events.append((off, 0, pitch, NOTE_OFF_VELOCITY))
+    events.sort()
+
+    track = mido.MidiTrack()
+    track.append(mido.MetaMessage("track_name", name="Piano", time=0))
+    track.append(mido.MetaMessage("set_tempo", tempo=tempo, time=0))
+    track.append(mido.MetaMessage("time_signature", numerator=4, denominator=4, time=0))
+    track.append(mido.Message("program_change", channel=0, program=0, time=0))
+    now = 0
+    for tick, kind, pitch, vel in events:
+        msg_type = "note_on" if kind else "note_off"
+        track.append(mido.Message(msg_type, channel=0, note=pitch, velocity=vel,
+                                  time=tick - now))
+        now = tick
+    track.append(mido.MetaMessage("end_of_track", time=0))
+    mid = mido.MidiFile(type=0, ticks_per_beat=ticks_per_beat)
+    mid.tracks.append(track)
+    _atomic_write(path, lambda f: mid.save(file=f))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _open_midi(path: str | os.PathLike) -> mido.MidiFile:
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise MidiError(f"{name}: file not found" if not os.path.exists(name)
+                        else f"{name}: not a file")
+    try:
+        return mido.MidiFile(name)
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise MidiError(f"{name}: not a readable MIDI file ({reason})") from None
+
+
+def _merge_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def read_midi_with_pedal(path: str | os.PathLike
+                         ) -> tuple[list[Note], list[tuple[float, float]]]:
+    """Read a MIDI file: (notes as played, sustain-pedal intervals), times in seconds.
+
+    Notes are not pedal-extended (see read_midi(extend_pedal=True)); they are sorted by
+    (onset, pitch, offset). Pedal intervals are (down, up) pairs, sorted and non-overlapping.
+    """
+    mid = _open_midi(path)
+    tpb = mid.ticks_per_beat
+    tempo = 500000  # MIDI default: 120 bpm until the first set_tempo
+    seg_tick, seg_sec = 0, 0.0  # start of the current tempo segment
+    tick = 0
+
+    def seconds(t: int) -> float:
+        return seg_sec + mido.tick2second(t - seg_tick, tpb, tempo)
+
+    # (channel, pitch) -> (onset tick, onset seconds, velocity, struck again at that tick)
+    active: dict[tuple[int, int], tuple[int, float, int, bool]] = {}
+    notes: list[Note] = []
+    pedal_down: dict[int, float] = {}  # channel -> down time
+    pedal: list[tuple[float, float]] = []
+
+    for msg in mido.merge_tracks(mid.tracks, skip_checks=True):
+        tick += msg.time
+        if msg.type == "set_tempo":
+            seg_sec, seg_tick, tempo = seconds(tick), tick, msg.tempo
+            continue
+        if msg.type not in ("note_on", "note_off", "control_change"):
+            continue
+        now = seconds(tick)
+        if msg.type == "control_change":
+            if msg.control != PEDAL_CC:
+                continue
+            if msg.value >= PEDAL_THRESHOLD:
+                pedal_down.setdefault(msg.channel, now)
+            elif msg.channel in pedal_down:
+                start = pedal_down.pop(msg.channel)
+                if now > start:
+                    pedal.append((start, now))
+            continue
+        key = (msg.channel, msg.note)
+        if msg.type == "note_on" and msg.velocity > 0:
+            restrike = False
+            if key in active:  # struck again while sounding: close the earlier note
+                on_tick, on_sec, vel, _ = active.pop(key)
+                if tick > on_tick:
+                    notes.append(Note(on_sec, now, msg.note, vel))
+                restrike = True
+            active[key] = (tick, now, msg.velocity, restrike)
+        elif key in active:  # note_off, or note_on with velocity 0
+            on_tick, on_sec, vel, restrike = active[key]
+            if tick == on_tick:
+                # An off at the very tick of the attack: after a re-strike it belongs to the
+                # note the re-strike already closed (writers that put the new note_on first);
+                # otherwise the note has zero length and is dropped.
+                if not restrike:
+                    del active[key]
+                continue
+            del active[key]
+            notes.append(Note(on_sec, now, msg.note, vel))
+
+    end = seconds(tick)
+    for (_, pitch), (on_tick, on_sec, vel, _) in active.items():
+        if tick > on_tick:
+            notes.append(Note(on_sec, end, pitch, vel))
+    for start in pedal_down.values():
+        if end > start:
+            pedal.append((start, end))
+    notes.sort(key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    return notes, _merge_intervals(pedal)
+
+
+def read_midi(path: str | os.PathLike, extend_pedal: bool = False) -> list[Note]:
+    """Read the notes of a MIDI file (seconds), optionally with offsets extended by the pedal.
+
+    extend_pedal=True applies the sustain rule (DESIGN.md, "Tokens"): a key released while
+    CC64 >= 64 sounds until the pedal is released or the same key is struck again.
+    """
+    notes, pedal = read_midi_with_pedal(path)
+    if extend_pedal and pedal:
+        from pianolm.runtime.tokens import extend_by_pedal  # lazy: one implementation
+
+        notes = sorted(extend_by_pedal(notes, pedal),
+                       key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    return notes
+
+
+# ----------------------------------------------------------------------------- TSV / JSON
+
+_COLUMN_ALIASES = {
+    "onset": ("onset", "onset_s", "onset_sec", "onset_time", "onset_seconds", "start"),
+    "offset": ("offset", "offset_s", "offset_sec", "offset_time", "offset_seconds", "end"),
+    "pitch": ("pitch", "note", "midi_pitch", "key", "midi"),
+    "velocity": ("velocity", "vel", "velocity_midi"),
+}
+
+
+def _parse_int(text: str) -> int:
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(f"{text!r} is not an integer")
+    return int(value)
+
+
+def read_notes_tsv(path: str | os.PathLike) -> list[Note]:
+    """Read a note list: tab- (or whitespace-) separated onset, offset, pitch[, velocity].
+
+    The dev set's format (`onset_s offset_s pitch velocity` header, seconds, MIDI pitch and
+    velocity) and MAESTRO-style headers (`onset offset note velocity`) map columns by name;
+    without a header the columns are positional. Lines starting with '#' and blank lines are
+    skipped; a missing velocity column gives velocity 64. Sorted by (onset, pitch).
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise MidiError(f"{name}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MidiError(f"{name}: cannot read note list ({' '.join(str(e).split())})") from None
+
+    cols = {"onset": 0, "offset": 1, "pitch": 2, "velocity": 3}
+    notes: list[Note] = []
+    header_seen = False
+    for lineno, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if not header_seen and not notes:
+            header_seen = True
+            try:
+                float(fields[0])
+            except ValueError:  # a header line: map the columns by name
+                lower = [x.lower() for x in fields]
+                cols = {}
+                for col, aliases in _COLUMN_ALIASES.items():
+                    found = [i for i, x in enumerate(lower) if x in aliases]
+                    if found:
+                        cols[col] = found[0]
+                missing = [c for c in ("onset", "offset", "pitch") if c not in cols]
+                if missing:
+                    raise MidiError(f"{name}:{lineno}: header {fields} lacks column(s) "
+                                    f"{', '.join(missing)}") from None
+                continue
+        try:
+            onset = float(fields[cols["onset"]])
+            offset = float(fields[cols["offset"]])
+            pitch = _parse_int(fields[cols["pitch"]])
+            vcol = cols.get("velocity")
+            velocity = _parse_int(fields[vcol]) if vcol is not None and vcol < len(fields) \
+                else 64
+        except (ValueError, IndexError) as e:
+            raise MidiError(f"{name}:{lineno}: bad note line {line.strip()!r} ({e})") from None
+        notes.append(Note(onset, offset, pitch, velocity))
+    notes.sort(key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    return notes
+
+
+def _fmt_time(t: float) -> str:
+    return f"{t:.6f}"
+
+
+def write_notes_tsv(notes: Iterable[Note], path: str | os.PathLike) -> None:
+    """Write notes as TSV in the dev set's format: header `onset_s offset_s pitch velocity`.
+
+    Times in seconds with 6 decimals (1 us), sorted by (onset, pitch). Written atomically.
+    """
+    rows = sorted(notes, key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    text = "\t".join(TSV_HEADER) + "\n" + "".join(
+        f"{_fmt_time(n.onset)}\t{_fmt_time(n.offset)}\t{int(n.pitch)}\t{int(n.velocity)}\n"
+        for n in rows)
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_notes_json(notes: Iterable[Note], path: str | os.PathLike,
+                     metadata: dict | None = None) -> None:
+    """Write notes as JSON: {"notes": [{"onset", "offset", "pitch", "velocity"}, ...]}.
+
+    Times in seconds (rounded to 1 us), sorted by (onset, pitch). `metadata`, when given, is
+    stored under "metadata" (it must be JSON-serialisable). Written atomically.
+    """
+    rows = sorted(notes, key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    doc: dict = {"notes": [{"onset": round(float(n.onset), 6), "offset": round(float(n.offset), 6),
+                            "pitch": int(n.pitch), "velocity": int(n.velocity)} for n in rows]}
+    if metadata is not None:
+        doc["metadata"] = metadata
+    text = json.dumps(doc, indent=1) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_notes_json(path: str | os.PathLike) -> list[Note]:
+    """Read notes written by write_notes_json (also accepts a bare list of note objects)."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            doc = json.load(f)
+        rows = doc["notes"] if isinstance(doc, dict) else doc
+        notes = [Note(float(r["onset"]), float(r["offset"]), int(r["pitch"]),
+                      int(r.get("velocity", 64))) for r in rows]
+    except FileNotFoundError:
+        raise MidiError(f"{name}: file not found") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MidiError(f"{name}: not a pianolm note list ({' '.join(str(e).split())})") \
+            from None
+    notes.sort(key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    return notes
