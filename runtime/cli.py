@@ -32,6 +32,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(system.describe_parameters(args.preset, args.encoder))
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    dataset = _torch_side("data.dataset")
+    code = dataset.main_render(args.rest)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pianolm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
     info.add_argument("--encoder", default="hppnet", choices=["crnn", "hppnet"])
     info.set_defaults(func=cmd_info)
+
+    data = sub.add_parser("data", help="training data: `pianolm data render --help`")
+    data.add_argument("action", choices=["render"])
+    data.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action")
+    data.set_defaults(func=cmd_data)
     return parser
 
 
