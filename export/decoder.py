@@ -1,0 +1,340 @@
+"""The LLaMA-style note decoder (DESIGN.md, "Model facts": decoder paragraph).
+
+One file, nanoGPT / lit-llama style. Each block is
+
+    x = x + SelfAttn(RMSNorm(x))    causal, RoPE on q and k
+    x = x + SwiGLU(RMSNorm(x))
+    x = x + CrossAttn(RMSNorm(x))   to the audio frames, RoPE on the queries only (as the authors)
+    x = x + SwiGLU(RMSNorm(x))
+
+then a final RMSNorm and an untied LM head. The audio side is
+`Linear(enc_dim -> d)(emb) + Linear(64 -> d)(sinusoidal absolute PE)`.
+
+Two ways in:
+- `forward(tokens, audio_emb)`: training / the authors' full-prefix decode.
+- `cross_kv(audio_emb)` once per segment, then `step(...)` per chunk with an explicit KV cache.
+  `step` is what gets exported to ONNX: no Python branching on tensor values, every length comes
+  from an input shape, and past length 0 works (prefill and steps are one graph).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from pianolm.runtime import vocab
+from torch import Tensor, nn
+
+# name -> (n_layers, d_model, n_heads)
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "base": (6, 1024, 16),  # authors' main size, ~160 M per stage
+    "small": (4, 512, 8),  # authors' small size, ~30 M per stage
+    # CPU-trainable: 2 layers, d 256, head_dim 64 like the bigger presets; ~4.4 M per stage
+    # (crnn), 6.5x fewer than small, so three stages train on a laptop-class CPU. The paper finds
+    # the encoder matters far more than LM size, and the encoder here already gives a roll.
+    "tiny": (2, 256, 4),
+}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    enc_dim: int  # width of the encoder's frame embeddings (crnn 1536, hppnet 352)
+    vocab_size: int = vocab.VOCAB_SIZE
+    max_seq_len: int = 2048  # size of the RoPE table: the longest token sequence served
+    audio_pe_dim: int = 64
+    max_frames: int = 1024  # size of the audio PE table: the most frames per segment
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
+        if self.head_dim % 2 or self.audio_pe_dim % 2:
+            raise ValueError("head_dim and audio_pe_dim must be even (RoPE / sin-cos pairs)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        # SwiGLU keeps the parameter count of a 4d MLP: 2/3 * 4d, rounded UP to a multiple of 256
+        hidden = -(-8 * self.d_model // 3)  # ceil(8d/3)
+        return -(-hidden // 256) * 256
+
+    @classmethod
+    def from_preset(cls, name: str, enc_dim: int, **overrides: object) -> DecoderConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown decoder preset {name!r}; choose from {sorted(PRESETS)}")
+        n_layers, d_model, n_heads = PRESETS[name]
+        return cls(n_layers=n_layers, d_model=d_model, n_heads=n_heads, enc_dim=enc_dim,
+                   **overrides)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> DecoderConfig:
+        """Strict: unknown or missing required keys raise (checkpoint.py names the file)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown decoder config field(s) {unknown}")
+        for f in fields(cls):  # JSON gives no types: 512.0 or "512" must not slip through
+            if f.name not in d:
+                continue
+            v, want = d[f.name], (int, float) if f.type == "float" else int
+            if isinstance(v, bool) or not isinstance(v, want):
+                raise ValueError(f"field {f.name!r} must be {f.type}, got {v!r}")
+        return cls(**d)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Position tables
+
+
+def rope_table(max_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin [max_len, head_dim] for rotate-half RoPE (GPT-NeoX layout)."""
+    # explicit CPU: stays real even when the model is built under `with torch.device("meta")`
+    f64 = {"dtype": torch.float64, "device": "cpu"}
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, **f64) / head_dim))
+    angles = torch.arange(max_len, **f64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def sinusoidal_table(max_len: int, dim: int) -> Tensor:
+    """[max_len, dim] absolute sin/cos position encoding (Vaswani et al.), sin/cos interleaved."""
+    f64 = {"dtype": torch.float64, "device": "cpu"}
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, **f64) / dim))
+    angles = torch.arange(max_len, **f64)[:, None] * inv_freq[None, :]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, n, Dh]; cos/sin [B, 1, n, Dh] (already gathered at each row's positions)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def self_attention_mask(key_mask: Tensor, n: int) -> Tensor:
+    """[B, 1, n, P+n] bool, True = may attend, for a chunk of n queries after P cached keys.
+
+    Query i sits at absolute index P+i. It sees key j iff (j <= P+i and key_mask[b, j]) or
+    j == P+i: a position always sees itself, so no row is ever fully masked (a fully masked
+    row gives NaN in ONNX Runtime). P comes from key_mask's shape, never from a constant.
+    """
+    total = key_mask.shape[1]
+    k_idx = torch.arange(total, device=key_mask.device)
+    q_idx = torch.arange(n, device=key_mask.device) + (total - n)
+    causal = k_idx[None, :] <= q_idx[:, None]  # [n, P+n]
+    diag = k_idx[None, :] == q_idx[:, None]
+    allowed = (causal[None] & key_mask[:, None, :]) | diag[None]  # [B, n, P+n]
+    return allowed[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def _heads(self, x: Tensor) -> Tensor:  # [B, n, d] -> [B, H, n, Dh]
+        return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                past_k: Tensor | None, past_v: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (output, present_k, present_v); present = past ++ this chunk's K/V.
+
+        mask None means plain causal over a fresh sequence (training); the cached path always
+        passes an explicit mask since SDPA's is_causal aligns top-left, wrong when P > 0.
+        """
+        q = apply_rope(self._heads(self.wq(x)), cos, sin)
+        k = apply_rope(self._heads(self.wk(x)), cos, sin)
+        v = self._heads(self.wv(x))
+        if past_k is not None and past_v is not None:
+            k = torch.cat([past_k, k], dim=2)
+            v = torch.cat([past_v, v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).flatten(2)), k, v
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+
+    def kv(self, audio: Tensor) -> tuple[Tensor, Tensor]:
+        """audio [B, T, d] -> K, V [B, H, T, Dh]; computed once per segment."""
+        return self._heads(self.wk(audio)), self._heads(self.wv(audio))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # RoPE on the queries only (the audio carries its own absolute PE), as the authors do.
+        q = apply_rope(self._heads(self.wq(x)), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v)  # every frame of a segment is real audio
+        return self.wo(y.transpose(1, 2).flatten(2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)  # up
+        self.w2 = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.mlp1_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp1 = SwiGLU(cfg)
+        self.cross_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.cross = CrossAttention(cfg)
+        self.mlp2_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp2 = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                past_k: Tensor | None, past_v: Tensor | None, cross_k: Tensor, cross_v: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        h, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v)
+        x = x + h
+        x = x + self.mlp1(self.mlp1_norm(x))
+        x = x + self.cross(self.cross_norm(x), cos, sin, cross_k, cross_v)
+        x = x + self.mlp2(self.mlp2_norm(x))
+        return x, k, v
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.audio_proj = nn.Linear(cfg.enc_dim, cfg.d_model)
+        self.audio_pe_proj = nn.Linear(cfg.audio_pe_dim, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
+        # Tables are derived, not learned: non-persistent, so checkpoints hold weights only.
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("audio_pe", torch.empty(0), persistent=False)
+        self.reset_buffers()
+        if self.head.weight.device.type != "meta":
+            self.apply(self._init_weights)
+            # GPT-2-style: shrink the projections that write into the residual stream
+            # (4 residual branches per block), so the stream's variance stays O(1) at init.
+            std = 0.02 / math.sqrt(4 * cfg.n_layers)
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.wo.weight", "cross.wo.weight", ".w2.weight")):
+                    nn.init.normal_(p, mean=0.0, std=std)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE and audio-PE tables, e.g. after loading weights into a model
+        built on the meta device."""
+        if device is None:
+            device = self.head.weight.device
+            if device.type == "meta":
+                device = "cpu"  # tables are tiny; keep them real even for a meta model
+        cos, sin = rope_table(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_base)
+        self.rope_cos = cos.to(device)
+        self.rope_sin = sin.to(device)
+        self.audio_pe = sinusoidal_table(self.cfg.max_frames, self.cfg.audio_pe_dim).to(device)
+
+    # -- shared pieces ----------------------------------------------------------------------
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [B, n] int64 -> cos, sin [B, 1, n, Dh]; per row, so rows may differ."""
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+
+    def audio_memory(self, audio_emb: Tensor) -> Tensor:
+        """[B, T, enc_dim] -> [B, T, d]: projected embeddings plus projected absolute PE."""
+        t = audio_emb.shape[1]
+        return self.audio_proj(audio_emb) + self.audio_pe_proj(self.audio_pe[:t])[None]
+
+    def cross_kv(self, audio_emb: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, T, enc_dim] -> (cross_k, cross_v), each [L, B, H, T, Dh]; once per segment."""
+        mem = self.audio_memory(audio_emb)
+        kvs = [blk.cross.kv(mem) for blk in self.blocks]
+        return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
+
+    # -- training / full-prefix pass --------------------------------------------------------
+
+    def forward(self, tokens: Tensor, audio_emb: Tensor, positions: Tensor | None = None,
+                key_mask: Tensor | None = None) -> Tensor:
+        """tokens [B, S], audio_emb [B, T, E] -> logits [B, S, V].
+
+        Without positions/key_mask: plain causal LM (training; right padding needs no mask).
+        With them: the same masking and position semantics as `step` on an empty cache, used by
+        the authors'-style uncached decode (re-run the whole prefix every step).
+        """
+        b, s = tokens.shape
+        if positions is None:
+            positions = torch.arange(s, device=tokens.device).expand(b, s)
+        mask = None if key_mask is None else self_attention_mask(key_mask, s)
+        cos, sin = self._rope(positions)
+        cross_k, cross_v = self.cross_kv(audio_emb)
+        x = self.tok_emb(tokens)
+        for i, blk in enumerate(self.blocks):
+            x, _, _ = blk(x, cos, sin, mask, None, None, cross_k[i], cross_v[i])
+        return self.head(self.norm(x))
+
+    # -- incremental, export-friendly -------------------------------------------------------
+
+    def step(self, tokens: Tensor, positions: Tensor, key_mask: Tensor, past_k: Tensor,
+             past_v: Tensor, cross_k: Tensor, cross_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Feed a chunk of n tokens after P cached ones.
+
+        tokens, positions: int64 [B, n]; key_mask: bool [B, P+n] (False = padding, invisible
+        to later queries); past_k/past_v: [L, B, H, P, Dh] (P may be 0); cross_k/cross_v:
+        [L, B, H, T, Dh] from `cross_kv`.
+        Returns logits [B, V] of the chunk's last position and present_k/present_v
+        [L, B, H, P+n, Dh].
+        """
+        mask = self_attention_mask(key_mask, tokens.shape[1])
+        cos, sin = self._rope(positions)
+        x = self.tok_emb(tokens)
+        present_k, present_v = [], []
+        for i, blk in enumerate(self.blocks):
+            x, k, v = blk(x, cos, sin, mask, past_k[i], past_v[i], cross_k[i], cross_v[i])
+            present_k.append(k)
+            present_v.append(v)
+        logits = self.head(self.norm(x[:, -1]))
+        return logits, torch.stack(present_k), torch.stack(present_v)
+
+    def empty_cache(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Past K/V of length 0, [L, B, H, 0, Dh] each."""
+        c = self.cfg
+        shape = (c.n_layers, batch, c.n_heads, 0, c.head_dim)
+        w = self.head.weight
+        return w.new_zeros(shape), w.new_zeros(shape)

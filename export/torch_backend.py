@@ -1,0 +1,117 @@
+"""PyTorch implementations of `runtime/backend.py`'s Backend / StageSession.
+
+- `TorchBackend(system, use_cache=True)`: cross K/V once per segment, self-attention KV cache,
+  each step feeds only the new chunk. The reference for the exported graphs.
+- `TorchBackend(system, use_cache=False)`: the authors' decode (`generate_in_batch`): no cache,
+  every step re-runs the whole decoder, cross-attention on the audio included, over the full
+  token history, and keeps the last logits. The baseline our runtime must beat, same tokens.
+
+Both use the same semantics (runtime/backend.py): a False mask entry is padding, invisible to
+every later token of its row, and does not advance the row's RoPE position counter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pianolm.export.decoder import Decoder
+from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
+from torch import Tensor
+
+
+def _chunk_positions(counts: Tensor, mask: Tensor) -> Tensor:
+    """RoPE positions of a chunk: the row's real tokens so far plus the real tokens before each
+    chunk position (exclusive cumsum). Equals counts + arange(n) when the chunk is all real."""
+    m = mask.to(torch.int64)
+    return counts[:, None] + torch.cumsum(m, dim=1) - m
+
+
+def _check_chunk(tokens: np.ndarray, mask: np.ndarray, batch: int) -> tuple[Tensor, Tensor]:
+    tokens = np.asarray(tokens)
+    mask = np.asarray(mask)
+    if tokens.ndim != 2 or tokens.shape[0] != batch or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be [B={batch}, n>=1], got shape {tokens.shape}")
+    if mask.shape != tokens.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from tokens shape {tokens.shape}")
+    return (torch.from_numpy(tokens.astype(np.int64, copy=False)),
+            torch.from_numpy(mask.astype(bool, copy=False)))
+
+
+class CachedSession:
+    """One stage over one batch, with a self-attention KV cache."""
+
+    def __init__(self, decoder: Decoder, embeddings: Tensor) -> None:
+        self.decoder = decoder
+        self.batch = embeddings.shape[0]
+        self.device = embeddings.device
+        self.cross_k, self.cross_v = decoder.cross_kv(embeddings)
+        self.past_k, self.past_v = decoder.empty_cache(self.batch)
+        self.key_mask = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(self.batch, dtype=torch.int64, device=self.device)
+
+    @torch.inference_mode()
+    def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        tok, m = _check_chunk(tokens, mask, self.batch)
+        tok, m = tok.to(self.device), m.to(self.device)
+        positions = _chunk_positions(self.counts, m)
+        self.key_mask = torch.cat([self.key_mask, m], dim=1)
+        logits, self.past_k, self.past_v = self.decoder.step(
+            tok, positions, self.key_mask, self.past_k, self.past_v, self.cross_k, self.cross_v)
+        self.counts = self.counts + m.sum(dim=1)
+        return logits.float().cpu().numpy()
+
+
+class UncachedSession:
+    """The authors' decode: keep the token history, re-run the full decoder every step."""
+
+    def __init__(self, decoder: Decoder, embeddings: Tensor) -> None:
+        self.decoder = decoder
+        self.embeddings = embeddings
+        self.batch = embeddings.shape[0]
+        self.device = embeddings.device
+        self.tokens = torch.zeros(self.batch, 0, dtype=torch.int64, device=self.device)
+        self.mask = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
+
+    @torch.inference_mode()
+    def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        tok, m = _check_chunk(tokens, mask, self.batch)
+        self.tokens = torch.cat([self.tokens, tok.to(self.device)], dim=1)
+        self.mask = torch.cat([self.mask, m.to(self.device)], dim=1)
+        zero = torch.zeros(self.batch, dtype=torch.int64, device=self.device)
+        positions = _chunk_positions(zero, self.mask)
+        logits = self.decoder(self.tokens, self.embeddings, positions=positions,
+                              key_mask=self.mask)
+        return logits[:, -1].float().cpu().numpy()
+
+
+class TorchBackend:
+    """Backend protocol on a TranscriptionSystem, float32, under torch.inference_mode."""
+
+    sample_rate = 16000
+    segment_samples = SEGMENT_SAMPLES
+
+    def __init__(self, system: TranscriptionSystem, use_cache: bool = True) -> None:
+        self.system = system.float().eval()
+        self.use_cache = use_cache
+        self.stages: tuple[str, ...] = system.stages
+        self.device = next(system.decoders.parameters()).device
+
+    @torch.inference_mode()
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 2 or audio.shape[1] != self.segment_samples:
+            raise ValueError(f"audio must be [B, {self.segment_samples}], got {audio.shape}")
+        emb = self.system.embed(torch.from_numpy(audio).to(self.device))
+        return emb.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def start(self, stage: str, embeddings: np.ndarray) -> CachedSession | UncachedSession:
+        if stage not in self.system.decoders:
+            raise ValueError(f"stage {stage!r} not in this model's stages {list(self.stages)}")
+        emb = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(self.device)
+        decoder = self.system.decoders[stage]
+        if emb.ndim != 3 or emb.shape[2] != decoder.cfg.enc_dim:
+            raise ValueError(f"embeddings must be [B, T, {decoder.cfg.enc_dim}], got "
+                             f"{tuple(emb.shape)}")
+        session_cls = CachedSession if self.use_cache else UncachedSession
+        return session_cls(decoder, emb)
