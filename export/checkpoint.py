@@ -23,12 +23,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pianolm
 import torch
-from pianolm.export.decoder import DecoderConfig
-from pianolm.export.system import SystemConfig, TranscriptionSystem
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+import pianolm
+from pianolm.export.decoder import DecoderConfig
+from pianolm.export.system import SystemConfig, TranscriptionSystem
 
 FORMAT = "pianolm-checkpoint"
 FORMAT_VERSION = 1

@@ -11,9 +11,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
+
 from pianolm.export.decoder import PRESETS, Decoder, DecoderConfig
 from pianolm.runtime import vocab
-from torch import Tensor, nn
 
 SEGMENT_SAMPLES = int(16000 * vocab.SEGMENT_SECONDS)
 

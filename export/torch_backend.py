@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from pianolm.export.decoder import Decoder
 from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
-from torch import Tensor
 
 
 def _chunk_positions(counts: Tensor, mask: Tensor) -> Tensor:

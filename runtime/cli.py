@@ -39,6 +39,18 @@ def cmd_data(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    code = _torch_side("onnx_export").main_export(args.rest)
+    if code:
+        raise SystemExit(code)
+
+
+def cmd_build_engines(args: argparse.Namespace) -> None:
+    code = _torch_side("tensorrt").main_build_engines(args.rest)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pianolm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("action", choices=["render"])
     data.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action")
     data.set_defaults(func=cmd_data)
+
+    # Options are parsed by the torch side; prefix_chars="+" hands every word after the
+    # command (--help included) through to it untouched.
+    export = sub.add_parser("export", prefix_chars="+", add_help=False,
+                            help="export a model to ONNX: `pianolm export --help`")
+    export.add_argument("rest", nargs=argparse.REMAINDER)
+    export.set_defaults(func=cmd_export)
+    engines = sub.add_parser("build-engines", prefix_chars="+", add_help=False,
+                             help="TensorRT engines for an export: `pianolm build-engines --help`")
+    engines.add_argument("rest", nargs=argparse.REMAINDER)
+    engines.set_defaults(func=cmd_build_engines)
     return parser
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+
 from pianolm.runtime.audio import (
     SAMPLE_RATE,
     SEGMENT_SAMPLES,

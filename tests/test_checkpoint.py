@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pianolm
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
+import pianolm
 from pianolm.export import system as system_mod
 from pianolm.export.checkpoint import (
     CONFIG_FILE,
@@ -22,8 +24,6 @@ from pianolm.export.checkpoint import (
 )
 from pianolm.export.torch_backend import TorchBackend
 from pianolm.runtime import vocab
-from safetensors.torch import load_file, save_file
-
 from tests.test_decoder import StubEncoder
 from tests.test_torch_backend import _audio, make_system
 

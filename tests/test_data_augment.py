@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from pianolm.export.data import augment as A
 from pianolm.runtime.notes import Note
 

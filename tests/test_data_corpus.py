@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pianolm.export.data import corpus as C
 from pianolm.export.data.common import max_density
 

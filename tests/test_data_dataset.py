@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+
 from pianolm.export.data import dataset as D
 from pianolm.export.data.render import available_instruments
 

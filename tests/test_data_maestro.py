@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+
 from pianolm.export.data import maestro as M
 from pianolm.export.data.render import render_midi
 from pianolm.runtime.notes import Note

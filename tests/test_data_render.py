@@ -10,6 +10,7 @@ from __future__ import annotations
 import mido
 import numpy as np
 import pytest
+
 from pianolm.export.data import render as R
 from pianolm.runtime.notes import Note
 

@@ -3,10 +3,10 @@ independence from how segments are batched."""
 
 import numpy as np
 import pytest
+
 from pianolm.runtime import vocab as V
 from pianolm.runtime.decode import OpenNote, RowSpec, decode_batch, to_notes
 from pianolm.runtime.tokens import decode_onset
-
 from tests.fake_backend import FakeBackend
 
 

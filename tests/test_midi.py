@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mido
 import pytest
+
 from pianolm.runtime.midi import (
     MidiError,
     read_midi,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import soxr
+
 from pianolm.runtime.notes import Note
 
 from .common import Pedal

@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
 from pianolm.runtime.notes import Note
 
 from .common import Pedal, Piece, cache_root, crop, merge_pedal, tidy_notes

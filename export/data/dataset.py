@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
 from pianolm.runtime.midi import read_notes_tsv, write_notes_tsv
 from pianolm.runtime.notes import Note
 

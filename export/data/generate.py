@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from pianolm.runtime.notes import Note
 
 from .common import Pedal, Piece, limit_density, merge_pedal, tidy_notes

@@ -38,6 +38,7 @@ import mido
 import numpy as np
 import soundfile as sf
 import soxr
+
 from pianolm.runtime.notes import Note
 
 from .common import Pedal, cache_root, merge_pedal, tidy_notes
