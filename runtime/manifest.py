@@ -1,0 +1,497 @@
+"""The manifest of an exported model folder (docs/manifest.md): what the runtime needs to serve it.
+
+An exported model is a folder: `manifest.json` plus ONNX graphs (an encoder, and per stage a
+cross-KV graph and a decoder-step graph). The manifest names every file, every graph input and
+output with its dtype and shape, the decoder configs, the vocabulary layout, the precision and
+where the weights came from. `load_manifest` validates all of it and raises `ManifestError`
+naming the file and the field; a runtime never guesses.
+
+Torch-free: json, hashlib, pathlib and the runtime's vocabulary only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import vocab
+
+FORMAT = "pianolm-model"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MIN_OPSET = 17
+
+PRECISIONS = ("fp32", "fp16", "int8")
+DTYPES = ("float32", "float16", "int64", "int32", "bool")
+# Stage lists the decode loop serves (runtime/decode.py), in decode order.
+STAGE_SETS = (vocab.STAGES, ("flat",))
+
+# The graph interface (format version 1): fixed input/output names, in this order.
+ENCODER_IO = (("waveform",), ("embeddings",))
+CROSS_KV_IO = (("embeddings",), ("cross_k", "cross_v"))
+STEP_IO = (("tokens", "positions", "key_mask", "past_k", "past_v", "cross_k", "cross_v"),
+           ("logits", "present_k", "present_v"))
+
+_DECODER_INT_FIELDS = ("n_layers", "d_model", "n_heads", "enc_dim", "vocab_size", "max_seq_len",
+                       "audio_pe_dim", "max_frames")
+_DECODER_FLOAT_FIELDS = ("rope_base", "norm_eps")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """A model folder the runtime cannot serve; the message names the file and the field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema, as dataclasses
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. shape: ints for fixed axes, names for dynamic ones."""
+
+    name: str
+    dtype: str  # one of DTYPES
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX file of the folder."""
+
+    file: str  # a file name inside the folder
+    precision: str  # the graph's own precision (an fp16 model may keep its encoder in fp32)
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    bytes: int  # size of `file` plus its external data
+    sha256: str  # of `file`
+    external_data: str | None = None  # the weights file beside it, for graphs over 2 GB
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "external_data": self.external_data,
+                "precision": self.precision, "bytes": self.bytes, "sha256": self.sha256,
+                "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A stage decoder's shape (the same fields as pianolm.export.decoder.DecoderConfig)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    enc_dim: int
+    vocab_size: int
+    max_seq_len: int  # positions must stay below this (the RoPE table's size)
+    audio_pe_dim: int
+    max_frames: int  # frames per segment must not exceed this
+    rope_base: float
+    norm_eps: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # onset | velocity | offset | flat
+    task_token: int
+    decoder: DecoderSpec
+    cross_kv: GraphSpec
+    step: GraphSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "task_token": self.task_token,
+                "decoder": self.decoder.to_dict(), "cross_kv": self.cross_kv.to_dict(),
+                "step": self.step.to_dict()}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    embed_dim: int
+    frames_per_second: float
+    frames_per_segment: int
+    config: dict[str, Any]  # the encoder's config, front-end parameters included (informative)
+    graph: GraphSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "embed_dim": self.embed_dim,
+                "frames_per_second": self.frames_per_second,
+                "frames_per_segment": self.frames_per_segment, "config": self.config,
+                "graph": self.graph.to_dict()}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the weights came from: a checkpoint (with the sha256 of its weights file) or a
+    random initialisation (cost benchmarks, tests)."""
+
+    checkpoint: str | None = None
+    sha256: str | None = None
+    random_init: bool = False
+    seed: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    precision: str  # the model's precision: fp32 | fp16 | int8 (see GraphSpec.precision)
+    opset: int
+    sample_rate: int
+    segment_samples: int
+    encoder: EncoderSpec
+    stages: tuple[StageSpec, ...]
+    source: SourceSpec
+    versions: dict[str, str]  # package versions that wrote the folder
+    vocab: dict[str, int] = field(default_factory=vocab.as_dict)
+    format_version: int = FORMAT_VERSION
+    folder: Path | None = None  # set by load_manifest; not written
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
+
+    def stage(self, name: str) -> StageSpec:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"stage {name!r} not in this model's stages {list(self.stage_names)}")
+
+    def graphs(self) -> dict[str, GraphSpec]:
+        """Every graph by a short name: encoder, onset.cross_kv, onset.step, ..."""
+        out = {"encoder": self.encoder.graph}
+        for s in self.stages:
+            out[f"{s.name}.cross_kv"] = s.cross_kv
+            out[f"{s.name}.step"] = s.step
+        return out
+
+    def path(self, graph: GraphSpec) -> Path:
+        if self.folder is None:
+            raise ValueError("this manifest was not loaded from a folder")
+        return self.folder / graph.file
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": self.format_version,
+                "precision": self.precision, "opset": self.opset,
+                "audio": {"sample_rate": self.sample_rate,
+                          "segment_samples": self.segment_samples},
+                "encoder": self.encoder.to_dict(), "vocab": dict(self.vocab),
+                "stages": [s.to_dict() for s in self.stages], "source": self.source.to_dict(),
+                "versions": dict(self.versions)}
+
+
+def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
+    """Write `folder/manifest.json` and read it back through the validator."""
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(_to_json(manifest.to_dict()) + "\n")
+    load_manifest(folder)
+    return path
+
+
+def _inline(value: Any) -> bool:
+    """Short lists of scalars and tensor specs go on one line: the file stays readable."""
+    scalar = (str, int, float, bool, type(None))
+    if isinstance(value, list):
+        ok = all(isinstance(v, scalar) for v in value)
+    elif isinstance(value, dict):
+        ok = all(isinstance(v, scalar) or (isinstance(v, list) and _inline(v))
+                 for v in value.values())
+    else:
+        return True
+    return ok and len(json.dumps(value)) <= 96
+
+
+def _to_json(value: Any, level: int = 0) -> str:
+    if _inline(value) or not value:
+        return json.dumps(value)
+    pad, end = "  " * (level + 1), "  " * level
+    if isinstance(value, dict):
+        items = [f"{pad}{json.dumps(k)}: {_to_json(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + end + "}"
+    return "[\n" + ",\n".join(pad + _to_json(v, level + 1) for v in value) + "\n" + end + "]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating
+
+
+class _Fields:
+    """Typed access to a JSON object; every error names the manifest file and the field path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, where: str, message: str) -> ManifestError:
+        return ManifestError(f"{self.path}: field '{where}' {message}")
+
+    def get(self, obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+            optional: bool = False) -> Any:
+        at = f"{where}.{key}" if where else key
+        if key not in obj:
+            if optional:
+                return None
+            raise ManifestError(f"{self.path}: missing field '{at}'")
+        value = obj[key]
+        if value is None and optional:
+            return None
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python: keep "opset": true and "random_init": 1 apart
+        is_bool = isinstance(value, bool)
+        if not isinstance(value, kinds) or (is_bool and bool not in kinds):
+            names = "/".join(k.__name__ for k in kinds)
+            raise self.fail(at, f"must be {names}, got {value!r}")
+        return value
+
+    def positive(self, obj: dict[str, Any], key: str, where: str) -> int:
+        value = self.get(obj, key, int, where)
+        if value <= 0:
+            raise self.fail(f"{where}.{key}" if where else key, f"must be > 0, got {value}")
+        return value
+
+    def only(self, obj: dict[str, Any], keys: set[str], where: str) -> None:
+        unknown = sorted(set(obj) - keys)
+        if unknown:
+            raise ManifestError(f"{self.path}: unknown field(s) {unknown} in "
+                                f"'{where or '(top level)'}'")
+
+
+def _tensor(f: _Fields, raw: Any, where: str) -> TensorSpec:
+    if not isinstance(raw, dict):
+        raise f.fail(where, f"must be an object, got {raw!r}")
+    f.only(raw, {"name", "dtype", "shape"}, where)
+    name = f.get(raw, "name", str, where)
+    dtype = f.get(raw, "dtype", str, where)
+    if dtype not in DTYPES:
+        raise f.fail(f"{where}.dtype", f"is {dtype!r}; known dtypes: {list(DTYPES)}")
+    shape = f.get(raw, "shape", list, where)
+    for i, d in enumerate(shape):
+        ok = (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (
+            isinstance(d, str) and d != "")
+        if not ok:
+            raise f.fail(f"{where}.shape[{i}]", f"must be a size >= 0 or an axis name, got {d!r}")
+    return TensorSpec(name, dtype, tuple(shape))
+
+
+def _graph(f: _Fields, raw: dict[str, Any], where: str,
+           io: tuple[tuple[str, ...], tuple[str, ...]], folder: Path) -> GraphSpec:
+    f.only(raw, {"file", "external_data", "precision", "bytes", "sha256", "inputs", "outputs"},
+           where)
+    files = []
+    for key in ("file", "external_data"):
+        name = f.get(raw, key, str, where, optional=key == "external_data")
+        if name is None:
+            files.append(None)
+            continue
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise f.fail(f"{where}.{key}", f"must be a file name inside the folder, got {name!r}")
+        if not (folder / name).is_file():
+            raise f.fail(f"{where}.{key}", f"names {name!r}, which is missing from {folder}")
+        files.append(name)
+    precision = f.get(raw, "precision", str, where)
+    if precision not in PRECISIONS:
+        raise f.fail(f"{where}.precision", f"is {precision!r}; known: {list(PRECISIONS)}")
+    size = f.get(raw, "bytes", int, where)
+    sha = f.get(raw, "sha256", str, where)
+    if not _SHA256.match(sha):
+        raise f.fail(f"{where}.sha256", f"must be 64 lowercase hex digits, got {sha!r}")
+    tensors = []
+    for key, names in zip(("inputs", "outputs"), io):
+        items = f.get(raw, key, list, where)
+        specs = tuple(_tensor(f, t, f"{where}.{key}[{i}]") for i, t in enumerate(items))
+        if tuple(t.name for t in specs) != names:
+            raise f.fail(f"{where}.{key}", f"names {[t.name for t in specs]}; format version "
+                         f"{FORMAT_VERSION} requires {list(names)}")
+        tensors.append(specs)
+    return GraphSpec(files[0], precision, tensors[0], tensors[1], size, sha, files[1])
+
+
+def _expect_shape(f: _Fields, graph: GraphSpec, where: str, fixed: dict[str, dict[int, int]]
+                  ) -> None:
+    """Check the fixed axes of named tensors (e.g. past_k axis 0 = n_layers)."""
+    for t in graph.inputs + graph.outputs:
+        for axis, size in fixed.get(t.name, {}).items():
+            kind = "inputs" if t in graph.inputs else "outputs"
+            if len(t.shape) <= axis or t.shape[axis] != size:
+                raise f.fail(f"{where}.{kind}.{t.name}.shape",
+                             f"is {list(t.shape)}; axis {axis} must be {size} (from the config)")
+
+
+def _decoder(f: _Fields, raw: Any, where: str) -> DecoderSpec:
+    if not isinstance(raw, dict):
+        raise f.fail(where, f"must be an object, got {raw!r}")
+    f.only(raw, set(_DECODER_INT_FIELDS + _DECODER_FLOAT_FIELDS), where)
+    ints = {k: f.positive(raw, k, where) for k in _DECODER_INT_FIELDS}
+    floats = {k: float(f.get(raw, k, (int, float), where)) for k in _DECODER_FLOAT_FIELDS}
+    spec = DecoderSpec(**ints, **floats)
+    if spec.d_model % spec.n_heads:
+        raise f.fail(f"{where}.d_model", f"{spec.d_model} is not a multiple of n_heads "
+                     f"{spec.n_heads}")
+    if spec.vocab_size != vocab.VOCAB_SIZE:
+        raise f.fail(f"{where}.vocab_size", f"is {spec.vocab_size}; this runtime's vocabulary "
+                     f"has {vocab.VOCAB_SIZE} tokens")
+    return spec
+
+
+def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
+           frames: int) -> StageSpec:
+    if not isinstance(raw, dict):
+        raise f.fail(where, f"must be an object, got {raw!r}")
+    f.only(raw, {"name", "task_token", "decoder", "cross_kv", "step"}, where)
+    name = f.get(raw, "name", str, where)
+    if name not in vocab.TASK_TOKEN:
+        raise f.fail(f"{where}.name", f"is {name!r}; known stages: {list(vocab.TASK_TOKEN)}")
+    task = f.get(raw, "task_token", int, where)
+    if task != vocab.TASK_TOKEN[name]:
+        raise f.fail(f"{where}.task_token", f"is {task}; stage {name!r} uses "
+                     f"{vocab.TASK_TOKEN[name]}")
+    dec = _decoder(f, f.get(raw, "decoder", dict, where), f"{where}.decoder")
+    if dec.enc_dim != embed_dim:
+        raise f.fail(f"{where}.decoder.enc_dim", f"is {dec.enc_dim}; the encoder gives "
+                     f"{embed_dim}")
+    if dec.max_frames < frames:
+        raise f.fail(f"{where}.decoder.max_frames", f"is {dec.max_frames} < the encoder's "
+                     f"{frames} frames per segment")
+    cross = _graph(f, f.get(raw, "cross_kv", dict, where), f"{where}.cross_kv", CROSS_KV_IO,
+                   folder)
+    step = _graph(f, f.get(raw, "step", dict, where), f"{where}.step", STEP_IO, folder)
+    kv = {0: dec.n_layers, 2: dec.n_heads, 4: dec.head_dim}
+    _expect_shape(f, cross, f"{where}.cross_kv", {"embeddings": {2: embed_dim},
+                                                  "cross_k": kv, "cross_v": kv})
+    _expect_shape(f, step, f"{where}.step", {
+        "past_k": kv, "past_v": kv, "cross_k": kv, "cross_v": kv, "present_k": kv,
+        "present_v": kv, "logits": {1: dec.vocab_size}})
+    return StageSpec(name, task, dec, cross, step)
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    """Read and validate `folder/manifest.json` (or the manifest file itself)."""
+    folder = Path(folder)
+    if folder.name == MANIFEST_FILE and folder.is_file():
+        folder = folder.parent
+    path = folder / MANIFEST_FILE
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: no such model folder (expected {MANIFEST_FILE} inside)")
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing (not an exported pianolm model folder?)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: not readable JSON: {e}") from e
+    f = _Fields(path)
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: top level must be an object")
+    f.only(raw, {"format", "format_version", "precision", "opset", "audio", "encoder", "vocab",
+                 "stages", "source", "versions"}, "")
+
+    fmt = f.get(raw, "format", str, "")
+    if fmt != FORMAT:
+        raise f.fail("format", f"is {fmt!r}, expected {FORMAT!r}")
+    version = f.get(raw, "format_version", int, "")
+    if not 1 <= version <= FORMAT_VERSION:
+        raise f.fail("format_version", f"is {version}; this runtime reads versions 1.."
+                     f"{FORMAT_VERSION}: upgrade pianolm or re-export the model")
+    precision = f.get(raw, "precision", str, "")
+    if precision not in PRECISIONS:
+        raise f.fail("precision", f"is {precision!r}; known: {list(PRECISIONS)}")
+    opset = f.get(raw, "opset", int, "")
+    if opset < MIN_OPSET:
+        raise f.fail("opset", f"is {opset}; at least {MIN_OPSET} is required")
+
+    audio = f.get(raw, "audio", dict, "")
+    f.only(audio, {"sample_rate", "segment_samples"}, "audio")
+    sample_rate = f.positive(audio, "sample_rate", "audio")
+    segment_samples = f.positive(audio, "segment_samples", "audio")
+
+    vocab_raw = f.get(raw, "vocab", dict, "")
+    expected = vocab.as_dict()
+    for key in sorted(set(vocab_raw) | set(expected)):
+        if vocab_raw.get(key) != expected.get(key):
+            raise f.fail(f"vocab.{key}", f"is {vocab_raw.get(key)!r}; this runtime's vocabulary "
+                         f"(runtime/vocab.py) has {expected.get(key)!r}")
+
+    enc = f.get(raw, "encoder", dict, "")
+    f.only(enc, {"name", "embed_dim", "frames_per_second", "frames_per_segment", "config",
+                 "graph"}, "encoder")
+    embed_dim = f.positive(enc, "embed_dim", "encoder")
+    frames = f.positive(enc, "frames_per_segment", "encoder")
+    fps = f.get(enc, "frames_per_second", (int, float), "encoder")
+    if fps <= 0:
+        raise f.fail("encoder.frames_per_second", f"must be > 0, got {fps}")
+    enc_graph = _graph(f, f.get(enc, "graph", dict, "encoder"), "encoder.graph", ENCODER_IO,
+                       folder)
+    _expect_shape(f, enc_graph, "encoder.graph", {"embeddings": {2: embed_dim}})
+    encoder = EncoderSpec(f.get(enc, "name", str, "encoder"), embed_dim, float(fps), frames,
+                          f.get(enc, "config", dict, "encoder"), enc_graph)
+
+    stages_raw = f.get(raw, "stages", list, "")
+    stages = tuple(_stage(f, s, f"stages[{i}]", folder, embed_dim, frames)
+                   for i, s in enumerate(stages_raw))
+    names = tuple(s.name for s in stages)
+    if names not in STAGE_SETS:
+        raise f.fail("stages", f"are {list(names)}; a model has exactly "
+                     f"{' or '.join(str(list(s)) for s in STAGE_SETS)}, in that order")
+
+    src = f.get(raw, "source", dict, "")
+    f.only(src, {"checkpoint", "sha256", "random_init", "seed", "metadata"}, "source")
+    sha = f.get(src, "sha256", str, "source", optional=True)
+    if sha is not None and not _SHA256.match(sha):
+        raise f.fail("source.sha256", f"must be 64 lowercase hex digits, got {sha!r}")
+    source = SourceSpec(f.get(src, "checkpoint", str, "source", optional=True), sha,
+                        f.get(src, "random_init", bool, "source"),
+                        f.get(src, "seed", int, "source", optional=True),
+                        f.get(src, "metadata", dict, "source", optional=True) or {})
+    if not source.random_init and source.sha256 is None:
+        raise f.fail("source.sha256", "is required unless source.random_init is true")
+
+    versions = f.get(raw, "versions", dict, "")
+    for key, value in versions.items():
+        if not isinstance(value, str):
+            raise f.fail(f"versions.{key}", f"must be str, got {value!r}")
+
+    return Manifest(precision, opset, sample_rate, segment_samples, encoder, stages, source,
+                    dict(versions), dict(vocab_raw), version, folder)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_files(manifest: Manifest) -> None:
+    """Check every graph file's size and sha256 against the manifest (reads every byte)."""
+    for name, graph in manifest.graphs().items():
+        path = manifest.path(graph)
+        size = path.stat().st_size
+        if graph.external_data:
+            size += (path.parent / graph.external_data).stat().st_size
+        where = f"{MANIFEST_FILE} graph {name}"
+        if size != graph.bytes:
+            raise ManifestError(f"{path}: {size} bytes, {where} says {graph.bytes}")
+        if file_sha256(path) != graph.sha256:
+            raise ManifestError(f"{path}: sha256 differs from {where} (file changed or "
+                                f"corrupt)")

@@ -1,0 +1,183 @@
+"""The exported-model manifest (runtime/manifest.py, docs/manifest.md): round trip, and every
+validation error names the file and the field. Synthetic folders: the validator checks names,
+types, shapes and files, not ONNX content, so no export is needed here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pianolm.runtime import vocab
+from pianolm.runtime.manifest import (
+    CROSS_KV_IO,
+    ENCODER_IO,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    STEP_IO,
+    DecoderSpec,
+    EncoderSpec,
+    GraphSpec,
+    Manifest,
+    ManifestError,
+    SourceSpec,
+    StageSpec,
+    TensorSpec,
+    file_sha256,
+    load_manifest,
+    verify_files,
+    write_manifest,
+)
+
+L, H, DH, E, T = 2, 4, 16, 24, 51
+
+
+def _graph(folder: Path, file: str, io: tuple, shapes: dict[str, tuple], dtypes: dict[str, str],
+           precision: str = "fp32") -> GraphSpec:
+    path = folder / file
+    path.write_bytes(b"not really onnx: " + file.encode())
+    specs = [tuple(TensorSpec(n, dtypes.get(n, "float32"), shapes[n]) for n in names)
+             for names in io]
+    return GraphSpec(file, precision, specs[0], specs[1], path.stat().st_size,
+                     file_sha256(path))
+
+
+def synthetic_model(folder: Path, stages: tuple[str, ...] = vocab.STAGES,
+                    precision: str = "fp32") -> Manifest:
+    """A valid manifest over dummy graph files, written into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kv = (L, "batch", H)
+    shapes = {"waveform": ("batch", "samples"), "embeddings": ("batch", "frames", E),
+              "cross_k": (*kv, "frames", DH), "cross_v": (*kv, "frames", DH),
+              "tokens": ("batch", "chunk"), "positions": ("batch", "chunk"),
+              "key_mask": ("batch", "past_plus_chunk"), "past_k": (*kv, "past", DH),
+              "past_v": (*kv, "past", DH), "logits": ("batch", vocab.VOCAB_SIZE),
+              "present_k": (*kv, "past_plus_chunk", DH),
+              "present_v": (*kv, "past_plus_chunk", DH)}
+    ints = {"tokens": "int64", "positions": "int64", "key_mask": "bool"}
+    decoder = DecoderSpec(n_layers=L, d_model=H * DH, n_heads=H, enc_dim=E,
+                          vocab_size=vocab.VOCAB_SIZE, max_seq_len=2048, audio_pe_dim=64,
+                          max_frames=1024, rope_base=10000.0, norm_eps=1e-5)
+    encoder = EncoderSpec("stub", E, 5.0, T, {"hop": 3200},
+                          _graph(folder, "encoder.onnx", ENCODER_IO, shapes, {}))
+    stage_specs = tuple(
+        StageSpec(s, vocab.TASK_TOKEN[s], decoder,
+                  _graph(folder, f"{s}_cross_kv.onnx", CROSS_KV_IO, shapes, {}, precision),
+                  _graph(folder, f"{s}_step.onnx", STEP_IO, shapes, ints, precision))
+        for s in stages)
+    manifest = Manifest(precision, 18, 16000, 160000, encoder, stage_specs,
+                        SourceSpec(random_init=True, seed=0), {"pianolm": "test"})
+    write_manifest(manifest, folder)
+    return load_manifest(folder)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    synthetic_model(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def _edit(folder: Path, change) -> None:
+    path = folder / MANIFEST_FILE
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+
+
+def _error(folder: Path) -> str:
+    with pytest.raises(ManifestError) as e:
+        load_manifest(folder)
+    message = str(e.value)
+    assert str(folder / MANIFEST_FILE) in message or str(folder) in message, message
+    return message
+
+
+def test_round_trip(folder: Path):
+    m = load_manifest(folder)
+    assert m.stage_names == vocab.STAGES and m.format_version == FORMAT_VERSION
+    assert m.folder == folder and m.stage("velocity").task_token == vocab.TASK_VELOCITY
+    assert m.stage("onset").decoder.head_dim == DH
+    assert set(m.graphs()) == {"encoder", *(f"{s}.{k}" for s in vocab.STAGES
+                                            for k in ("cross_kv", "step"))}
+    assert m.stage("onset").step.input("past_k").shape == (L, "batch", H, "past", DH)
+    assert load_manifest(folder / MANIFEST_FILE) == m  # the file itself is accepted too
+    write_manifest(m, folder)  # rewriting gives the same manifest
+    assert load_manifest(folder) == m
+    verify_files(m)
+    with pytest.raises(KeyError, match="flat"):
+        m.stage("flat")
+
+
+def test_flat_model_is_valid(tmp_path: Path):
+    assert synthetic_model(tmp_path, stages=("flat",)).stage_names == ("flat",)
+
+
+@pytest.mark.parametrize("change, field, words", [
+    (lambda r: r.pop("opset"), "opset", "missing"),
+    (lambda r: r.update(opset="18"), "opset", "must be int"),
+    (lambda r: r.update(opset=True), "opset", "must be int"),
+    (lambda r: r.update(opset=13), "opset", "at least 17"),
+    (lambda r: r.update(format_version=FORMAT_VERSION + 1), "format_version", "upgrade"),
+    (lambda r: r.update(format="other"), "format", "expected"),
+    (lambda r: r.update(precision="int4"), "precision", "known"),
+    (lambda r: r.update(extra=1), "(top level)", "unknown field"),
+    (lambda r: r["audio"].pop("segment_samples"), "audio.segment_samples", "missing"),
+    (lambda r: r["vocab"].update(eos=3), "vocab.eos", "runtime/vocab.py"),
+    (lambda r: r["vocab"].pop("pitch_base"), "vocab.pitch_base", "runtime/vocab.py"),
+    (lambda r: r["encoder"].update(embed_dim=0), "encoder.embed_dim", "> 0"),
+    (lambda r: r["stages"][0].update(name="chords"), "stages[0].name", "known stages"),
+    (lambda r: r["stages"][1].update(task_token=3), "stages[1].task_token", "uses 4"),
+    (lambda r: r.update(stages=r["stages"][:2]), "stages", "exactly"),
+    (lambda r: r.update(stages=r["stages"][::-1]), "stages", "in that order"),
+    (lambda r: r["stages"][2]["decoder"].pop("n_heads"), "stages[2].decoder.n_heads",
+     "missing"),
+    (lambda r: r["stages"][2]["decoder"].update(enc_dim=7), "stages[2].decoder.enc_dim",
+     "encoder gives"),
+    (lambda r: r["stages"][0]["decoder"].update(vocab_size=99), "stages[0].decoder.vocab_size",
+     "vocabulary"),
+    (lambda r: r["stages"][1]["step"]["inputs"][2].pop("dtype"),
+     "stages[1].step.inputs[2].dtype", "missing"),
+    (lambda r: r["stages"][1]["step"]["inputs"][2].update(dtype="float64"),
+     "stages[1].step.inputs[2].dtype", "known dtypes"),
+    (lambda r: r["stages"][1]["step"]["inputs"][0].update(name="input_ids"),
+     "stages[1].step.inputs", "requires"),
+    (lambda r: r["stages"][0]["step"]["inputs"][3]["shape"].__setitem__(0, 3),
+     "stages[0].step.inputs.past_k.shape", "axis 0 must be 2"),
+    (lambda r: r["stages"][0]["cross_kv"]["outputs"][0]["shape"].__setitem__(3, -1),
+     "stages[0].cross_kv.outputs[0].shape[3]", "axis name"),
+    (lambda r: r["stages"][0]["step"].update(file="../x.onnx"), "stages[0].step.file",
+     "inside the folder"),
+    (lambda r: r["stages"][0]["step"].update(sha256="abc"), "stages[0].step.sha256", "hex"),
+    (lambda r: r["encoder"].pop("graph"), "encoder.graph", "missing"),
+    (lambda r: r["source"].update(random_init=False), "source.sha256", "required"),
+    (lambda r: r["versions"].update(torch=2), "versions.torch", "must be str"),
+])
+def test_errors_name_file_and_field(folder: Path, change, field, words):
+    _edit(folder, change)
+    message = _error(folder)
+    assert f"'{field}'" in message and words in message, message
+
+
+def test_missing_graph_file(folder: Path):
+    (folder / "velocity_step.onnx").unlink()
+    message = _error(folder)
+    assert "'stages[1].step.file'" in message and "missing" in message
+
+
+def test_missing_folder_or_manifest(tmp_path: Path):
+    with pytest.raises(ManifestError, match="no such model folder"):
+        load_manifest(tmp_path / "nope")
+    with pytest.raises(ManifestError, match="manifest.json: missing"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ManifestError, match="not readable JSON"):
+        load_manifest(tmp_path)
+
+
+def test_verify_files_catches_a_changed_graph(folder: Path):
+    m = load_manifest(folder)
+    with (folder / "onset_step.onnx").open("ab") as fh:
+        fh.write(b"!")
+    with pytest.raises(ManifestError, match="onset_step.onnx: .* bytes"):
+        verify_files(m)
