@@ -18,24 +18,17 @@ from torch import Tensor
 
 from pianolm.export.decoder import Decoder
 from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
+from pianolm.runtime.backend import RowPositions
 
 
-def _chunk_positions(counts: Tensor, mask: Tensor) -> Tensor:
-    """RoPE positions of a chunk: the row's real tokens so far plus the real tokens before each
-    chunk position (exclusive cumsum). Equals counts + arange(n) when the chunk is all real."""
-    m = mask.to(torch.int64)
-    return counts[:, None] + torch.cumsum(m, dim=1) - m
-
-
-def _check_chunk(tokens: np.ndarray, mask: np.ndarray, batch: int) -> tuple[Tensor, Tensor]:
+def _check_chunk(tokens: np.ndarray, mask: np.ndarray, batch: int) -> Tensor:
     tokens = np.asarray(tokens)
     mask = np.asarray(mask)
     if tokens.ndim != 2 or tokens.shape[0] != batch or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be [B={batch}, n>=1], got shape {tokens.shape}")
     if mask.shape != tokens.shape:
         raise ValueError(f"mask shape {mask.shape} differs from tokens shape {tokens.shape}")
-    return (torch.from_numpy(tokens.astype(np.int64, copy=False)),
-            torch.from_numpy(mask.astype(bool, copy=False)))
+    return torch.from_numpy(tokens.astype(np.int64, copy=False))
 
 
 class CachedSession:
@@ -47,18 +40,15 @@ class CachedSession:
         self.device = embeddings.device
         self.cross_k, self.cross_v = decoder.cross_kv(embeddings)
         self.past_k, self.past_v = decoder.empty_cache(self.batch)
-        self.key_mask = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
-        self.counts = torch.zeros(self.batch, dtype=torch.int64, device=self.device)
+        self.rows = RowPositions.empty(self.batch)
 
     @torch.inference_mode()
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        tok, m = _check_chunk(tokens, mask, self.batch)
-        tok, m = tok.to(self.device), m.to(self.device)
-        positions = _chunk_positions(self.counts, m)
-        self.key_mask = torch.cat([self.key_mask, m], dim=1)
+        tok = _check_chunk(tokens, mask, self.batch).to(self.device)
+        positions, key_mask = (torch.from_numpy(a).to(self.device)
+                               for a in self.rows.advance(np.asarray(mask)))
         logits, self.past_k, self.past_v = self.decoder.step(
-            tok, positions, self.key_mask, self.past_k, self.past_v, self.cross_k, self.cross_v)
-        self.counts = self.counts + m.sum(dim=1)
+            tok, positions, key_mask, self.past_k, self.past_v, self.cross_k, self.cross_v)
         return logits.float().cpu().numpy()
 
 
@@ -71,17 +61,18 @@ class UncachedSession:
         self.batch = embeddings.shape[0]
         self.device = embeddings.device
         self.tokens = torch.zeros(self.batch, 0, dtype=torch.int64, device=self.device)
-        self.mask = torch.zeros(self.batch, 0, dtype=torch.bool, device=self.device)
+        self.positions = torch.zeros(self.batch, 0, dtype=torch.int64, device=self.device)
+        self.rows = RowPositions.empty(self.batch)
 
     @torch.inference_mode()
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        tok, m = _check_chunk(tokens, mask, self.batch)
+        tok = _check_chunk(tokens, mask, self.batch)
+        positions, key_mask = self.rows.advance(np.asarray(mask))
         self.tokens = torch.cat([self.tokens, tok.to(self.device)], dim=1)
-        self.mask = torch.cat([self.mask, m.to(self.device)], dim=1)
-        zero = torch.zeros(self.batch, dtype=torch.int64, device=self.device)
-        positions = _chunk_positions(zero, self.mask)
-        logits = self.decoder(self.tokens, self.embeddings, positions=positions,
-                              key_mask=self.mask)
+        self.positions = torch.cat([self.positions, torch.from_numpy(positions).to(self.device)],
+                                   dim=1)
+        logits = self.decoder(self.tokens, self.embeddings, positions=self.positions,
+                              key_mask=torch.from_numpy(key_mask).to(self.device))
         return logits[:, -1].float().cpu().numpy()
 
 

@@ -7,6 +7,7 @@ Arrays cross this interface as numpy; a device backend may keep its own state on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -41,3 +42,34 @@ class Backend(Protocol):
     def start(self, stage: str, embeddings: np.ndarray) -> StageSession:
         """Compute the stage's cross-attention K/V once and return an empty session."""
         ...
+
+
+@dataclass
+class RowPositions:
+    """Where each row of a batch stands: what a step graph needs besides the tokens.
+
+    counts: int64 [B], real (unmasked) tokens fed so far per row.
+    key_mask: bool [B, P], every position fed so far (False = padding).
+    """
+
+    counts: np.ndarray
+    key_mask: np.ndarray
+
+    @classmethod
+    def empty(cls, batch: int) -> RowPositions:
+        return cls(np.zeros(batch, dtype=np.int64), np.zeros((batch, 0), dtype=bool))
+
+    def advance(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record a chunk's mask [B, n]; returns its positions [B, n] int64 and the key mask
+        [B, P + n] to feed with it.
+
+        A position is the row's real-token count before it: counts + exclusive cumsum of the
+        chunk's mask (= counts + arange(n) when the chunk is all real).
+        """
+        m = mask.astype(np.int64)
+        positions = self.counts[:, None] + np.cumsum(m, axis=1) - m
+        # O(B * P) copy per step, like the graph's own past ++ chunk concat of the cache; a
+        # preallocated [B, max_len] buffer would make this part O(B * n).
+        self.key_mask = np.concatenate([self.key_mask, mask.astype(bool, copy=False)], axis=1)
+        self.counts = self.counts + m.sum(axis=1)
+        return positions, self.key_mask

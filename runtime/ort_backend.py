@@ -7,10 +7,8 @@ step graph and keeps the self-attention cache between calls.
 
 Per-session state lives in two places only, so a CUDA variant with IO binding (cache kept on
 the device as OrtValues) replaces `KVCache` and `OrtStageSession._run` and nothing else:
-- `RowPositions`: per-row real-token counts -> RoPE positions, and the key-mask history. The
-  same rules as export/torch_backend.py's CachedSession (which keeps a torch copy of them):
-  a False mask entry is padding, invisible to later tokens, and does not advance the row's
-  position counter.
+- `RowPositions` (runtime/backend.py): per-row real-token counts -> RoPE positions, and the
+  key-mask history, shared with export/torch_backend.py so both backends follow one rule.
 - `KVCache`: past K/V (grown by each step) and the segment's cross K/V.
 
 Torch-free: numpy and onnxruntime only.
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import RowPositions
 from .manifest import DecoderSpec, GraphSpec, Manifest, ManifestError, load_manifest
 
 # ONNX Runtime's type strings for the manifest's dtypes
@@ -42,37 +41,6 @@ def check_chunk(tokens: np.ndarray, mask: np.ndarray, batch: int
     if mask.shape != tokens.shape:
         raise ValueError(f"mask shape {mask.shape} differs from tokens shape {tokens.shape}")
     return tokens.astype(np.int64, copy=False), mask.astype(bool, copy=False)
-
-
-@dataclass
-class RowPositions:
-    """Where each row of a batch stands: what a step graph needs besides the tokens.
-
-    counts: int64 [B], real (unmasked) tokens fed so far per row.
-    key_mask: bool [B, P], every position fed so far (False = padding).
-    """
-
-    counts: np.ndarray
-    key_mask: np.ndarray
-
-    @classmethod
-    def empty(cls, batch: int) -> RowPositions:
-        return cls(np.zeros(batch, dtype=np.int64), np.zeros((batch, 0), dtype=bool))
-
-    def advance(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Record a chunk's mask [B, n]; returns its positions [B, n] int64 and the key mask
-        [B, P + n] to feed with it.
-
-        A position is the row's real-token count before it: counts + exclusive cumsum of the
-        chunk's mask (= counts + arange(n) when the chunk is all real).
-        """
-        m = mask.astype(np.int64)
-        positions = self.counts[:, None] + np.cumsum(m, axis=1) - m
-        # O(B * P) copy per step, like the graph's own past ++ chunk concat of the cache; a
-        # preallocated [B, max_len] buffer would make this part O(B * n).
-        self.key_mask = np.concatenate([self.key_mask, mask.astype(bool, copy=False)], axis=1)
-        self.counts = self.counts + m.sum(axis=1)
-        return positions, self.key_mask
 
 
 @dataclass
