@@ -96,22 +96,6 @@ def test_mel_filterbank_matches_librosa_reference_values():
     )
 
 
-def test_mel_filterbank_matches_librosa_if_installed():
-    librosa = pytest.importorskip("librosa")
-    ours = mel_filterbank(SR, 2048, 229, 30.0, 8000.0)
-    ref = librosa.filters.mel(
-        sr=SR,
-        n_fft=2048,
-        n_mels=229,
-        fmin=30,
-        fmax=8000,
-        htk=False,
-        norm="slaney",
-        dtype=np.float64,
-    )
-    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-14)
-
-
 def test_mel_filterbank_slaney_properties():
     n_fft, n_mels, fmin, fmax = 2048, 229, 30.0, 8000.0
     m = mel_filterbank(SR, n_fft, n_mels, fmin, fmax)
