@@ -32,21 +32,25 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(system.describe_parameters(args.preset, args.encoder))
 
 
-def cmd_data(args: argparse.Namespace) -> None:
-    dataset = _torch_side("data.dataset")
-    code = dataset.main_render(args.rest)
-    if code:
-        raise SystemExit(code)
+# Torch-side commands: `pianolm NAME ...` hands every later word to an entry function that
+# parses its own options. NAME -> (module under pianolm.export, entry function, help).
+PASS_THROUGH = {
+    "data": ("data.dataset", "main_render", "training data: `pianolm data render --help`"),
+    "train": ("train", "main_train", "train encoder / LM stages: `pianolm train --help`"),
+    "export": ("onnx_export", "main_export", "export a model to ONNX: `pianolm export --help`"),
+    "build-engines": ("tensorrt", "main_build_engines",
+                      "TensorRT engines for an export: `pianolm build-engines --help`"),
+}
 
 
-def cmd_export(args: argparse.Namespace) -> None:
-    code = _torch_side("onnx_export").main_export(args.rest)
-    if code:
-        raise SystemExit(code)
-
-
-def cmd_build_engines(args: argparse.Namespace) -> None:
-    code = _torch_side("tensorrt").main_build_engines(args.rest)
+def cmd_pass_through(args: argparse.Namespace) -> None:
+    module, entry, _ = PASS_THROUGH[args.command]
+    rest = list(args.rest)
+    if args.command == "data":  # the only data action so far
+        if rest[:1] != ["render"]:
+            raise UserError("usage: pianolm data render --out DIR [options]")
+        rest = rest[1:]
+    code = getattr(_torch_side(module), entry)(rest)
     if code:
         raise SystemExit(code)
 
@@ -60,21 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--encoder", default="hppnet", choices=["crnn", "hppnet"])
     info.set_defaults(func=cmd_info)
 
-    data = sub.add_parser("data", help="training data: `pianolm data render --help`")
-    data.add_argument("action", choices=["render"])
-    data.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action")
-    data.set_defaults(func=cmd_data)
-
-    # Options are parsed by the torch side; prefix_chars="+" hands every word after the
-    # command (--help included) through to it untouched.
-    export = sub.add_parser("export", prefix_chars="+", add_help=False,
-                            help="export a model to ONNX: `pianolm export --help`")
-    export.add_argument("rest", nargs=argparse.REMAINDER)
-    export.set_defaults(func=cmd_export)
-    engines = sub.add_parser("build-engines", prefix_chars="+", add_help=False,
-                             help="TensorRT engines for an export: `pianolm build-engines --help`")
-    engines.add_argument("rest", nargs=argparse.REMAINDER)
-    engines.set_defaults(func=cmd_build_engines)
+    for name, (_, _, help_text) in PASS_THROUGH.items():
+        # prefix_chars="+" hands every word after the command (--help included) through.
+        cmd = sub.add_parser(name, prefix_chars="+", add_help=False, help=help_text)
+        cmd.add_argument("rest", nargs=argparse.REMAINDER)
+        cmd.set_defaults(func=cmd_pass_through)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""Encoder training on a stub encoder and a tiny synthetic dataset: losses fall, a resumed run
+equals an uninterrupted one, validation / threshold tuning / embedding precomputation run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pianolm.export.train.embeddings import embed_dataset, load_embeddings_index, load_items
+from pianolm.export.train.encoder import (
+    CropSource,
+    make_batch,
+    read_encoder_meta,
+    roll_losses,
+    train_encoder,
+    tune_rolls,
+)
+from pianolm.export.train.targets import TargetConfig
+from pianolm.runtime.audio import segment_audio
+from tests.train_stub import StubEncoder, make_dataset
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 shared cores: several threads per process oversubscribe them and run 10x slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _stub(fps=100):
+    torch.manual_seed(0)
+    return StubEncoder(fps)
+
+
+def test_overfits_a_repeated_batch(dataset):
+    model = _stub()
+    src = CropSource(dataset, "train")
+    rng = np.random.default_rng(0)
+    wave, targets = make_batch(src, rng, 2, 16000, model.num_frames(16000), TargetConfig(100.0))
+    assert wave.shape == (2, 16000) and targets["onset"].shape == (2, 101, 88)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = roll_losses(model(wave).rolls, targets)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _run(out, dataset, **kw):
+    opts = dict(data_root=str(dataset), encoder_name="stub", out_dir=out, steps=4, batch=2,
+                crop_seconds=1.0, lr=3e-3, warmup_steps=2, val_every=0, save_every=0,
+                log_every=1, devset="none", quiet=True)
+    opts.update(kw)
+    return train_encoder(encoder=_stub(), **opts)
+
+
+def _train_losses(out):
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_resume_equals_uninterrupted(dataset, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, dataset)
+    first = _run(b, dataset, until_step=2)
+    assert first["step"] == 2 and not first["finished"]
+    second = train_encoder(out_dir=b, resume=True, encoder=_stub(), quiet=True)
+    assert second["step"] == 4 and second["finished"]
+    assert _train_losses(a) == _train_losses(b)  # same losses at every step, exactly
+    sa = torch.load(a / "state.pt", weights_only=False)["model"]
+    sb = torch.load(b / "state.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_validation_tuning_and_embeddings(dataset, tmp_path):
+    out = tmp_path / "enc"
+    _run(out, dataset, steps=2, val_every=2, val_items=1)
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["kind"] == "val"]
+    assert len(val) == 1 and {"frame_f", "onset_f", "loss_onset"} <= set(val[0])
+    assert (out / "best.safetensors").is_file()
+
+    result = tune_rolls(out, dataset, n_items=1, encoder=_stub(), devset="none", quiet=True)
+    assert read_encoder_meta(out)["rolls"] == result["rolls"]
+
+    # precompute embeddings with two grid shifts; 12 s pieces -> 2 segments (+1 at 5 s)
+    model = _stub(50)
+    emb_dir = tmp_path / "emb"
+    index = embed_dataset(dataset, None, emb_dir, shifts=(0.0, 5.0), encoder=model,
+                          encoder_name="stub", quiet=True)
+    assert index["embed_dim"] == 16 and index["frames_per_segment"] == 501
+    items = load_items(emb_dir, "train")
+    assert len(items) == 3 and set(items[0].files) == {0.0, 5.0}
+    assert items[0].segments(0.0).shape == (2, 501, 16)
+    assert items[0].segments(5.0).shape == (1, 501, 16)
+    assert items[0].segments(0.0).dtype == np.float16
+    from pianolm.export.data.dataset import load_index, load_item
+
+    entry = load_index(dataset)["items"][0]
+    audio, _, _ = load_item(dataset, entry)
+    with torch.no_grad():
+        want = model.embed(torch.from_numpy(segment_audio(audio[5 * 16000:]))).numpy()
+    np.testing.assert_allclose(items[0].segments(5.0)[0].astype(np.float32), want[0],
+                               atol=2e-3, rtol=2e-3)
+    val_entry = next(it for it in load_embeddings_index(emb_dir)["items"]
+                     if it["split"] == "validation")
+    assert np.load(emb_dir / val_entry["rolls"]).shape == (2, 501, 352)
+    # a second run skips finished pieces
+    mtime = items[0].files[0.0].stat().st_mtime_ns
+    embed_dataset(dataset, None, emb_dir, shifts=(0.0, 5.0), encoder=model, quiet=True)
+    assert items[0].files[0.0].stat().st_mtime_ns == mtime

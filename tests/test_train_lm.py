@@ -1,0 +1,177 @@
+"""LM training end to end on precomputed (here: random) embeddings: the segment re-gridding,
+the token / loss-mask plumbing (a tiny decoder overfits two segments and greedy decoding then
+reproduces their tokens exactly, for every stage), exact resume, and system assembly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pianolm.export.train.embeddings import load_items, write_index, write_item
+from pianolm.export.train.lm import (
+    EmbeddingStore,
+    build_examples,
+    clean_ticknotes,
+    decode_scores,
+    load_decoder,
+    shifted_segments,
+    train_lm,
+)
+from pianolm.runtime import vocab as V
+from pianolm.runtime.notes import Note
+from pianolm.runtime.tokens import TickNote, encode, quantize, segment_notes
+
+NOTES = [
+    Note(0.50, 1.20, 60, 70), Note(0.50, 0.90, 64, 50), Note(1.30, 2.00, 62, 90),
+    Note(3.00, 9.00, 48, 40), Note(5.25, 5.60, 72, 100), Note(8.00, 12.50, 55, 60),
+    Note(9.50, 10.30, 67, 80), Note(10.40, 11.00, 69, 30), Note(12.00, 14.00, 71, 110),
+    Note(15.00, 15.40, 74, 65), Note(18.50, 21.00, 50, 45), Note(19.90, 20.60, 76, 85),
+]
+
+
+@pytest.fixture(scope="module")
+def emb_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("emb")
+    rng = np.random.default_rng(0)
+    entries = [write_item(root, split, f"{split}-000000", NOTES,
+                          {0.0: rng.normal(size=(2, 51, 16)).astype(np.float16),
+                           5.0: rng.normal(size=(2, 51, 16)).astype(np.float16)})
+               for split in ("train", "validation")]
+    write_index(root, entries, "stub", embed_dim=16, frames_per_segment=51,
+                frames_per_second=5.0, shifts=(0.0, 5.0))
+    return root
+
+
+def test_clean_ticknotes_obeys_the_grammar():
+    notes = [TickNote(10, 50, 60, 40), TickNote(10, 30, 60, 90), TickNote(40, 80, 60, 70)]
+    assert clean_ticknotes(notes) == [TickNote(10, 30, 60, 90), TickNote(40, 80, 60, 70)]
+
+
+def test_grid_shift_zero_matches_plain_segmentation():
+    plain = segment_notes(quantize(NOTES), 2)
+    for a, b in zip(shifted_segments(NOTES, 0.0, 2), plain):
+        for stage in ("onset", "velocity", "offset", "flat"):
+            assert encode(stage, a) == encode(stage, b)
+
+
+def test_grid_shift_moves_notes_and_carries():
+    seg0, seg1 = shifted_segments(NOTES, 5.0, 2)  # covering [5, 15) and [15, 25) s
+    own = [(n.onset_tick - seg0.start, n.pitch) for n in seg0.own]
+    assert own == [(25, 72), (300, 55), (450, 67), (540, 69), (700, 71)]
+    assert [n.pitch for n in seg0.carried] == [48]  # sounding at 5 s, struck before
+    assert [(n.onset_tick - seg1.start, n.pitch) for n in seg1.own] == [(0, 74), (350, 50),
+                                                                          (490, 76)]
+    assert seg1.carried == []  # 55 and 71 end at 12.5 s and 14 s, inside segment 0
+
+
+def test_examples_cover_every_segment_and_shift(emb_dir):
+    items = load_items(emb_dir, "train")
+    ex, skipped = build_examples(items, "offset", None, 2048)
+    assert skipped == 0 and [(e.shift, e.row) for e in ex] == [(0.0, 0), (0.0, 1), (5.0, 0),
+                                                               (5.0, 1)]
+    ex0, _ = build_examples(items, "offset", (0.0,), 2048)
+    assert len(ex0) == 2
+    assert V.NOTE_SUSTAIN in ex0[1].tokens.tolist()  # carried notes in segment 1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 shared cores: several threads per process oversubscribe them and run 10x slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _opts(**kw):
+    opts = dict(preset="tiny", batch=2, lr=4e-3, warmup_steps=5, min_lr_ratio=0.1,
+                weight_decay=0.0, emb_dropout=0.0, shifts=(0.0,), val_every=0, save_every=0,
+                log_every=10, quiet=True)
+    opts.update(kw)
+    return opts
+
+
+@pytest.mark.parametrize("stage", ["onset", "velocity", "offset", "flat"])
+def test_overfit_two_segments_then_greedy_decode_reproduces_them(stage, emb_dir, tmp_path):
+    torch.manual_seed(0)
+    out = tmp_path / stage
+    result = train_lm(stage, str(emb_dir), out, steps=80, **_opts())
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert losses[-1] < 0.05 < losses[0], losses
+    decoder, meta = load_decoder(out, best=False)
+    assert meta["stage"] == stage and meta["step"] == result["step"] == 80
+    items = load_items(emb_dir, "train")
+    examples, _ = build_examples(items, stage, (0.0,), 2048)
+    scores = decode_scores(stage, decoder, examples, EmbeddingStore(items))
+    assert scores["exact"] == 1.0, scores
+    metric = {"onset": "onset_f", "velocity": "onset_offset_velocity_f",
+              "offset": "onset_offset_f", "flat": "onset_offset_velocity_f"}[stage]
+    assert scores[metric] == 1.0
+
+
+def test_resume_equals_uninterrupted(emb_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    opts = _opts(log_every=1, shifts=None, emb_dropout=0.1, warmup_steps=2, min_lr_ratio=0.1,
+                 val_every=3, val_split="validation", val_segments=2, decode_segments=1)
+    train_lm("velocity", str(emb_dir), a, steps=6, **opts)
+    assert not train_lm("velocity", str(emb_dir), b, steps=6, until_step=4, **opts)["finished"]
+    assert train_lm(out_dir=b, resume=True, quiet=True)["step"] == 6
+
+    def log(p):
+        return [(r["kind"], r["step"], r.get("loss", r.get("val_loss")))
+                for r in map(json.loads, (p / "log.jsonl").read_text().splitlines())]
+    assert log(a) == log(b)
+    sa = torch.load(a / "state.pt", weights_only=False)
+    sb = torch.load(b / "state.pt", weights_only=False)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert sa["sampler"] == sb["sampler"]
+
+
+def test_assemble_system_checkpoint(tmp_path):
+    from pianolm.export.checkpoint import load_system
+    from pianolm.export.encoders import build_encoder
+    from pianolm.export.train.encoder import save_encoder
+    from pianolm.export.train.lm import assemble_system
+
+    torch.manual_seed(0)
+    encoder = build_encoder("hppnet")
+    enc_dir = tmp_path / "enc"
+    save_encoder(encoder, "hppnet", enc_dir, {"rolls": {"onset_threshold": 0.4}})
+    root = tmp_path / "emb"
+    emb = {0.0: np.zeros((1, encoder.frames_per_segment, encoder.embed_dim), np.float16)}
+    entry = write_item(root, "train", "train-0", NOTES[:5], emb)
+    write_index(root, [entry], "hppnet", encoder.embed_dim, encoder.frames_per_segment, 50.0)
+    dirs = {}
+    for stage in V.STAGES:
+        dirs[stage] = tmp_path / stage
+        train_lm(stage, str(root), dirs[stage], steps=1, **_opts(batch=1))
+    out = assemble_system(enc_dir, dirs, tmp_path / "system", best=False)
+    system = load_system(out)
+    assert system.stages == V.STAGES
+    for stage in V.STAGES:
+        want, _ = load_decoder(dirs[stage], best=False)
+        got = system.decoders[stage].state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.state_dict().items())
+    meta = json.loads((out / "config.json").read_text())["metadata"]
+    assert meta["rolls"] == {"onset_threshold": 0.4}
+
+
+def test_cli_parses_every_subcommand():
+    from pianolm.export.train import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["encoder", "--out", "x", "--data", "d", "--encoder", "crnn", "--steps",
+                      "5", "--no-devset", "--binary-targets"])
+    assert (a.encoder_name, a.steps, a.devset, a.soft_targets) == ("crnn", 5, "none", False)
+    assert not hasattr(a, "lr")  # unset options stay unset (a resumed run keeps its own)
+    a = p.parse_args(["lm", "--out", "x", "--resume"])
+    assert a.resume and not hasattr(a, "stage")
+    a = p.parse_args(["embed", "--data", "d", "--encoder-dir", "e", "--out", "o", "--shifts",
+                      "0", "5"])
+    assert a.shifts == [0.0, 5.0]
+    a = p.parse_args(["assemble", "--encoder-dir", "e", "--onset", "a", "--velocity", "b",
+                      "--offset", "c", "--out", "o"])
+    assert a.onset == "a" and a.flat is None
+    assert p.parse_args(["tune-rolls", "--encoder-dir", "e", "--data", "d"]).items == 32
