@@ -18,17 +18,7 @@ from torch import Tensor
 
 from pianolm.export.decoder import Decoder
 from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
-from pianolm.runtime.backend import RowPositions
-
-
-def _check_chunk(tokens: np.ndarray, mask: np.ndarray, batch: int) -> Tensor:
-    tokens = np.asarray(tokens)
-    mask = np.asarray(mask)
-    if tokens.ndim != 2 or tokens.shape[0] != batch or tokens.shape[1] < 1:
-        raise ValueError(f"tokens must be [B={batch}, n>=1], got shape {tokens.shape}")
-    if mask.shape != tokens.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from tokens shape {tokens.shape}")
-    return torch.from_numpy(tokens.astype(np.int64, copy=False))
+from pianolm.runtime.backend import RowPositions, check_chunk
 
 
 class CachedSession:
@@ -44,7 +34,7 @@ class CachedSession:
 
     @torch.inference_mode()
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        tok = _check_chunk(tokens, mask, self.batch).to(self.device)
+        tok = torch.from_numpy(check_chunk(tokens, mask, self.batch)[0]).to(self.device)
         positions, key_mask = (torch.from_numpy(a).to(self.device)
                                for a in self.rows.advance(np.asarray(mask)))
         logits, self.past_k, self.past_v = self.decoder.step(
@@ -66,7 +56,7 @@ class UncachedSession:
 
     @torch.inference_mode()
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        tok = _check_chunk(tokens, mask, self.batch)
+        tok = torch.from_numpy(check_chunk(tokens, mask, self.batch)[0])
         positions, key_mask = self.rows.advance(np.asarray(mask))
         self.tokens = torch.cat([self.tokens, tok.to(self.device)], dim=1)
         self.positions = torch.cat([self.positions, torch.from_numpy(positions).to(self.device)],

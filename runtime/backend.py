@@ -73,3 +73,15 @@ class RowPositions:
         self.key_mask = np.concatenate([self.key_mask, mask.astype(bool, copy=False)], axis=1)
         self.counts = self.counts + m.sum(axis=1)
         return positions, self.key_mask
+
+
+def check_chunk(tokens: np.ndarray, mask: np.ndarray, batch: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a chunk the decode loop feeds; returns int64 tokens and a bool mask."""
+    tokens = np.asarray(tokens)
+    mask = np.asarray(mask)
+    if tokens.ndim != 2 or tokens.shape[0] != batch or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be [B={batch}, n>=1], got shape {tokens.shape}")
+    if mask.shape != tokens.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from tokens shape {tokens.shape}")
+    return tokens.astype(np.int64, copy=False), mask.astype(bool, copy=False)

@@ -22,25 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import RowPositions
+from .backend import RowPositions, check_chunk
 from .manifest import DecoderSpec, GraphSpec, Manifest, ManifestError, load_manifest
 
 # ONNX Runtime's type strings for the manifest's dtypes
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)",
               "int64": "tensor(int64)", "int32": "tensor(int32)", "bool": "tensor(bool)"}
 _STEP_OUTPUTS = ["logits", "present_k", "present_v"]
-
-
-def check_chunk(tokens: np.ndarray, mask: np.ndarray, batch: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a chunk the decode loop feeds; returns int64 tokens and a bool mask."""
-    tokens = np.asarray(tokens)
-    mask = np.asarray(mask)
-    if tokens.ndim != 2 or tokens.shape[0] != batch or tokens.shape[1] < 1:
-        raise ValueError(f"tokens must be [B={batch}, n>=1], got shape {tokens.shape}")
-    if mask.shape != tokens.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from tokens shape {tokens.shape}")
-    return tokens.astype(np.int64, copy=False), mask.astype(bool, copy=False)
 
 
 @dataclass
