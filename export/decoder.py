@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from pianolm.runtime import vocab
 from torch import Tensor, nn
+
+from pianolm.runtime import vocab
 
 # name -> (n_layers, d_model, n_heads)
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -142,7 +143,9 @@ def self_attention_mask(key_mask: Tensor, n: int) -> Tensor:
 # Modules
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """The q/k/v/o projections and head split shared by self- and cross-attention."""
+
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
@@ -154,6 +157,8 @@ class SelfAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:  # [B, n, d] -> [B, H, n, Dh]
         return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
 
+
+class SelfAttention(Attention):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 past_k: Tensor | None, past_v: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (output, present_k, present_v); present = past ++ this chunk's K/V.
@@ -171,18 +176,7 @@ class SelfAttention(nn.Module):
         return self.wo(y.transpose(1, 2).flatten(2)), k, v
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
-        super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-
-    def _heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
-
+class CrossAttention(Attention):
     def kv(self, audio: Tensor) -> tuple[Tensor, Tensor]:
         """audio [B, T, d] -> K, V [B, H, T, Dh]; computed once per segment."""
         return self._heads(self.wk(audio)), self._heads(self.wv(audio))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from pianolm.export.decoder import PRESETS, Decoder, DecoderConfig, self_attention_mask
 from pianolm.runtime import vocab
-from torch import nn
 
 ENCODER_SHAPES = {"crnn": (1536, 1001), "hppnet": (352, 501)}  # embed_dim, frames / segment
 
