@@ -22,21 +22,11 @@ from pathlib import Path
 
 import torch
 
-from pianolm.export.decoder import PRESETS
+from pianolm.export.decoder import PRESETS, sharpen
 from pianolm.export.onnx_export import EX_SAMPLES, convert_model, export_model, graph_parity
 from pianolm.export.system import SystemConfig, TranscriptionSystem
 from pianolm.export.tensorrt import check_model
 from pianolm.runtime.manifest import load_manifest
-
-
-def sharpen(model: torch.nn.Module, seed: int) -> None:
-    """Same as tests/test_decoder.py's: O(1)-scale weights so logits are far from uniform."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name and p.ndim == 2:
-                fan_in = p.shape[1] if "emb" not in name else 1
-                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / fan_in**0.5)
 
 
 def run(preset: str, encoder: str, precisions: list[str], root: Path, lm_init: bool,

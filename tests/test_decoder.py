@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pianolm.export.decoder import PRESETS, Decoder, DecoderConfig, self_attention_mask
+from pianolm.export.decoder import PRESETS, Decoder, DecoderConfig, self_attention_mask, sharpen
 from pianolm.runtime import vocab
 
 ENCODER_SHAPES = {"crnn": (1536, 1001), "hppnet": (352, 501)}  # embed_dim, frames / segment
@@ -76,18 +76,6 @@ def test_forward_shape_every_preset(preset, encoder):
         logits = dec(tokens, torch.randn(b, frames, enc_dim))
     assert logits.shape == (b, 5, vocab.VOCAB_SIZE)
     assert torch.isfinite(logits).all()
-
-
-def sharpen(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Re-draw weights at O(1) scale. At the LM init (std 0.02) attention is nearly uniform and
-    a masking or position bug would hide below 1e-5; here every key and position counts."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name and p.ndim == 2:
-                fan_in = p.shape[1] if "emb" not in name else 1
-                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / fan_in**0.5)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from pianolm.export.decoder import sharpen  # noqa: E402
 from pianolm.export.onnx_export import EX_SAMPLES, export_model, graph_parity  # noqa: E402
 from pianolm.export.system import SystemConfig, TranscriptionSystem  # noqa: E402
 from pianolm.export.tensorrt import check_model  # noqa: E402
 from pianolm.export.torch_backend import TorchBackend  # noqa: E402
 from pianolm.runtime.decode import RowSpec, decode_batch  # noqa: E402
 from pianolm.runtime.ort_backend import OrtBackend  # noqa: E402
-from tests.test_decoder import sharpen  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["hppnet", "crnn"])

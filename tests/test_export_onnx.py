@@ -27,6 +27,7 @@ pytest.importorskip("onnxscript")
 from torch import nn  # noqa: E402
 
 from pianolm.export.crnn import GRU  # noqa: E402
+from pianolm.export.decoder import sharpen  # noqa: E402
 from pianolm.export.onnx_export import (  # noqa: E402
     EX_SAMPLES,
     CrossKVGraph,
@@ -44,7 +45,6 @@ from pianolm.runtime import vocab  # noqa: E402
 from pianolm.runtime.decode import RowSpec, decode_batch  # noqa: E402
 from pianolm.runtime.manifest import MANIFEST_FILE, ManifestError, load_manifest  # noqa: E402
 from pianolm.runtime.ort_backend import OrtBackend  # noqa: E402
-from tests.test_decoder import sharpen  # noqa: E402
 
 REL_TOL = 1e-4  # fp32 graphs: max |ort - torch| / max |torch|
 

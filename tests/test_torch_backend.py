@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pianolm.export import system as system_mod
+from pianolm.export.decoder import sharpen
 from pianolm.export.system import SystemConfig, TranscriptionSystem, describe_parameters
 from pianolm.export.torch_backend import TorchBackend
 from pianolm.runtime import vocab
 from pianolm.runtime.decode import RowSpec, decode_batch
-from tests.test_decoder import StubEncoder, sharpen, small_config
+from tests.test_decoder import StubEncoder, small_config
 
 TOL = 1e-5
 
