@@ -7,6 +7,16 @@ numpy + soundfile + soxr only (never torch). The model's input convention (DESIG
     for first, batch in iter_segment_batches(samples, batch_size=8):
         ...                                      # batch: float32 [<=8, 160000]
 
+    info = probe_audio("concert.flac")           # header only: rate, channels, length
+    for first, batch in batch_segments(stream_segments("concert.flac"), batch_size=8):
+        ...                                      # same batches; memory bounded by a few segments
+
+There is one conversion path (`_iter_file_16k` for files, `_convert` for arrays, both built on
+`_mix_to_mono`, `_check_finite` and `_To16k`): load_audio is the concatenation of the streamed
+chunks, so stream_segments(path) yields exactly the rows of segment_audio(load_audio(path)).
+Resampling is always a soxr.ResampleStream ('HQ'); its output does not depend on how the input is
+chunked and equals one-shot soxr.resample sample for sample (tests/test_audio.py measures it).
+
 Sample values are kept as they are (no normalisation, no clipping); integer input is scaled
 to [-1, 1). Every user error (missing file, unreadable or unsupported file, empty audio,
 NaN/inf samples) raises `AudioError` with a one-line message that names the file.
@@ -16,7 +26,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
@@ -27,12 +39,13 @@ from .vocab import SEGMENT_SECONDS
 SAMPLE_RATE = 16000
 SEGMENT_SAMPLES = int(round(SEGMENT_SECONDS * SAMPLE_RATE))  # 160000
 RESAMPLE_QUALITY = "HQ"
-_READ_BLOCK_FRAMES = 1 << 18  # frames read per block: bounds the multi-channel buffer
+_READ_BLOCK_FRAMES = 1 << 18  # frames load_audio reads per block: bounds the multi-channel buffer
 _MAX_CHANNELS = 256  # more "channels" than this in an array is almost surely [channels, n]
 
 __all__ = [
-    "SAMPLE_RATE", "SEGMENT_SAMPLES", "AudioError", "load_audio", "prepare_audio",
-    "num_segments", "segment_audio", "iter_segment_batches",
+    "SAMPLE_RATE", "SEGMENT_SAMPLES", "AudioError", "AudioInfo", "load_audio", "prepare_audio",
+    "probe_audio", "stream_segments", "segments_from_array", "batch_segments",
+    "num_segments", "resampled_length", "segment_audio", "iter_segment_batches",
 ]
 
 
@@ -49,14 +62,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def load_audio(path: str | os.PathLike) -> np.ndarray:
-    """Read an audio file (WAV/FLAC/OGG, or any format libsndfile reads) as float32 mono 16 kHz.
+# ----------------------------------------------------------------------------- shared pieces
 
-    Any PCM/float subtype is read as float32; any channel count is mixed to mono (mean of the
-    channels); a rate other than 16000 Hz is resampled with soxr (quality 'HQ'). The file is
-    read in blocks and mixed down block by block, so a multi-channel file never sits in memory
-    as a whole. Raises AudioError (one line, naming the file) for every user error.
-    """
+
+def _checked_path(path: str | os.PathLike) -> str:
+    """Reject what libsndfile would report badly (missing, directory, 0 bytes); return the name."""
     name = os.fspath(path)
     if not os.path.exists(name):
         raise AudioError(name, "file not found")
@@ -68,16 +78,18 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
         raise AudioError(name, f"cannot open ({e.strerror or e})") from None
     if size == 0:
         raise AudioError(name, "file is empty (0 bytes)")
+    return name
 
+
+@contextmanager
+def _decode_errors(name: str) -> Iterator[None]:
+    """Turn soundfile/OS failures into one-line AudioErrors without a chained traceback.
+
+    Wraps only the soundfile calls (open, info, read), never a yield, so errors in the caller's
+    own code are not mislabelled as unreadable audio.
+    """
     try:
-        with sf.SoundFile(name) as f:
-            sample_rate = int(f.samplerate)
-            channels = int(f.channels)
-            blocks = []
-            for block in f.blocks(blocksize=_READ_BLOCK_FRAMES, dtype="float32",
-                                  always_2d=True):
-                blocks.append(block[:, 0].copy() if channels == 1
-                              else block.mean(axis=1, dtype=np.float32))
+        yield
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
@@ -89,9 +101,201 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
     except MemoryError:
         raise AudioError(name, "file too large to decode into memory") from None
 
-    mono = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
-    del blocks
-    return prepare_audio(mono, sample_rate, source=name)
+
+def _mix_to_mono(x: np.ndarray) -> np.ndarray:
+    """float32 [n, channels] -> float32 [n], the mean of the channels (row by row, so the result
+    does not depend on how a file is cut into blocks)."""
+    return x[:, 0] if x.shape[1] == 1 else x.mean(axis=1, dtype=np.float32)
+
+
+def _check_finite(x: np.ndarray, rate: float, source: str, offset: int = 0) -> None:
+    """NaN/inf would poison the resampler and the model; name the first bad sample's time.
+
+    offset: index of x[0] in the whole input (at the input's rate), for streamed blocks.
+    """
+    finite = np.isfinite(x)
+    if not finite.all():
+        first = offset + int(np.argmin(finite))
+        raise AudioError(source, f"audio contains NaN or infinite samples "
+                                 f"(first at {first / rate:.3f} s)")
+
+
+class _To16k:
+    """Mono float32 at `rate` -> 16 kHz, fed in chunks (identity when rate is 16 kHz).
+
+    A soxr.ResampleStream gives the same samples however the input is chunked, so files
+    (streamed) and arrays (one chunk) go through this one resampler.
+    """
+
+    def __init__(self, rate: float):
+        self._stream = (None if rate == SAMPLE_RATE else
+                        soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32",
+                                            quality=RESAMPLE_QUALITY))
+
+    def push(self, mono: np.ndarray, last: bool = False) -> np.ndarray:
+        """Resample the next chunk; last=True flushes the filter tail (once, at the very end)."""
+        if self._stream is None:
+            return mono
+        return self._stream.resample_chunk(np.ascontiguousarray(mono, dtype=np.float32),
+                                           last=last)
+
+
+def resampled_length(frames: int, sample_rate: int) -> int:
+    """Samples at 16 kHz that `frames` samples at `sample_rate` become (what soxr outputs).
+
+    soxr's length is frames * 16000 / rate rounded half up; tests check it against load_audio.
+    """
+    frames, rate = int(frames), int(sample_rate)
+    if rate == SAMPLE_RATE:
+        return frames
+    return (2 * frames * SAMPLE_RATE + rate) // (2 * rate)
+
+
+def _iter_file_16k(name: str, block_frames: int) -> Iterator[np.ndarray]:
+    """Decode `name` block by block into float32 mono 16 kHz chunks (each owned by the caller).
+
+    Reads at most block_frames frames at a time, so memory is bounded by one block whatever the
+    file's length. Raises AudioError for empty or too-short audio (before anything is yielded)
+    and for NaN/inf samples (when the block holding them is reached).
+    """
+    with _decode_errors(name):
+        f = sf.SoundFile(name)
+    with f:
+        rate = int(f.samplerate)
+        resampler = _To16k(rate)
+        read = produced = 0
+        while True:
+            with _decode_errors(name):
+                block = f.read(block_frames, dtype="float32", always_2d=True)
+            if block.shape[0] == 0 or block.shape[1] == 0:
+                break
+            mono = _mix_to_mono(block)
+            del block
+            _check_finite(mono, rate, name, offset=read)
+            read += mono.shape[0]
+            out = resampler.push(mono)
+            if out.size:
+                produced += out.shape[0]
+                yield out  # a fresh array: resampler output, a mix, or a view of a fresh block
+        if read == 0:
+            raise AudioError(name, "audio is empty (no samples)")
+        tail = resampler.push(np.zeros(0, np.float32), last=True)
+        produced += tail.shape[0]
+        if produced == 0:
+            raise AudioError(name, "audio is too short to resample (no samples left)")
+        if tail.size:
+            yield tail
+
+
+def _segments_from_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Re-cut a stream of 16 kHz chunks into fresh float32 [160000] segments, as segment_audio
+    does: the last one zero-padded, at least one."""
+    buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
+    fill = 0
+    emitted = False
+    for chunk in chunks:
+        pos, n = 0, chunk.shape[0]
+        while pos < n:
+            take = min(n - pos, SEGMENT_SAMPLES - fill)
+            buf[fill:fill + take] = chunk[pos:pos + take]
+            fill += take
+            pos += take
+            if fill == SEGMENT_SAMPLES:
+                yield buf
+                emitted = True
+                buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
+                fill = 0
+    if fill or not emitted:
+        yield buf
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file's header says, so a caller can plan (progress, segment count) before decoding."""
+
+    path: str
+    sample_rate: int  # the file's own rate
+    channels: int
+    frames: int  # at the file's rate
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate
+
+    @property
+    def samples_16k(self) -> int:
+        """Length of load_audio(path): the frames resampled to 16 kHz."""
+        return resampled_length(self.frames, self.sample_rate)
+
+    @property
+    def num_segments(self) -> int:
+        """How many segments stream_segments(path) yields (10 s at 16 kHz, at least 1)."""
+        return num_segments(self.samples_16k)
+
+
+def probe_audio(path: str | os.PathLike) -> AudioInfo:
+    """Read only the header: rate, channels and length, without decoding any samples.
+
+    Raises the same one-line AudioErrors as load_audio for a missing path, a directory, an
+    empty or unreadable file, and also for a header with no channels, no frames, or too few
+    frames to give a 16 kHz sample, so a file that probes cleanly can be streamed.
+    """
+    name = _checked_path(path)
+    with _decode_errors(name):
+        meta = sf.info(name)
+    rate, channels, frames = int(meta.samplerate), int(meta.channels), int(meta.frames)
+    if rate <= 0:
+        raise AudioError(name, f"invalid sample rate {rate}")
+    if channels < 1:
+        raise AudioError(name, "file has no audio channels")
+    if frames <= 0:
+        raise AudioError(name, "audio is empty (no samples)")
+    info = AudioInfo(path=name, sample_rate=rate, channels=channels, frames=frames)
+    if info.samples_16k == 0:
+        raise AudioError(name, "audio is too short to resample (no samples left)")
+    return info
+
+
+def load_audio(path: str | os.PathLike) -> np.ndarray:
+    """Read an audio file (WAV/FLAC/OGG, or any format libsndfile reads) as float32 mono 16 kHz.
+
+    Any PCM/float subtype is read as float32; any channel count is mixed to mono (mean of the
+    channels); a rate other than 16000 Hz is resampled with soxr (quality 'HQ'). The file is
+    decoded, mixed and resampled block by block (the same path as stream_segments), so only
+    the 16 kHz result is ever whole in memory. Raises AudioError (one line, naming the file)
+    for every user error.
+    """
+    name = _checked_path(path)
+    chunks = list(_iter_file_16k(name, _READ_BLOCK_FRAMES))
+    try:
+        out = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    except MemoryError:
+        raise AudioError(name, "file too large to decode into memory") from None
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0
+                    ) -> Iterator[np.ndarray]:
+    """Yield the file's 10 s segments (fresh float32 [160000], mono 16 kHz) in order.
+
+    Exactly the rows of segment_audio(load_audio(path)) (the last one zero-padded, at least
+    one), but the file is read `block_seconds` at a time and resampled as a stream, so memory
+    stays bounded by one block plus a segment or two, however long the recording. The path
+    and header are checked now (AudioError, as probe_audio); NaN/inf samples raise AudioError
+    when the iteration reaches them, after the segments before them were yielded.
+    """
+    if (isinstance(block_seconds, bool) or not isinstance(block_seconds, (int, float))
+            or not math.isfinite(block_seconds) or block_seconds <= 0):
+        raise ValueError(f"block_seconds must be a positive number, got {block_seconds!r}")
+    info = probe_audio(path)
+    block_frames = max(1, math.ceil(block_seconds * info.sample_rate))
+    return _segments_from_chunks(_iter_file_16k(info.path, block_frames))
+
+
+# ----------------------------------------------------------------------------- arrays
 
 
 def prepare_audio(samples: np.ndarray, sample_rate: int, *, source: str = "<array>"
@@ -102,7 +306,8 @@ def prepare_audio(samples: np.ndarray, sample_rate: int, *, source: str = "<arra
     transposed first). Float arrays are used as they are; signed integers (int8/16/32/64) are
     scaled by 2**(bits-1), unsigned ones (e.g. 8-bit WAV's uint8) centred and scaled, so
     both land in [-1, 1). Channels are averaged; a rate other than 16000 is resampled with
-    soxr ('HQ'). `source` names the input in error messages (load_audio passes the path).
+    soxr ('HQ'), the same mix-down and resampler that load_audio uses for files. `source`
+    names the input in error messages.
     """
     x = np.asarray(samples)
     if x.ndim not in (1, 2):
@@ -121,16 +326,12 @@ def prepare_audio(samples: np.ndarray, sample_rate: int, *, source: str = "<arra
 
     x = _to_float32(x, source)
     if x.ndim == 2:
-        x = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1, dtype=np.float32)
-    finite = np.isfinite(x)
-    if not finite.all():
-        first = int(np.argmin(finite))
-        raise AudioError(source, f"audio contains NaN or infinite samples "
-                                 f"(first at {first / rate:.3f} s)")
-    if rate != SAMPLE_RATE:
-        x = soxr.resample(x, rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
-        if x.size == 0:
-            raise AudioError(source, "audio is too short to resample (no samples left)")
+        x = _mix_to_mono(x)
+    _check_finite(x, rate, source)
+    resampler = _To16k(rate)
+    x = resampler.push(x, last=True)
+    if x.size == 0:
+        raise AudioError(source, "audio is too short to resample (no samples left)")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -174,6 +375,48 @@ def segment_audio(samples: np.ndarray) -> np.ndarray:
     return out
 
 
+def segments_from_array(samples: np.ndarray) -> Iterator[np.ndarray]:
+    """Yield the rows of segment_audio(samples) one at a time, as fresh float32 [160000] arrays.
+
+    The in-memory counterpart of stream_segments, so callers can treat a file and an array
+    alike; only one segment is materialised at a time. samples: mono 16 kHz [n] (checked now).
+    """
+    x = _check_mono(samples)
+    return _segments_from_chunks([x])
+
+
+def batch_segments(segments: Iterable[np.ndarray], batch_size: int
+                   ) -> Iterator[tuple[int, np.ndarray]]:
+    """Group 10 s segments (from stream_segments or segments_from_array) into model batches.
+
+    Yields (first_segment_index, float32 [b, 160000]) with b <= batch_size, in order; the final
+    batch holds the remaining segments (not padded with empty ones). Only one batch is held.
+    """
+    _check_batch_size(batch_size)
+    return _batches(segments, int(batch_size))
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _batches(segments: Iterable[np.ndarray], batch_size: int
+             ) -> Iterator[tuple[int, np.ndarray]]:
+    first = 0
+    pending: list[np.ndarray] = []
+    for seg in segments:
+        if seg.shape != (SEGMENT_SAMPLES,):
+            raise ValueError(f"expected segments of shape ({SEGMENT_SAMPLES},), got {seg.shape}")
+        pending.append(seg)
+        if len(pending) == batch_size:
+            yield first, np.stack(pending).astype(np.float32, copy=False)
+            first += len(pending)
+            pending = []
+    if pending:
+        yield first, np.stack(pending).astype(np.float32, copy=False)
+
+
 def iter_segment_batches(samples: np.ndarray, batch_size: int
                          ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (first_segment_index, float32 [b, 160000]) with b <= batch_size, in order.
@@ -181,18 +424,8 @@ def iter_segment_batches(samples: np.ndarray, batch_size: int
     Same segments as segment_audio (the last one zero-padded, at least one), but only one
     batch is materialised at a time, so memory beyond the input stays bounded by
     batch_size * 160000 floats. The final batch holds the remaining segments (it is not
-    padded with empty segments). Each yielded array is a fresh, writable copy.
+    padded with empty segments). Each yielded array is a fresh, writable copy. Equivalent to
+    batch_segments(segments_from_array(samples), batch_size).
     """
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    batch_size = int(batch_size)
-    x = _check_mono(samples)
-    n = x.shape[0]
-    total = num_segments(n)
-    for first in range(0, total, batch_size):
-        b = min(batch_size, total - first)
-        batch = np.zeros((b, SEGMENT_SAMPLES), dtype=np.float32)
-        start = first * SEGMENT_SAMPLES
-        chunk = x[start: start + b * SEGMENT_SAMPLES]
-        batch.reshape(-1)[: chunk.shape[0]] = chunk
-        yield first, batch
+    _check_batch_size(batch_size)
+    return _batches(segments_from_array(samples), int(batch_size))

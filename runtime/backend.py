@@ -8,13 +8,22 @@ Arrays cross this interface as numpy; a device backend may keep its own state on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .manifest import Manifest, StageSpec
+
 
 class StageSession(Protocol):
-    """One stage's decoder over one batch of segments; owns that batch's self-attention cache."""
+    """One stage's decoder over one batch of segments; owns that batch's self-attention cache.
+
+    Optional: `keep(rows)`, int indices [B'] into the current batch: the session drops every
+    other row (cache, cross K/V, positions), so finished rows stop costing work; later chunks
+    have B' rows, in `rows`' order. Callers test for it (`getattr(session, "keep", None)`);
+    a session without it simply keeps feeding finished rows as padding.
+    """
 
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Feed a chunk and return the logits of its last position.
@@ -74,6 +83,19 @@ class RowPositions:
         self.counts = self.counts + m.sum(axis=1)
         return positions, self.key_mask
 
+    def select(self, rows: np.ndarray) -> None:
+        """Keep only batch rows `rows` (StageSession.keep)."""
+        self.counts = self.counts[rows]
+        self.key_mask = self.key_mask[rows]
+
+
+class BackendUnavailable(ValueError):
+    """This machine lacks what a backend needs (a package, a GPU, an execution provider).
+
+    A ValueError like ManifestError, so callers that report bad inputs in one line report this
+    the same way; the message says what to install.
+    """
+
 
 def check_chunk(tokens: np.ndarray, mask: np.ndarray, batch: int
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -85,3 +107,35 @@ def check_chunk(tokens: np.ndarray, mask: np.ndarray, batch: int
     if mask.shape != tokens.shape:
         raise ValueError(f"mask shape {mask.shape} differs from tokens shape {tokens.shape}")
     return tokens.astype(np.int64, copy=False), mask.astype(bool, copy=False)
+
+
+def check_rows(rows: np.ndarray, batch: int) -> np.ndarray:
+    """Validate the rows a session keeps: distinct int indices into [0, batch), at least one."""
+    rows = np.asarray(rows)
+    if (rows.ndim != 1 or len(rows) == 0 or not np.issubdtype(rows.dtype, np.integer)
+            or rows.min() < 0 or rows.max() >= batch or len(np.unique(rows)) != len(rows)):
+        raise ValueError(f"rows to keep must be distinct int indices in [0, {batch}), got "
+                         f"{rows.tolist()}")
+    return rows.astype(np.int64, copy=False)
+
+
+def check_audio(audio: np.ndarray, segment_samples: int) -> np.ndarray:
+    """Validate a batch of segments for Backend.encode; returns float32 [B, segment_samples]."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 2 or audio.shape[1] != segment_samples:
+        raise ValueError(f"audio must be [B, {segment_samples}], got {audio.shape}")
+    return audio
+
+
+def check_embeddings(manifest: Manifest, stage: str, embeddings: np.ndarray
+                     ) -> tuple[StageSpec, np.ndarray]:
+    """Validate Backend.start's arguments against a model's manifest; returns the stage's spec
+    and the embeddings [B, T, E] in its cross-KV graph's input dtype."""
+    if stage not in manifest.stage_names:
+        raise ValueError(f"stage {stage!r} not in this model's stages "
+                         f"{list(manifest.stage_names)}")
+    spec = manifest.stage(stage)
+    emb = np.asarray(embeddings)
+    if emb.ndim != 3 or emb.shape[2] != spec.decoder.enc_dim:
+        raise ValueError(f"embeddings must be [B, T, {spec.decoder.enc_dim}], got {emb.shape}")
+    return spec, emb.astype(spec.cross_kv.input("embeddings").dtype, copy=False)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -30,6 +33,74 @@ def _torch_side(module: str) -> object:
 def cmd_info(args: argparse.Namespace) -> None:
     system = _torch_side("system")
     print(system.describe_parameters(args.preset, args.encoder))
+
+
+def plan_outputs(inputs: list[str], out: str | None, suffix: str = ".mid") -> list[Path]:
+    """Where each input's MIDI goes: OUT itself for one input (or inside OUT if it is a
+    folder), OUT/<name>.mid for several, beside each input without -o."""
+    if out is None:
+        targets = [Path(i).with_suffix(suffix) for i in inputs]
+    elif len(inputs) == 1 and not Path(out).is_dir() and Path(out).suffix:
+        targets = [Path(out)]
+    else:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise UserError(f"{out}: not a folder (several inputs need -o to name a folder)")
+        targets = [Path(out) / Path(i).with_suffix(suffix).name for i in inputs]
+    seen: dict[Path, str] = {}
+    for source, target in zip(inputs, targets):
+        key = target.resolve()
+        if key in seen:
+            raise UserError(f"{seen[key]} and {source} would both be written to {target}")
+        seen[key] = source
+    return targets
+
+
+def _refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]} exists{more}; pass --overwrite to replace it")
+
+
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    from .audio import AudioError, probe_audio
+    from .backend import BackendUnavailable
+    from .manifest import ManifestError
+    from .midi import MidiError
+    from .transcriber import Transcriber
+
+    if args.batch < 1 or (args.threads is not None and args.threads < 1):
+        raise UserError("--batch and --threads must be positive integers")
+    try:
+        infos = [probe_audio(path) for path in args.audio]  # every input checked before work
+        midi_paths = plan_outputs(args.audio, args.output)
+        note_paths = [p.with_suffix(f".{args.notes}") for p in midi_paths] if args.notes else []
+        extra = [Path(args.report_json)] if args.report_json else []
+        _refuse_overwrite(midi_paths + note_paths + extra, args.overwrite)
+        transcriber = Transcriber(args.model, backend=args.backend, batch=args.batch,
+                                  threads=args.threads)
+        from tqdm import tqdm
+
+        total = sum(info.num_segments for info in infos)
+        with tqdm(total=total, unit="segment", disable=not sys.stderr.isatty(),
+                  desc="transcribing") as bar:
+            results = transcriber.transcribe_many(args.audio, progress=bar.update)
+            for k, result in enumerate(results):
+                midi_paths[k].parent.mkdir(parents=True, exist_ok=True)
+                result.write_midi(midi_paths[k])
+                if args.notes:
+                    result.write_notes(note_paths[k], args.notes)
+                bar.write(f"{result.source} -> {midi_paths[k]} ({len(result.notes)} notes)",
+                          file=sys.stdout)
+    except (AudioError, BackendUnavailable, ManifestError, MidiError, OSError) as e:
+        raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+    report = transcriber.report
+    if report is not None:
+        print(report.format())
+        if args.report_json:
+            tmp = Path(f"{args.report_json}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+            tmp.replace(args.report_json)
 
 
 # Torch-side commands: `pianolm NAME ...` hands every later word to an entry function that
@@ -63,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
     info.add_argument("--encoder", default="hppnet", choices=["crnn", "hppnet"])
     info.set_defaults(func=cmd_info)
+
+    tr = sub.add_parser("transcribe", help="audio files -> MIDI, with a latency report",
+                        description="Transcribe audio files to MIDI with an exported model "
+                        "(default: the shipped model in engines/default/).")
+    tr.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, ...; any rate)")
+    tr.add_argument("-o", "--output", help="output .mid for one input, or a folder "
+                    "(default: beside each input)")
+    tr.add_argument("--model", help="exported model folder (default: the shipped model)")
+    tr.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    tr.add_argument("--batch", type=int, default=1, help="segments decoded together, across "
+                    "files (throughput mode)")
+    tr.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
+    tr.add_argument("--notes", choices=["tsv", "json"], help="also write the notes as a table")
+    tr.add_argument("--report-json", help="write the latency report to this JSON file")
+    tr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    tr.set_defaults(func=cmd_transcribe)
 
     for name, (_, _, help_text) in PASS_THROUGH.items():
         # prefix_chars="+" hands every word after the command (--help included) through.

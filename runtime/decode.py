@@ -13,7 +13,8 @@ are fed in rounds, in the order docs/tokens.md gives (owning segment descending,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -58,21 +59,59 @@ class SegmentTokens:
     carry_out: list[OpenNote]  # notes still sounding at the segment's end
 
 
+class ActiveRows:
+    """A stage session seen at full batch width while finished rows drop out of it.
+
+    The loop always feeds [B, n] chunks. When the backend can drop rows (the optional
+    `StageSession.keep`), retired rows are cut from its cache and stop costing work; otherwise
+    they keep riding along as masked padding. Either way the logits of live rows are the same:
+    a row's result never depends on the rest of its batch.
+    """
+
+    def __init__(self, session: StageSession, batch: int) -> None:
+        self.session = session
+        self.batch = batch
+        self.active = np.arange(batch)  # full-batch indices of the rows the session still holds
+        self.can_drop = callable(getattr(session, "keep", None))
+
+    def retire(self, done: np.ndarray) -> None:
+        """done: bool [B]; rows marked done will never be fed again."""
+        keep = ~np.asarray(done)[self.active]
+        if not self.can_drop or keep.all() or not keep.any():
+            return
+        self.session.keep(np.flatnonzero(keep))
+        self.active = self.active[keep]
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if len(self.active) < self.batch:
+            dropped = np.ones(self.batch, dtype=bool)
+            dropped[self.active] = False
+            if mask[dropped].any():
+                raise RuntimeError("decode loop fed a row it had retired")
+        logits = self.session.step(tokens[self.active], mask[self.active])
+        full = np.zeros((self.batch, logits.shape[1]), dtype=logits.dtype)
+        full[self.active] = logits
+        return full
+
+
 def argmax_allowed(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.where(allowed, logits, -np.inf).argmax(axis=1)
 
 
-def _prefill(session: StageSession, stage: str, batch: int) -> np.ndarray:
+def _start(backend: Backend, stage: str, embeddings: np.ndarray) -> tuple[ActiveRows,
+                                                                         np.ndarray]:
+    """Open a stage session and feed its prompt `sos task`; returns it and the prompt's logits."""
+    batch = len(embeddings)
+    session = ActiveRows(backend.start(stage, embeddings), batch)
     tokens = np.tile(np.array([[V.SOS, V.TASK_TOKEN[stage]]], dtype=np.int64), (batch, 1))
-    return session.step(tokens, np.ones_like(tokens, dtype=bool))
+    return session, session.step(tokens, np.ones_like(tokens, dtype=bool))
 
 
-def _greedy(session: StageSession, stage: str, grammar: OnsetGrammar | FlatGrammar
-            ) -> list[list[int]]:
+def _greedy(backend: Backend, embeddings: np.ndarray, stage: str,
+            grammar: OnsetGrammar | FlatGrammar) -> list[list[int]]:
     """Free-running greedy decode until every row ends (eos, or the grammar's note limit)."""
-    batch = len(grammar.done)
-    out: list[list[int]] = [[] for _ in range(batch)]
-    logits = _prefill(session, stage, batch)
+    session, logits = _start(backend, stage, embeddings)
+    out: list[list[int]] = [[] for _ in range(len(embeddings))]
     while True:
         live = ~grammar.done
         chosen = argmax_allowed(logits, grammar.mask())
@@ -81,14 +120,14 @@ def _greedy(session: StageSession, stage: str, grammar: OnsetGrammar | FlatGramm
         grammar.update(chosen)
         if grammar.done.all():
             return out
+        session.retire(grammar.done)
         fed = np.where(live, chosen, V.PAD)[:, None]
         logits = session.step(fed, (live & ~grammar.done)[:, None])
 
 
 def decode_onsets(backend: Backend, embeddings: np.ndarray, max_notes: int) -> list[list[int]]:
     """Onset stage: returns each row's tokens after `sos task_onset`, eos included."""
-    grammar = OnsetGrammar(len(embeddings), max_notes)
-    return _greedy(backend.start("onset", embeddings), "onset", grammar)
+    return _greedy(backend, embeddings, "onset", OnsetGrammar(len(embeddings), max_notes))
 
 
 def _note_chunk(prev: np.ndarray, on: np.ndarray, pitch: np.ndarray, fed: np.ndarray):
@@ -103,12 +142,12 @@ def decode_velocities(backend: Backend, embeddings: np.ndarray,
                       notes: list[list[tuple[int, int]]]) -> list[list[int]]:
     """Velocity stage: one velocity token per known (tick, pitch), fed in order."""
     batch = len(embeddings)
-    session = backend.start("velocity", embeddings)
-    _prefill(session, "velocity", batch)
+    session, _ = _start(backend, "velocity", embeddings)
     out: list[list[int]] = [[] for _ in range(batch)]
     prev = np.full(batch, V.PAD)
     for i in range(max((len(n) for n in notes), default=0)):
         fed = np.array([i < len(n) for n in notes])
+        session.retire(~fed)
         on = np.array([V.time_token(n[i][0]) if f else V.PAD for n, f in zip(notes, fed)])
         pitch = np.array([V.pitch_token(n[i][1]) if f else V.PAD for n, f in zip(notes, fed)])
         logits = session.step(*_note_chunk(prev, on, pitch, fed))
@@ -138,8 +177,7 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
     the notes still sounding at each row's end.
     """
     batch = len(rows)
-    session = backend.start("offset", embeddings)
-    _prefill(session, "offset", batch)
+    session, _ = _start(backend, "offset", embeddings)
     out: list[list[int]] = [[] for _ in range(batch)]
     carry_out: list[list[OpenNote]] = [[] for _ in range(batch)]
     first_onset = [{p: t for t, p in reversed(n)} for n in notes]  # key -> its first onset tick
@@ -163,6 +201,7 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
             # Every chain starts at a row with no predecessor in the batch, so an empty round
             # means every row has fed all its notes.
             return out, carry_out
+        session.retire(_finished(rows, fed))
         heads = [q.pop(0) if q else None for q in queues]
         on = np.array([h[0] if h else V.PAD for h in heads])
         pitch = np.array([V.pitch_token(h[1]) if h else V.PAD for h in heads])
@@ -187,6 +226,20 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
         prev = np.where(fed, chosen, prev)
 
 
+def _finished(rows: list[RowSpec], fed: np.ndarray) -> np.ndarray:
+    """Rows that will never be fed again: nothing queued, and no predecessor in the batch that
+    could still pass them a carried note (its own chain finished)."""
+    done: dict[int, bool] = {}
+
+    def finished(r: int) -> bool:
+        if r not in done:
+            prev = rows[r].prev
+            done[r] = not fed[r] and (prev is None or finished(prev))
+        return done[r]
+
+    return np.array([finished(r) for r in range(len(rows))])
+
+
 def _release_finished_own(own_left, held, successor, queues, first_onset) -> None:
     """Pass the sustaining own notes of rows that decided all their own notes to successors."""
     for r, waiting in enumerate(held):
@@ -204,8 +257,14 @@ def _carried_entries(notes: list[OpenNote], first_onset: dict[int, int]) -> list
 
 
 def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
-                 max_notes: int = DEFAULT_MAX_NOTES) -> list[SegmentTokens]:
-    """Decode one batch of segments [B, segment_samples] through all stages."""
+                 max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool = True
+                 ) -> list[SegmentTokens]:
+    """Decode one batch of segments [B, segment_samples] through all stages.
+
+    The velocity and offset stages need only the onset stage's notes, not each other: with
+    `concurrent` they run side by side (a second thread; backends release the GIL while a graph
+    runs), so the critical path is the onset stage plus the longer of the two.
+    """
     embeddings = backend.encode(audio)
     if backend.stages == ("flat",):
         return decode_flat(backend, embeddings, rows, max_notes)
@@ -214,8 +273,14 @@ def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
     for spec, n in zip(rows, notes):
         if len(n) >= max_notes:
             log.warning("segment %d reached the limit of %d notes", spec.segment, max_notes)
-    velocities = decode_velocities(backend, embeddings, notes)
-    offsets, carry_out = decode_offsets(backend, embeddings, rows, notes)
+    if concurrent:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(decode_velocities, backend, embeddings, notes)
+            offsets, carry_out = decode_offsets(backend, embeddings, rows, notes)
+            velocities = pending.result()
+    else:
+        velocities = decode_velocities(backend, embeddings, notes)
+        offsets, carry_out = decode_offsets(backend, embeddings, rows, notes)
     return [SegmentTokens(spec.segment, {"onset": on, "velocity": _with_velocities(n, vel),
                                          "offset": off}, co)
             for spec, on, n, vel, off, co in zip(rows, onsets, notes, velocities, offsets,
@@ -232,13 +297,16 @@ def _with_velocities(notes: list[tuple[int, int]], velocities: list[int]) -> lis
 def decode_flat(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
                 max_notes: int) -> list[SegmentTokens]:
     """The flattened baseline: one decoder predicts `on pitch off velocity` for every note."""
-    grammar = FlatGrammar(len(rows), max_notes)
-    out = _greedy(backend.start("flat", embeddings), "flat", grammar)
+    out = _greedy(backend, embeddings, "flat", FlatGrammar(len(rows), max_notes))
     return [SegmentTokens(spec.segment, {"flat": toks}, []) for spec, toks in zip(rows, out)]
 
 
 def to_notes(segments: list[SegmentTokens], end: float | None = None) -> list[Note]:
-    """One file's decoded segments (in order) -> its notes, through the codec's stitching."""
+    """One file's decoded segments (in order) -> its notes, through the codec's stitching.
+
+    With `end` (the audio's length in seconds), notes lie within the audio: the last segment's
+    zero padding holds no onsets, and offsets are cut at the end.
+    """
     results = []
     for seg in segments:
         if "flat" in seg.tokens:
@@ -246,4 +314,7 @@ def to_notes(segments: list[SegmentTokens], end: float | None = None) -> list[No
         else:
             results.append(SegmentResult.from_stages(*(decode(stage, seg.tokens[stage])
                                                         for stage in V.STAGES)))
-    return stitch(results, end)
+    notes = stitch(results, end)
+    if end is None:
+        return notes
+    return [replace(n, offset=min(n.offset, end)) for n in notes if n.onset < end]

@@ -5,11 +5,13 @@ graph and checks each session's inputs and outputs against the manifest. `start(
 runs the stage's cross-KV graph once and returns an `OrtStageSession`, which feeds chunks to the
 step graph and keeps the self-attention cache between calls.
 
-Per-session state lives in two places only, so a CUDA variant with IO binding (cache kept on
-the device as OrtValues) replaces `KVCache` and `OrtStageSession._run` and nothing else:
+Per-session state lives in two places only, so a device variant (runtime/ort_iobinding.py:
+cache kept on the device as OrtValues; runtime/trt_backend.py: TensorRT device buffers)
+replaces the cache and `OrtStageSession._run` and nothing else:
 - `RowPositions` (runtime/backend.py): per-row real-token counts -> RoPE positions, and the
   key-mask history, shared with export/torch_backend.py so both backends follow one rule.
-- `KVCache`: past K/V (grown by each step) and the segment's cross K/V.
+- the cache (`KVCache` here): past K/V (grown by each step) and the segment's cross K/V; it
+  knows its batch size and can `select` rows (StageSession.keep).
 
 Torch-free: numpy and onnxruntime only.
 """
@@ -19,16 +21,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from .backend import RowPositions, check_chunk
+from .backend import RowPositions, check_audio, check_chunk, check_embeddings, check_rows
 from .manifest import DecoderSpec, GraphSpec, Manifest, ManifestError, load_manifest
 
 # ONNX Runtime's type strings for the manifest's dtypes
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)",
               "int64": "tensor(int64)", "int32": "tensor(int32)", "bool": "tensor(bool)"}
 _STEP_OUTPUTS = ["logits", "present_k", "present_v"]
+
+
+class SessionCache(Protocol):
+    """What OrtStageSession needs of a cache; `_run` alone reads and writes its contents."""
+
+    @property
+    def batch(self) -> int: ...
+
+    def select(self, rows: np.ndarray) -> SessionCache:
+        """The cache of batch rows `rows` only (StageSession.keep)."""
+        ...
+
+
+def empty_past(graph: GraphSpec, decoder: DecoderSpec, batch: int) -> np.ndarray:
+    """A past K or V of length 0 [L, B, H, 0, Dh] in the step graph's dtype: the prefill's."""
+    shape = (decoder.n_layers, batch, decoder.n_heads, 0, decoder.head_dim)
+    return np.zeros(shape, graph.input("past_k").dtype)
 
 
 @dataclass
@@ -40,18 +60,27 @@ class KVCache:
     cross_k: np.ndarray  # [L, B, H, T, Dh], fixed for the segment
     cross_v: np.ndarray
 
+    @property
+    def batch(self) -> int:
+        return int(self.cross_k.shape[1])
+
+    def select(self, rows: np.ndarray) -> KVCache:
+        return KVCache(*(a[:, rows] for a in (self.past_k, self.past_v, self.cross_k,
+                                              self.cross_v)))
+
 
 class OrtStageSession:
-    """One stage's decoder over one batch of segments (runtime/backend.py StageSession)."""
+    """One stage's decoder over one batch of segments (runtime/backend.py StageSession).
 
-    def __init__(self, session: object, graph: GraphSpec, decoder: DecoderSpec,
-                 cross_k: np.ndarray, cross_v: np.ndarray) -> None:
+    The bookkeeping (chunk checks, positions, length limit, keep) is shared by the device
+    sessions, which subclass this with their own cache and `_run`.
+    """
+
+    def __init__(self, session: Any, decoder: DecoderSpec, cache: SessionCache) -> None:
         self.session = session
         self.decoder = decoder
-        self.batch = int(cross_k.shape[1])
-        dtype = graph.input("past_k").dtype
-        shape = (decoder.n_layers, self.batch, decoder.n_heads, 0, decoder.head_dim)
-        self.cache = KVCache(np.zeros(shape, dtype), np.zeros(shape, dtype), cross_k, cross_v)
+        self.cache = cache
+        self.batch = cache.batch
         self.rows = RowPositions.empty(self.batch)
 
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -62,6 +91,13 @@ class OrtStageSession:
                              f"sequence this model serves (decoder max_seq_len)")
         logits = self._run(tokens, positions, key_mask)
         return logits.astype(np.float32, copy=False)
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Drop every batch row not in `rows` (the optional StageSession.keep)."""
+        rows = check_rows(rows, self.batch)
+        self.rows.select(rows)
+        self.cache = self.cache.select(rows)
+        self.batch = len(rows)
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray
              ) -> np.ndarray:
@@ -76,11 +112,13 @@ class OrtStageSession:
 class OrtBackend:
     """Backend protocol over an exported model folder, with ONNX Runtime.
 
-    providers: ONNX Runtime execution providers (default CPU only).
+    providers: ONNX Runtime execution providers, names or (name, options) pairs (default CPU
+        only).
     threads: intra-op threads per session (default: ONNX Runtime's choice, all cores).
     """
 
-    def __init__(self, model_dir: str | Path, providers: Sequence[str] | None = None,
+    def __init__(self, model_dir: str | Path,
+                 providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
                  threads: int | None = None) -> None:
         import onnxruntime as ort
 
@@ -114,24 +152,16 @@ class OrtBackend:
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """float32 waveform [B, segment_samples] -> embeddings [B, T, E] float32."""
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 2 or audio.shape[1] != self.segment_samples:
-            raise ValueError(f"audio must be [B, {self.segment_samples}], got {audio.shape}")
+        audio = check_audio(audio, self.segment_samples)
         graph = self.manifest.encoder.graph
         (emb,) = self.sessions["encoder"].run(
             ["embeddings"], {"waveform": audio.astype(graph.input("waveform").dtype, copy=False)})
         return emb.astype(np.float32, copy=False)
 
     def start(self, stage: str, embeddings: np.ndarray) -> OrtStageSession:
-        if stage not in self.stages:
-            raise ValueError(f"stage {stage!r} not in this model's stages {list(self.stages)}")
-        spec = self.manifest.stage(stage)
-        emb = np.asarray(embeddings)
-        if emb.ndim != 3 or emb.shape[2] != spec.decoder.enc_dim:
-            raise ValueError(f"embeddings must be [B, T, {spec.decoder.enc_dim}], got "
-                             f"{emb.shape}")
-        dtype = spec.cross_kv.input("embeddings").dtype
+        spec, emb = check_embeddings(self.manifest, stage, embeddings)
         cross_k, cross_v = self.sessions[f"{stage}.cross_kv"].run(
-            ["cross_k", "cross_v"], {"embeddings": emb.astype(dtype, copy=False)})
-        return OrtStageSession(self.sessions[f"{stage}.step"], spec.step, spec.decoder,
-                               cross_k, cross_v)
+            ["cross_k", "cross_v"], {"embeddings": emb})
+        past = empty_past(spec.step, spec.decoder, len(emb))
+        return OrtStageSession(self.sessions[f"{stage}.step"], spec.decoder,
+                               KVCache(past, past, cross_k, cross_v))

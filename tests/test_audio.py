@@ -5,21 +5,29 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 
 from pianolm.runtime.audio import (
     SAMPLE_RATE,
     SEGMENT_SAMPLES,
     AudioError,
+    AudioInfo,
+    batch_segments,
     iter_segment_batches,
     load_audio,
     num_segments,
     prepare_audio,
+    probe_audio,
+    resampled_length,
     segment_audio,
+    segments_from_array,
+    stream_segments,
 )
 
 DEVSET = Path("/work/shared/devset")
@@ -255,6 +263,266 @@ def test_iter_segment_batches_short_and_invalid():
             next(iter_segment_batches(np.zeros(3, np.float32), bad))
     with pytest.raises(ValueError):
         segment_audio(np.zeros((10, 2), np.float32))
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def noise_file(path, sr: int, seconds: float, channels: int = 1, fmt: str = "WAV",
+               subtype: str = "PCM_16", seed: int = 0) -> None:
+    """Band-limited-ish noise plus a tone: exercises the resampler's whole passband."""
+    n = int(round(sr * seconds))
+    rng = np.random.default_rng(seed)
+    x = 0.2 * rng.standard_normal((n, channels)) + 0.3 * np.sin(
+        2 * np.pi * 1234.5 * np.arange(n) / sr)[:, None]
+    sf.write(path, np.clip(x, -0.99, 0.99), sr, format=fmt, subtype=subtype)
+
+
+def oneshot_16k(path) -> np.ndarray:
+    """Independent reference: whole file, numpy mix-down, one soxr.resample call."""
+    x, sr = sf.read(path, dtype="float32", always_2d=True)
+    mono = x.mean(axis=1, dtype=np.float32)
+    return mono if sr == SAMPLE_RATE else soxr.resample(mono, sr, SAMPLE_RATE, quality="HQ")
+
+
+@pytest.mark.parametrize("sr, channels, fmt, subtype, seconds, block_seconds", [
+    (16000, 1, "WAV", "PCM_16", 23.4567, 10.0),
+    (16000, 2, "WAV", "FLOAT", 20.0, 3.3),       # exactly two segments: no padded tail
+    (44100, 2, "FLAC", "PCM_16", 21.37, 10.0),
+    (44100, 1, "WAV", "PCM_16", 12.001, 0.77),   # blocks far from segment boundaries
+    (22050, 1, "WAV", "FLOAT", 15.5, 10.0),
+    (48000, 5, "WAV", "FLOAT", 11.11, 4.0),
+    (8000, 1, "FLAC", "PCM_24", 9.99, 2.5),
+    (32000, 2, "OGG", "VORBIS", 10.5, 1.0),
+])
+def test_stream_segments_equal_load_audio_segments(tmp_path, sr, channels, fmt, subtype,
+                                                   seconds, block_seconds):
+    path = tmp_path / f"s.{fmt.lower()}"
+    noise_file(path, sr, seconds, channels, fmt, subtype)
+    whole = segment_audio(load_audio(path))
+    segs = list(stream_segments(path, block_seconds=block_seconds))
+    assert len(segs) == len(whole) == probe_audio(path).num_segments
+    for got, want in zip(segs, whole):
+        assert got.shape == (SEGMENT_SAMPLES,) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+    assert len({id(s) for s in segs}) == len(segs)  # fresh arrays, not one reused buffer
+
+
+@pytest.mark.parametrize("sr, channels, seconds, block_seconds", [
+    (44100, 2, 13.7, 10.0),
+    (44100, 2, 13.7, 1.2345),
+    (22050, 1, 11.3, 10.0),
+    (22050, 1, 11.3, 0.333),
+    (48000, 1, 10.0001, 7.0),
+    (48000, 2, 10.0001, 10.0),
+])
+def test_stream_matches_oneshot_soxr(tmp_path, sr, channels, seconds, block_seconds):
+    # Measured: the stream equals one-shot soxr.resample exactly (max |diff| == 0.0, same
+    # length) for every rate and block size tried (python-soxr's resample() is itself a chunked
+    # soxr_process). The bound leaves room for a soxr build that rounds differently while
+    # staying ~30x below a 16-bit LSB (3e-5).
+    path = tmp_path / "s.wav"
+    noise_file(path, sr, seconds, channels, subtype="FLOAT")
+    ref = oneshot_16k(path)
+    loaded = load_audio(path)
+    assert len(loaded) == len(ref) == resampled_length(sf.info(path).frames, sr)
+    flat = np.concatenate(list(stream_segments(path, block_seconds=block_seconds)))
+    assert len(flat) == num_segments(len(ref)) * SEGMENT_SAMPLES
+    assert float(np.abs(flat[:len(ref)] - ref).max()) <= 1e-6
+    assert not flat[len(ref):].any()  # zero padding only after the real samples
+    np.testing.assert_array_equal(flat[:len(loaded)], loaded)
+
+
+def test_stream_at_16k_is_bit_identical_to_the_file(tmp_path):
+    path = tmp_path / "s.wav"
+    noise_file(path, SAMPLE_RATE, 17.25, channels=3, subtype="PCM_16")
+    ref = oneshot_16k(path)  # no resampling at 16 kHz: just the decoded mix-down
+    flat = np.concatenate(list(stream_segments(path, block_seconds=0.9)))
+    np.testing.assert_array_equal(flat[:len(ref)], ref)
+    np.testing.assert_array_equal(load_audio(path), ref)
+
+
+@pytest.mark.parametrize("sr, frames, expected", [
+    (SAMPLE_RATE, 1, 1),
+    (SAMPLE_RATE, SEGMENT_SAMPLES, 1),
+    (SAMPLE_RATE, SEGMENT_SAMPLES + 1, 2),
+    (44100, 441000, 1),          # exactly 10 s -> 160000 samples, no padded tail
+    (44100, 441002, 2),          # 160000.7 -> 160001 samples
+    (32000, 320001, 2),          # 160000.5 rounds up
+])
+def test_stream_segment_count_at_edges(tmp_path, sr, frames, expected):
+    path = tmp_path / "e.wav"
+    noise_file(path, sr, frames / sr)
+    assert sf.info(path).frames == frames
+    segs = list(stream_segments(path, block_seconds=3.0))
+    assert len(segs) == expected == probe_audio(path).num_segments
+    np.testing.assert_array_equal(np.stack(segs), segment_audio(load_audio(path)))
+
+
+def test_stream_memory_is_bounded_on_a_ten_minute_file(tmp_path, monkeypatch):
+    sr, minutes, block_seconds = 22050, 10, 10.0
+    path = tmp_path / "long.wav"
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(path, "w", sr, 1, subtype="PCM_16") as f:
+        for _ in range(minutes * 6):  # written 10 s at a time
+            f.write((0.1 * rng.standard_normal(sr * 10)).astype(np.float32))
+    whole_bytes = minutes * 60 * SAMPLE_RATE * 4  # load_audio's result alone: 38.4 MB
+
+    reads: list[int] = []
+    real_read = sf.SoundFile.read
+
+    def counting_read(self, frames=-1, *args, **kwargs):
+        reads.append(frames)
+        return real_read(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", counting_read)
+    tracemalloc.start()
+    try:
+        count = 0
+        for seg in stream_segments(path, block_seconds=block_seconds):
+            assert seg.shape == (SEGMENT_SAMPLES,)
+            count += 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == minutes * 6
+    assert reads and all(0 < r <= block_seconds * sr for r in reads)  # never "read it all"
+    # measured ~3.7 MB: one 10 s block + its resampled chunk + a segment or two
+    assert peak < 8e6 and peak < whole_bytes / 4, peak
+
+
+def test_stream_can_stop_early(tmp_path):
+    path = tmp_path / "s.wav"
+    noise_file(path, 44100, 25.0)
+    it = stream_segments(path)
+    first = next(it)
+    it.close()  # closes the file; nothing else to clean up
+    np.testing.assert_array_equal(first, segment_audio(load_audio(path))[0])
+
+
+def test_stream_errors(tmp_path):
+    with pytest.raises(AudioError, match="not found"):
+        stream_segments(tmp_path / "nope.wav")  # checked at the call, before iterating
+    text = tmp_path / "notes.wav"
+    text.write_text("this is not audio\n" * 20)
+    with pytest.raises(AudioError, match="cannot read audio"):
+        stream_segments(text)
+    path = tmp_path / "ok.wav"
+    noise_file(path, SAMPLE_RATE, 1.0)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(ValueError):
+            stream_segments(path, block_seconds=bad)
+
+
+def test_stream_nan_is_reported_when_reached(tmp_path):
+    sr = 44100
+    x = np.full(sr * 25, 0.1, np.float32)
+    x[int(sr * 21.5)] = np.nan
+    path = tmp_path / "nan.wav"
+    sf.write(path, x, sr, subtype="FLOAT")
+    it = stream_segments(path, block_seconds=2.0)
+    assert next(it).shape == (SEGMENT_SAMPLES,)  # segments before the bad block still come
+    with pytest.raises(AudioError) as info:
+        list(it)
+    msg = str(info.value)
+    assert "NaN" in msg and "21.500 s" in msg and "\n" not in msg and str(path) in msg
+    with pytest.raises(AudioError, match="21.500 s"):
+        load_audio(path)
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+@pytest.mark.parametrize("sr, channels, fmt, subtype, frames", [
+    (44100, 2, "FLAC", "PCM_16", 44100 * 12 + 7),
+    (16000, 1, "WAV", "PCM_16", 160000),
+    (22050, 3, "WAV", "FLOAT", 12345),
+    (48000, 1, "WAV", "PCM_24", 2),      # two frames still give one 16 kHz sample
+])
+def test_probe_audio(tmp_path, sr, channels, fmt, subtype, frames):
+    path = tmp_path / f"p.{fmt.lower()}"
+    noise_file(path, sr, frames / sr, channels, fmt, subtype)
+    info = probe_audio(path)
+    assert isinstance(info, AudioInfo)
+    assert info == AudioInfo(path=str(path), sample_rate=sr, channels=channels, frames=frames)
+    assert info.duration_s == pytest.approx(frames / sr)
+    n = len(load_audio(path))
+    assert info.samples_16k == n
+    assert info.num_segments == num_segments(n) == len(list(stream_segments(path)))
+    with pytest.raises(AttributeError):
+        info.frames = 0  # frozen
+
+
+def test_resampled_length_matches_soxr():
+    rng = np.random.default_rng(0)
+    for sr in (44100, 22050, 48000, 8000, 11025, 32000, 7999, 96000):
+        for n in [1, 2, 3, 5, 7, 100, 1001, *rng.integers(1, 200000, 4)]:
+            got = len(soxr.resample(np.zeros(int(n), np.float32), sr, SAMPLE_RATE, "HQ"))
+            assert resampled_length(int(n), sr) == got, (sr, n)
+    assert resampled_length(12345, SAMPLE_RATE) == 12345
+
+
+def _probe_error(path) -> str:
+    with pytest.raises(AudioError) as info:
+        probe_audio(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg
+    assert info.value.__cause__ is None  # no chained soundfile traceback
+    return msg
+
+
+def test_probe_audio_errors(tmp_path):
+    assert "not found" in _probe_error(tmp_path / "nope.wav")
+    assert "directory" in _probe_error(tmp_path)
+    text = tmp_path / "notes.wav"
+    text.write_text("this is not audio\n" * 20)
+    msg = _probe_error(text)
+    assert "cannot read audio" in msg and "WAV, FLAC or OGG" in msg
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    assert "empty" in _probe_error(empty)
+    zero = tmp_path / "zero.wav"
+    sf.write(zero, np.zeros((0, 1)), SAMPLE_RATE)
+    assert "empty" in _probe_error(zero)
+    src = tmp_path / "ok.wav"
+    sf.write(src, sine(440, SAMPLE_RATE, 0.1), SAMPLE_RATE)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(src.read_bytes()[:20])
+    _probe_error(cut)
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(1), 44100)  # 1 frame at 44.1 kHz -> 0 samples at 16 kHz
+    assert "too short" in _probe_error(short)
+    with pytest.raises(AudioError, match="too short"):
+        load_audio(short)
+
+
+# ----------------------------------------------------------------------------- in-memory segments
+
+
+@pytest.mark.parametrize("n", [0, 5, SEGMENT_SAMPLES, 2 * SEGMENT_SAMPLES + 3])
+def test_segments_from_array_matches_segment_audio(n):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    segs = list(segments_from_array(x))
+    np.testing.assert_array_equal(np.stack(segs), segment_audio(x))
+    segs[0][:] = 7.0  # fresh arrays: writing one leaves the input alone
+    assert not (x == 7.0).any()
+    with pytest.raises(ValueError):
+        segments_from_array(np.zeros((10, 2), np.float32))
+
+
+def test_batch_segments_over_a_stream(tmp_path):
+    path = tmp_path / "s.flac"
+    noise_file(path, 44100, 52.0, 2, "FLAC")
+    whole = segment_audio(load_audio(path))
+    got = list(batch_segments(stream_segments(path, block_seconds=4.5), 2))
+    assert [first for first, _ in got] == [0, 2, 4]
+    assert [b.shape[0] for _, b in got] == [2, 2, 2]
+    np.testing.assert_array_equal(np.concatenate([b for _, b in got]), whole)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError):
+            batch_segments(iter([]), bad)
+    with pytest.raises(ValueError):
+        list(batch_segments([np.zeros(10, np.float32)], 2))
 
 
 # ----------------------------------------------------------------------------- dev set

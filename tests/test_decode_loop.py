@@ -45,6 +45,26 @@ def test_two_files_in_one_batch_equal_separate_runs():
     assert [m.tokens for m in mixed] == [a[0].tokens, b[0].tokens, a[1].tokens, b[1].tokens]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_dropping_finished_rows_and_concurrency_change_no_token(seed):
+    audio = _audio(6, seed)
+    # two files of three segments, interleaved, so chains and carried rounds mix in one batch
+    rows = [RowSpec(0), RowSpec(0), RowSpec(1, 0), RowSpec(1, 1), RowSpec(2, 2), RowSpec(2, 3)]
+    runs = {}
+    for droppable in (False, True):
+        for concurrent in (False, True):
+            backend = FakeBackend(droppable=droppable)
+            res = decode_batch(backend, audio, rows, max_notes=12, concurrent=concurrent)
+            runs[droppable, concurrent] = ([r.tokens for r in res], [r.carry_out for r in res],
+                                           backend.work[0])
+    reference = runs[False, False]
+    for key, (tokens, carry, _) in runs.items():
+        assert (tokens, carry) == reference[:2], key
+    # finished rows stopped costing work once the backend could drop them
+    assert runs[True, False][2] < runs[False, False][2]
+    assert runs[True, True][2] == runs[True, False][2]
+
+
 def test_grammar_holds_in_every_stage():
     res = decode_batch(FakeBackend(), _audio(3, 3),
                        [RowSpec(k, k - 1 if k else None) for k in range(3)], max_notes=12)

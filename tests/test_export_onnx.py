@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +23,14 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from torch import nn  # noqa: E402
-
-from pianolm.export.crnn import GRU  # noqa: E402
-from pianolm.export.decoder import sharpen  # noqa: E402
 from pianolm.export.onnx_export import (  # noqa: E402
-    EX_SAMPLES,
     CrossKVGraph,
     _cross_plan,
     _export,
     convert_model,
-    export_model,
     graph_parity,
     random_step_inputs,
 )
-from pianolm.export.system import SystemConfig, TranscriptionSystem  # noqa: E402
 from pianolm.export.tensorrt import check_model  # noqa: E402
 from pianolm.export.torch_backend import TorchBackend  # noqa: E402
 from pianolm.runtime import vocab  # noqa: E402
@@ -47,59 +39,6 @@ from pianolm.runtime.manifest import MANIFEST_FILE, ManifestError, load_manifest
 from pianolm.runtime.ort_backend import OrtBackend  # noqa: E402
 
 REL_TOL = 1e-4  # fp32 graphs: max |ort - torch| / max |torch|
-
-
-class TinyEncoder(nn.Module):
-    """The encoder interface at test size: framing conv (hop 3200, 5 frames/s) + biGRU (the
-    CRNN's export-friendly GRU, native ONNX GRU nodes) -> 24-d embeddings; any input length."""
-
-    def __init__(self, embed_dim: int = 24, hop: int = 3200) -> None:
-        super().__init__()
-        self.embed_dim = embed_dim
-        self.frames_per_segment = 160000 // hop + 1
-        self.frames_per_second = 16000 / hop
-        self.conv = nn.Conv1d(1, 16, kernel_size=hop, stride=hop, padding=hop // 2)
-        self.gru = GRU(16, embed_dim // 2, batch_first=True, bidirectional=True)
-
-    def embed(self, waveform: torch.Tensor) -> torch.Tensor:
-        x = torch.tanh(self.conv(waveform.unsqueeze(1))).transpose(1, 2)
-        return self.gru(x)[0]
-
-
-def make_system(hierarchical: bool, seed: int) -> TranscriptionSystem:
-    torch.manual_seed(seed)
-    system = TranscriptionSystem(SystemConfig(encoder="tiny-test", decoder="tiny",
-                                              hierarchical=hierarchical), encoder=TinyEncoder())
-    for i, dec in enumerate(system.decoders.values()):
-        sharpen(dec, seed=seed * 10 + i)  # O(1) logits: argmax is meaningful, bugs show
-    return system.eval()
-
-
-class Exported:
-    def __init__(self, root: Path) -> None:
-        t0 = time.perf_counter()
-        self.hier = make_system(True, seed=0)
-        self.flat = make_system(False, seed=1)
-        self.dirs = {"hier": root / "hier", "flat": root / "flat"}
-        export_model(self.hier, self.dirs["hier"], seed=0, example_samples=EX_SAMPLES)
-        export_model(self.flat, self.dirs["flat"], seed=1, example_samples=EX_SAMPLES)
-        print(f"\nexported 2 systems (10 graphs) in {time.perf_counter() - t0:.0f} s")
-        self.root = root
-
-    def precision(self, name: str) -> Path:
-        """The hierarchical system at fp16 / int8, derived from its fp32 folder once."""
-        out = self.root / f"hier-{name}"
-        if not out.exists():
-            convert_model(self.dirs["hier"], out, name)
-        return out
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Exported:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a busy 2-core machine: threads only add overhead
-    yield Exported(tmp_path_factory.mktemp("export"))
-    torch.set_num_threads(threads)
 
 
 def _audio(batch: int, seed: int) -> np.ndarray:

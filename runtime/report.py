@@ -1,0 +1,190 @@
+"""Where the time goes: a timing wrapper around any backend, and the report it fills.
+
+`TimedBackend(backend, timings)` is itself a Backend (runtime/backend.py): it times every
+encoder call, every stage's cross-K/V (`start`), its prompt (the first step, "prefill") and each
+later step, with the past length the step saw. `Report` turns those records, plus what the
+transcriber counted (audio seconds, notes, predicted tokens), into the figures a user reads:
+per-stage latency, time to first note, tokens/s, notes/s, real-time factor, peak memory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .backend import Backend, StageSession
+
+
+@dataclass
+class StageTimes:
+    cross_kv: list[float] = field(default_factory=list)  # seconds per session start
+    prefill: list[float] = field(default_factory=list)  # seconds of the `sos task` step
+    steps: list[tuple[int, int, float]] = field(default_factory=list)  # (rows, past, seconds)
+
+
+@dataclass
+class Timings:
+    """Raw records; appended from the decode loop's threads (list.append is atomic)."""
+
+    encoder: list[tuple[int, float]] = field(default_factory=list)  # (segments, seconds)
+    stages: dict[str, StageTimes] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def stage(self, name: str) -> StageTimes:
+        with self.lock:
+            return self.stages.setdefault(name, StageTimes())
+
+
+class TimedSession:
+    def __init__(self, session: StageSession, times: StageTimes) -> None:
+        self.session = session
+        self.times = times
+        self.past = 0  # chunk positions fed so far (the cache length the next step sees)
+        self.first = True
+        if callable(getattr(session, "keep", None)):
+            self.keep = session.keep  # only offered when the wrapped session can drop rows
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        logits = self.session.step(tokens, mask)
+        elapsed = time.perf_counter() - t0
+        if self.first:
+            self.times.prefill.append(elapsed)
+            self.first = False
+        else:
+            self.times.steps.append((len(tokens), self.past, elapsed))
+        self.past += tokens.shape[1]
+        return logits
+
+
+class TimedBackend:
+    """A Backend that forwards to `backend` and records how long each call took."""
+
+    def __init__(self, backend: Backend, timings: Timings) -> None:
+        self.backend = backend
+        self.timings = timings
+        self.stages = backend.stages
+        self.sample_rate = backend.sample_rate
+        self.segment_samples = backend.segment_samples
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        embeddings = self.backend.encode(audio)
+        self.timings.encoder.append((len(audio), time.perf_counter() - t0))
+        return embeddings
+
+    def start(self, stage: str, embeddings: np.ndarray) -> TimedSession:
+        times = self.timings.stage(stage)
+        t0 = time.perf_counter()
+        session = self.backend.start(stage, embeddings)
+        times.cross_kv.append(time.perf_counter() - t0)
+        return TimedSession(session, times)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ms(values: list[float]) -> float | None:
+    return round(float(np.median(values)) * 1e3, 3) if values else None
+
+
+@dataclass
+class Report:
+    """The figures of one transcription run (any number of files)."""
+
+    backend: str
+    precision: str
+    batch: int
+    threads: int | None
+    machine: str
+    cores: int
+    files: int
+    audio_s: float
+    wall_s: float
+    time_to_first_note_s: float | None
+    notes: int
+    decode_tokens: int  # tokens the decoders predicted (onset stage + one per note per stage)
+    decode_s: float  # wall time from embeddings to notes, summed over batches
+    encoder_ms_per_segment: float | None
+    stages: dict[str, dict[str, float | int | None]]
+    peak_rss_mb: float
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.wall_s / self.audio_s if self.audio_s else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else float("nan")
+
+    @property
+    def notes_per_s(self) -> float:
+        return self.notes / self.wall_s if self.wall_s else float("nan")
+
+    @classmethod
+    def build(cls, timings: Timings, *, backend: str, precision: str, batch: int,
+              threads: int | None, files: int, audio_s: float, wall_s: float,
+              time_to_first_note_s: float | None, notes: int, decode_tokens: int,
+              decode_s: float) -> Report:
+        per_segment = [s / n for n, s in timings.encoder if n]
+        stages = {name: {"cross_kv_ms": _ms(t.cross_kv), "prefill_ms": _ms(t.prefill),
+                         "step_ms": _ms([s for _, _, s in t.steps]), "steps": len(t.steps)}
+                  for name, t in timings.stages.items()}
+        return cls(backend=backend, precision=precision, batch=batch, threads=threads,
+                   machine=cpu_model(), cores=os.cpu_count() or 0, files=files,
+                   audio_s=round(audio_s, 3), wall_s=round(wall_s, 3),
+                   time_to_first_note_s=(None if time_to_first_note_s is None
+                                         else round(time_to_first_note_s, 3)),
+                   notes=notes, decode_tokens=decode_tokens, decode_s=round(decode_s, 3),
+                   encoder_ms_per_segment=_ms(per_segment), stages=stages,
+                   peak_rss_mb=round(peak_rss_mb(), 1))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(real_time_factor=round(self.real_time_factor, 4),
+                   tokens_per_s=round(self.tokens_per_s, 1),
+                   notes_per_s=round(self.notes_per_s, 1))
+        return out
+
+    def format(self) -> str:
+        """A few lines for the terminal."""
+        threads = f", {self.threads} threads" if self.threads else ""
+        lines = [
+            f"{self.files} file(s), {self.audio_s:.1f} s of audio -> {self.notes} notes in "
+            f"{self.wall_s:.2f} s (real-time factor {self.real_time_factor:.3f})",
+            f"backend {self.backend} {self.precision}, batch {self.batch}{threads}; "
+            f"{self.machine}, {self.cores} cores; peak memory {self.peak_rss_mb:.0f} MB",
+            f"encoder {_fmt(self.encoder_ms_per_segment)} ms/segment; time to first note "
+            f"{_fmt(self.time_to_first_note_s, 's', 2)}; decode {self.tokens_per_s:.0f} tokens/s, "
+            f"{self.notes_per_s:.1f} notes/s",
+        ]
+        for name, s in self.stages.items():
+            lines.append(f"  {name:<8} cross-KV {_fmt(s['cross_kv_ms'])} ms, prefill "
+                         f"{_fmt(s['prefill_ms'])} ms, step {_fmt(s['step_ms'])} ms "
+                         f"(median of {s['steps']})")
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{' ' + unit if unit else ''}"

@@ -1,0 +1,212 @@
+"""Audio files in, notes out: `Transcriber` streams segments through the decode loop.
+
+    t = Transcriber()                          # the shipped default model, ONNX Runtime CPU
+    result = t.transcribe("song.wav")          # or t.transcribe((samples, sample_rate))
+    result.write_midi("song.mid")
+    for result in t.transcribe_many(paths):    # files share batches: throughput mode
+        ...
+    print(t.report.format())
+
+Segments of every input form one stream, cut into batches of `batch` rows, so several short
+files fill a batch and a long file never holds more than one batch of audio, embeddings or
+caches in memory. A row whose previous segment sits in the same batch takes its carried notes
+from it (runtime/decode.py); otherwise they come from the batch before. A file's notes are
+stitched and returned as soon as its last segment is decoded, in input order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, prepare_audio, probe_audio, segment_audio, stream_segments
+from .backend import Backend
+from .decode import DEFAULT_MAX_NOTES, OpenNote, RowSpec, SegmentTokens, decode_batch, to_notes
+from .manifest import ManifestError
+from .midi import write_midi, write_notes_json, write_notes_tsv
+from .notes import Note
+from .report import Report, TimedBackend, Timings
+
+Source = str | os.PathLike | tuple[np.ndarray, int]
+BACKENDS = ("cpu", "cuda", "tensorrt")
+
+
+class ModelNotFoundError(ManifestError):
+    """No model folder given and none shipped."""
+
+
+def default_model_dir() -> Path:
+    """engines/default/ of the installed package; a one-line error when nothing is shipped."""
+    from pianolm.engines import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "manifest.json").is_file():
+        raise ModelNotFoundError(f"no default model is shipped in {DEFAULT_MODEL_DIR} yet: pass "
+                                 "--model DIR, a folder made by `pianolm export`")
+    return DEFAULT_MODEL_DIR
+
+
+def open_backend(name: str, model_dir: str | os.PathLike, threads: int | None = None
+                 ) -> Backend:
+    """The runtime backend called `name` over an exported model folder."""
+    if name == "cpu":
+        from .ort_backend import OrtBackend
+
+        return OrtBackend(model_dir, threads=threads)
+    if name == "cuda":
+        from .ort_iobinding import OrtIoBindingBackend
+
+        return OrtIoBindingBackend(model_dir, device="cuda", threads=threads)
+    if name == "tensorrt":
+        from .trt_backend import TensorRTBackend
+
+        return TensorRTBackend(model_dir)
+    raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass
+class Transcription:
+    """One input's notes."""
+
+    source: str
+    notes: list[Note]
+    duration_s: float
+
+    def write_midi(self, path: str | os.PathLike) -> None:
+        write_midi(self.notes, path)
+
+    def write_notes(self, path: str | os.PathLike, fmt: str = "tsv") -> None:
+        (write_notes_json if fmt == "json" else write_notes_tsv)(self.notes, path)
+
+
+@dataclass
+class _Input:
+    """One source being streamed: its segments so far and the notes its last one left open."""
+
+    name: str
+    num_segments: int
+    duration_s: float
+    segments: list[SegmentTokens] = field(default_factory=list)
+    carry: list[OpenNote] = field(default_factory=list)
+
+
+def _open_source(source: Source) -> tuple[_Input, Iterator[np.ndarray]]:
+    if isinstance(source, tuple):
+        samples, rate = source
+        audio = prepare_audio(samples, rate)
+        segments = segment_audio(audio)
+        return (_Input("<array>", len(segments), len(audio) / SAMPLE_RATE), iter(segments))
+    info = probe_audio(source)
+    return (_Input(str(source), info.num_segments, info.duration_s),
+            stream_segments(source))
+
+
+class Transcriber:
+    """Transcribes audio with an exported model folder (runtime/manifest.py).
+
+    model_dir: the export folder; None = the shipped default model (engines/default/).
+    backend: "cpu" (ONNX Runtime), "cuda" (ONNX Runtime CUDA, IO binding), "tensorrt", or any
+        object implementing runtime/backend.py's Backend (e.g. the PyTorch reference).
+    batch: segments decoded together (across files); larger = more throughput, more memory.
+    concurrent: run the velocity and offset stages side by side.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike | None = None,
+                 backend: str | Backend = "cpu", batch: int = 1, threads: int | None = None,
+                 max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool = True) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        if isinstance(backend, str):
+            self.backend_name = backend
+            self.backend = open_backend(backend, model_dir or default_model_dir(), threads)
+        else:
+            self.backend_name = type(backend).__name__
+            self.backend = backend
+        self.precision: str = getattr(self.backend, "precision", "fp32")
+        self.batch = batch
+        self.threads = threads
+        self.max_notes = max_notes
+        self.concurrent = concurrent
+        self.report: Report | None = None
+
+    def transcribe(self, source: Source) -> Transcription:
+        (result,) = self.transcribe_many([source])
+        return result
+
+    def transcribe_many(self, sources: Iterable[Source],
+                        progress: Callable[[int], None] | None = None
+                        ) -> Iterator[Transcription]:
+        """Yield each source's Transcription in input order; `progress(n)` after each batch
+        with the number of segments it decoded. `self.report` holds the figures at the end."""
+        timings = Timings()
+        timed = TimedBackend(self.backend, timings)
+        count = {"files": 0, "audio_s": 0.0, "notes": 0, "tokens": 0, "decode_s": 0.0}
+        t0 = time.perf_counter()
+        first_note: float | None = None
+        for batch in self._batches(sources):
+            rows = _row_specs(batch)
+            audio = np.stack([seg for _, _, seg in batch])
+            t_batch = time.perf_counter()
+            decoded = decode_batch(timed, audio, rows, self.max_notes, self.concurrent)
+            encode_s = timings.encoder[-1][1]
+            count["decode_s"] += time.perf_counter() - t_batch - encode_s
+            first_note = first_note if first_note is not None else time.perf_counter() - t0
+            for (item, _, _), seg in zip(batch, decoded):
+                item.segments.append(seg)
+                item.carry = seg.carry_out
+                count["tokens"] += _predicted_tokens(seg)
+                if len(item.segments) == item.num_segments:
+                    result = Transcription(item.name, to_notes(item.segments, item.duration_s),
+                                           item.duration_s)
+                    count["files"] += 1
+                    count["audio_s"] += item.duration_s
+                    count["notes"] += len(result.notes)
+                    self.report = self._report(timings, count, t0, first_note)
+                    yield result
+            if progress:
+                progress(len(batch))
+        self.report = self._report(timings, count, t0, first_note)
+
+    def _batches(self, sources: Iterable[Source]
+                 ) -> Iterator[list[tuple[_Input, int, np.ndarray]]]:
+        """Every source's segments, in order, in batches of self.batch rows."""
+        batch: list[tuple[_Input, int, np.ndarray]] = []
+        for source in sources:
+            item, segments = _open_source(source)
+            for index, segment in enumerate(segments):
+                batch.append((item, index, segment))
+                if len(batch) == self.batch:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def _report(self, timings: Timings, count: dict, t0: float, first_note: float | None
+                ) -> Report:
+        return Report.build(timings, backend=self.backend_name, precision=self.precision,
+                            batch=self.batch, threads=self.threads, files=count["files"],
+                            audio_s=count["audio_s"], wall_s=time.perf_counter() - t0,
+                            time_to_first_note_s=first_note, notes=count["notes"],
+                            decode_tokens=count["tokens"], decode_s=count["decode_s"])
+
+
+def _row_specs(batch: list[tuple[_Input, int, np.ndarray]]) -> list[RowSpec]:
+    """Where each row's carried notes come from: its predecessor row, or the batch before."""
+    rows, where = [], {}
+    for r, (item, index, _) in enumerate(batch):
+        prev = where.get((id(item), index - 1))
+        rows.append(RowSpec(index, prev, [] if prev is not None else list(item.carry)))
+        where[id(item), index] = r
+    return rows
+
+
+def _predicted_tokens(seg: SegmentTokens) -> int:
+    """Tokens the decoders chose for a segment (fed known tokens not counted)."""
+    t = seg.tokens
+    if "flat" in t:
+        return len(t["flat"])
+    return len(t["onset"]) + len(t["velocity"]) // 3 + len(t["offset"]) // 3

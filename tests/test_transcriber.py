@@ -1,0 +1,113 @@
+"""Transcriber: streaming segments of several inputs through the decode loop in batches.
+
+Notes must not depend on how inputs are batched (batch 1 = each segment alone, carried notes
+handed over between batches; larger batches mix files and chain segments inside one batch).
+The fake model (tests/fake_backend.py) makes any dependence on batch composition visible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pianolm.runtime import transcriber as T
+from pianolm.runtime.transcriber import ModelNotFoundError, Transcriber
+from tests.fake_backend import FakeBackend
+
+RATE = 16000
+
+
+def _clip(seconds: float, seed: int) -> tuple[np.ndarray, int]:
+    rng = np.random.default_rng(seed)
+    return (0.1 * rng.normal(size=int(seconds * RATE))).astype(np.float32), RATE
+
+
+CLIPS = [_clip(25.0, 0), _clip(4.5, 1), _clip(31.0, 2), _clip(10.0, 3)]  # 3 + 1 + 4 + 1 segments
+
+
+def _notes(batch: int, droppable: bool = False, concurrent: bool = True) -> list[list]:
+    t = Transcriber(backend=FakeBackend(droppable=droppable), batch=batch, max_notes=12,
+                    concurrent=concurrent)
+    return [r.notes for r in t.transcribe_many(CLIPS)]
+
+
+def test_notes_do_not_depend_on_batching():
+    reference = [Transcriber(backend=FakeBackend(), max_notes=12).transcribe(c).notes
+                 for c in CLIPS]
+    assert all(reference), "the fake model should produce notes for every clip"
+    for batch in (1, 2, 3, 8, 16):
+        assert _notes(batch) == reference, batch
+    assert _notes(4, droppable=True, concurrent=False) == reference
+
+
+def test_results_come_in_input_order_with_durations():
+    t = Transcriber(backend=FakeBackend(), batch=4, max_notes=12)
+    results = list(t.transcribe_many(CLIPS))
+    assert [r.duration_s for r in results] == pytest.approx([25.0, 4.5, 31.0, 10.0])
+    for r in results:  # stitched notes end with the audio
+        assert all(0 <= n.onset < n.offset <= r.duration_s + 1e-6 for n in r.notes)
+
+
+def test_batches_are_bounded_and_audio_is_read_lazily(tmp_path):
+    """A long file is never held whole: each encoder call sees at most `batch` segments, and
+    the file is read while decoding goes on (not all up front)."""
+    path = tmp_path / "long.wav"
+    sf.write(path, _clip(95.0, 4)[0], RATE)  # 10 segments
+    backend = FakeBackend()
+    seen: list[int] = []
+    encode = backend.encode
+
+    def spy(audio):
+        seen.append(len(audio))
+        return encode(audio)
+
+    backend.encode = spy
+    results = Transcriber(backend=backend, batch=3, max_notes=4).transcribe_many([path])
+    next(results)
+    assert seen == [3, 3, 3, 1]
+
+
+def test_files_and_arrays_give_the_same_notes(tmp_path):
+    samples, rate = CLIPS[0]
+    path = tmp_path / "clip.wav"
+    sf.write(path, samples, rate, subtype="FLOAT")
+    t = Transcriber(backend=FakeBackend(), batch=2, max_notes=12)
+    assert t.transcribe(path).notes == t.transcribe((samples, rate)).notes
+
+
+def test_report_figures_add_up():
+    t = Transcriber(backend=FakeBackend(), batch=4, max_notes=12)
+    results = list(t.transcribe_many(CLIPS))
+    r = t.report
+    assert r.files == 4 and r.audio_s == pytest.approx(70.5)
+    assert r.notes == sum(len(x.notes) for x in results)
+    assert r.decode_tokens > r.notes > 0
+    assert set(r.stages) == {"onset", "velocity", "offset"}
+    for s in r.stages.values():
+        assert s["steps"] > 0 and s["step_ms"] is not None and s["cross_kv_ms"] is not None
+    assert 0 < r.time_to_first_note_s <= r.wall_s
+    assert r.real_time_factor == pytest.approx(r.wall_s / r.audio_s, rel=1e-3)
+    d = r.to_dict()
+    assert d["batch"] == 4 and d["peak_rss_mb"] > 0 and "tokens_per_s" in d
+    assert "real-time factor" in r.format()
+
+
+def test_missing_default_model_is_one_clear_error(tmp_path, monkeypatch):
+    import pianolm.engines
+
+    monkeypatch.setattr(pianolm.engines, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    with pytest.raises(ModelNotFoundError, match="no default model is shipped") as e:
+        Transcriber()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_batch_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="batch"):
+        Transcriber(backend=FakeBackend(), batch=bad)
+
+
+def test_unknown_backend_name(tmp_path):
+    with pytest.raises(ValueError, match="unknown backend"):
+        T.open_backend("metal", tmp_path)
