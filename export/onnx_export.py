@@ -3,7 +3,8 @@
 The folder holds `manifest.json` and, per part, one ONNX graph with every input and output
 named (sherpa-onnx's Whisper export style):
 
-    encoder.onnx            waveform [batch, samples] -> embeddings [batch, frames, E]
+    encoder.onnx            waveform [batch, samples] -> embeddings [batch, frames, E] and the
+                            rolls onset, offset, frame, velocity [batch, frames, 88]
     {stage}_cross_kv.onnx   embeddings -> cross_k, cross_v [layers, batch, heads, frames, head_dim]
     {stage}_step.onnx       tokens, positions, key_mask, past_k, past_v, cross_k, cross_v
                             -> logits [batch, vocab], present_k, present_v
@@ -43,11 +44,12 @@ import torch
 from torch import Tensor, nn
 
 from pianolm.export.decoder import Decoder
+from pianolm.export.encoders import EncoderGraph
 from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
 from pianolm.runtime import vocab
 from pianolm.runtime.manifest import (
     CROSS_KV_IO,
-    ENCODER_IO,
+    ENCODER_ROLLS_IO,
     MANIFEST_FILE,
     MIN_OPSET,
     PRECISIONS,
@@ -56,6 +58,7 @@ from pianolm.runtime.manifest import (
     EncoderSpec,
     GraphSpec,
     Manifest,
+    RollsSpec,
     SourceSpec,
     StageSpec,
     TensorSpec,
@@ -64,6 +67,7 @@ from pianolm.runtime.manifest import (
     write_manifest,
 )
 from pianolm.runtime.ort_backend import RowPositions
+from pianolm.runtime.rolls import ROLL_KEYS, RollDecodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +88,9 @@ _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "fl
 # Export wrappers: one nn.Module per graph, positional tensors in, a flat tuple out
 
 
-class EncoderGraph(nn.Module):
-    """waveform [batch, samples] float32 -> embeddings [batch, frames, embed_dim].
-
-    (pianolm.export.encoders.EncoderGraph also returns the four rolls; the runtime needs the
-    embeddings only.)"""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, waveform: Tensor) -> Tensor:
-        return self.encoder.embed(waveform)
+# The encoder's wrapper is pianolm.export.encoders.EncoderGraph: waveform [batch, samples] ->
+# embeddings [batch, frames, embed_dim] and the rolls onset, offset, frame, velocity
+# [batch, frames, 88] (the roll-decoding baseline of `pianolm eval`).
 
 
 class CrossKVGraph(nn.Module):
@@ -142,9 +137,10 @@ class _Plan:
 def _encoder_plan(encoder: nn.Module, samples: int) -> _Plan:
     g = torch.Generator().manual_seed(0)
     wave = 0.1 * torch.randn(EX_BATCH, samples, generator=g)
-    return _Plan(EncoderGraph(encoder), (wave,), ENCODER_IO,
-                 {"waveform": {0: "batch", 1: "samples"},
-                  "embeddings": {0: "batch", 1: "frames"}})
+    frames = {0: "batch", 1: "frames"}
+    return _Plan(EncoderGraph(encoder), (wave,), ENCODER_ROLLS_IO,
+                 {"waveform": {0: "batch", 1: "samples"}, "embeddings": frames,
+                  **{key: frames for key in ROLL_KEYS}})
 
 
 def _cross_plan(decoder: Decoder) -> _Plan:
@@ -450,6 +446,24 @@ def _encoder_config(encoder: nn.Module) -> dict[str, Any]:
     return out
 
 
+def roll_thresholds(source_checkpoint: str | Path | None,
+                    metadata: dict[str, Any] | None = None) -> RollsSpec:
+    """The roll-decoding thresholds for the manifest: tuned ones from the checkpoint's metadata
+    ("rolls", written by `pianolm train tune-rolls` and `assemble`) or from `metadata`, else
+    runtime/rolls.py's defaults, marked untuned."""
+    if source_checkpoint is not None:
+        from pianolm.export.checkpoint import read_config
+
+        tuned = (read_config(source_checkpoint)[1].get("metadata") or {}).get("rolls")
+        where = f"checkpoint metadata ({source_checkpoint})"
+    else:
+        tuned, where = (metadata or {}).get("rolls"), "export metadata"
+    if isinstance(tuned, dict) and tuned:
+        return RollsSpec(RollDecodeConfig.from_dict(tuned), tuned=True, thresholds_from=where)
+    return RollsSpec(RollDecodeConfig(), tuned=False,
+                     thresholds_from="runtime/rolls.py defaults (Kong et al.)")
+
+
 def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: str = "fp32",
                  source_checkpoint: str | Path | None = None, opset: int = OPSET, *,
                  seed: int | None = None, metadata: dict[str, Any] | None = None,
@@ -459,7 +473,8 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
     validated manifest.
 
     source_checkpoint: the checkpoint folder the weights came from (its hash goes into the
-    manifest); None marks a random initialisation (`seed` recorded if given).
+    manifest, its metadata's tuned roll thresholds into `encoder.rolls`); None marks a random
+    initialisation (`seed` recorded if given).
     example_samples: waveform length used to trace the encoder (the axis stays dynamic).
     """
     if opset < MIN_OPSET:
@@ -491,7 +506,8 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
         name=system.config.encoder, embed_dim=int(enc.embed_dim),
         frames_per_second=float(enc.frames_per_second),
         frames_per_segment=int(enc.frames_per_segment), config=_encoder_config(enc),
-        graph=export(_encoder_plan(enc, example_samples), "encoder.onnx"))
+        graph=export(_encoder_plan(enc, example_samples), "encoder.onnx"),
+        rolls=roll_thresholds(source_checkpoint, metadata))
     stages = []
     for stage, decoder in system.decoders.items():
         cfg = decoder.cfg

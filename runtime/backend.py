@@ -53,6 +53,18 @@ class Backend(Protocol):
         ...
 
 
+class RollBackend(Backend, Protocol):
+    """A Backend that can also hand out the encoder's piano rolls from the same encoder run
+    (the ONNX Runtime and TensorRT backends): the roll-decoding baseline costs no second
+    encoder pass."""
+
+    def encode_with_rolls(self, audio: np.ndarray
+                          ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """(embeddings [B, T, E], {onset, offset, frame, velocity: [B, T, 88]} or None when
+        the model has no roll outputs)."""
+        ...
+
+
 @dataclass
 class RowPositions:
     """Where each row of a batch stands: what a step graph needs besides the tokens.

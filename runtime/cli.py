@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +65,7 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     from .audio import AudioError, probe_audio
     from .backend import BackendUnavailable
     from .manifest import ManifestError
-    from .midi import MidiError
+    from .midi import MidiError, atomic_write
     from .transcriber import Transcriber
 
     if args.batch < 1 or (args.threads is not None and args.threads < 1):
@@ -98,9 +97,35 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     if report is not None:
         print(report.format())
         if args.report_json:
-            tmp = Path(f"{args.report_json}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-            tmp.replace(args.report_json)
+            text = json.dumps(report.to_dict(), indent=1) + "\n"
+            atomic_write(args.report_json, lambda f: f.write(text.encode("utf-8")))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .audio import AudioError
+    from .backend import BackendUnavailable
+    from .evaluation import EvalError, evaluate_model, write_json
+    from .manifest import ManifestError
+    from .metrics import MetricsUnavailable
+    from .midi import MidiError
+
+    if args.batch < 1 or (args.threads is not None and args.threads < 1):
+        raise UserError("--batch and --threads must be positive integers")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"{args.json}: its folder does not exist")  # before a long run
+    try:
+        from tqdm import tqdm
+
+        with tqdm(unit="segment", disable=not sys.stderr.isatty(), desc="evaluating") as bar:
+            result = evaluate_model(args.data, args.model, backend=args.backend,
+                                    batch=args.batch, threads=args.threads,
+                                    max_clips=args.max_clips, progress=bar.update)
+        print(result.format())
+        if args.json:
+            write_json(result, args.json)
+    except (AudioError, BackendUnavailable, EvalError, ManifestError, MetricsUnavailable,
+            MidiError, OSError) as e:
+        raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
 
 
 # Torch-side commands: `pianolm NAME ...` hands every later word to an entry function that
@@ -150,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--report-json", help="write the latency report to this JSON file")
     tr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     tr.set_defaults(func=cmd_transcribe)
+
+    ev = sub.add_parser("eval", help="score a model on a folder of clips with references",
+                        description="Transcribe every audio file of --data and score it against "
+                        "the reference of the same stem (.tsv, else .mid/.midi with the pedal): "
+                        "onset, onset+offset and onset+offset+velocity F1 (mir_eval), for the "
+                        "LM's notes and the encoder's roll-decoded notes.")
+    ev.add_argument("--data", required=True, help="folder of audio files + references "
+                    "(e.g. the dev set)")
+    ev.add_argument("--model", help="exported model folder (default: the shipped model)")
+    ev.add_argument("--json", help="write every figure (per clip, means, report) to this file")
+    ev.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    ev.add_argument("--batch", type=int, default=1, help="segments decoded together")
+    ev.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
+    ev.add_argument("--max-clips", type=int, help="score only the first N clips (by name)")
+    ev.set_defaults(func=cmd_eval)
 
     for name, (_, _, help_text) in PASS_THROUGH.items():
         # prefix_chars="+" hands every word after the command (--help included) through.

@@ -6,7 +6,7 @@ output with its dtype and shape, the decoder configs, the vocabulary layout, the
 where the weights came from. `load_manifest` validates all of it and raises `ManifestError`
 naming the file and the field; a runtime never guesses.
 
-Torch-free: json, hashlib, pathlib and the runtime's vocabulary only.
+Torch-free: json, hashlib, pathlib and the runtime's vocabulary and roll decoder only.
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from . import vocab
+from .rolls import ROLL_KEYS, RollDecodeConfig
 
 FORMAT = "pianolm-model"
-FORMAT_VERSION = 1
+# 2: the encoder graph may also output the four piano rolls, described by `encoder.rolls`.
+# Version-1 folders (embeddings only) still load; they just have no roll baseline.
+FORMAT_VERSION = 2
+ROLLS_VERSION = 2  # the first format version that knows `encoder.rolls`
 MANIFEST_FILE = "manifest.json"
 MIN_OPSET = 17
 
@@ -30,8 +34,13 @@ DTYPES = ("float32", "float16", "int64", "int32", "bool")
 # Stage lists the decode loop serves (runtime/decode.py), in decode order.
 STAGE_SETS = (vocab.STAGES, ("flat",))
 
-# The graph interface (format version 1): fixed input/output names, in this order.
+# The graph interface: fixed input/output names, in this order.
 ENCODER_IO = (("waveform",), ("embeddings",))
+ENCODER_ROLLS_IO = (("waveform",), ("embeddings", *ROLL_KEYS))  # with `encoder.rolls`
+# The one roll layout runtime/rolls.py decodes: column k is MIDI key min_pitch + k, and the
+# velocity roll x velocity_scale is the MIDI velocity.
+ROLL_LAYOUT = {"min_pitch": vocab.MIN_PITCH, "num_pitches": vocab.NUM_PITCHES,
+               "velocity_scale": 127}
 CROSS_KV_IO = (("embeddings",), ("cross_k", "cross_v"))
 STEP_IO = (("tokens", "positions", "key_mask", "past_k", "past_v", "cross_k", "cross_v"),
            ("logits", "present_k", "present_v"))
@@ -125,6 +134,25 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class RollsSpec:
+    """The encoder graph's piano rolls and how to turn them into notes (runtime/rolls.py).
+
+    Outputs `onset`, `offset`, `frame`, `velocity` (ROLL_KEYS order), each float32
+    [batch, frames, 88] in 0..1 on the embeddings' frame grid, in ROLL_LAYOUT (written into the
+    manifest so a reader needs no code to interpret them).
+    """
+
+    thresholds: RollDecodeConfig
+    tuned: bool  # False: runtime/rolls.py's defaults, never tuned for this encoder
+    thresholds_from: str  # where the thresholds came from, for the reader
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outputs": list(ROLL_KEYS), **ROLL_LAYOUT,
+                "thresholds": self.thresholds.to_dict(), "tuned": self.tuned,
+                "thresholds_from": self.thresholds_from}
+
+
+@dataclass(frozen=True)
 class EncoderSpec:
     name: str
     embed_dim: int
@@ -132,12 +160,16 @@ class EncoderSpec:
     frames_per_segment: int
     config: dict[str, Any]  # the encoder's config, front-end parameters included (informative)
     graph: GraphSpec
+    rolls: RollsSpec | None = None  # None: the graph outputs embeddings only (format 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "embed_dim": self.embed_dim,
-                "frames_per_second": self.frames_per_second,
-                "frames_per_segment": self.frames_per_segment, "config": self.config,
-                "graph": self.graph.to_dict()}
+        out = {"name": self.name, "embed_dim": self.embed_dim,
+               "frames_per_second": self.frames_per_second,
+               "frames_per_segment": self.frames_per_segment, "config": self.config,
+               "graph": self.graph.to_dict()}
+        if self.rolls is not None:
+            out["rolls"] = self.rolls.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -295,7 +327,8 @@ def _tensor(f: _Fields, raw: Any, where: str) -> TensorSpec:
 
 
 def _graph(f: _Fields, raw: dict[str, Any], where: str,
-           io: tuple[tuple[str, ...], tuple[str, ...]], folder: Path) -> GraphSpec:
+           io: tuple[tuple[str, ...], tuple[str, ...]], folder: Path, io_note: str = ""
+           ) -> GraphSpec:
     f.only(raw, {"file", "external_data", "precision", "bytes", "sha256", "inputs", "outputs"},
            where)
     files = []
@@ -322,7 +355,7 @@ def _graph(f: _Fields, raw: dict[str, Any], where: str,
         specs = tuple(_tensor(f, t, f"{where}.{key}[{i}]") for i, t in enumerate(items))
         if tuple(t.name for t in specs) != names:
             raise f.fail(f"{where}.{key}", f"names {[t.name for t in specs]}; format version "
-                         f"{FORMAT_VERSION} requires {list(names)}")
+                         f"{FORMAT_VERSION} requires {list(names)}{io_note}")
         tensors.append(specs)
     return GraphSpec(files[0], precision, tensors[0], tensors[1], size, sha, files[1])
 
@@ -385,6 +418,38 @@ def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
     return StageSpec(name, task, dec, cross, step)
 
 
+def _rolls(f: _Fields, enc: dict[str, Any], version: int) -> RollsSpec | None:
+    """`encoder.rolls` (format version >= 2, optional): the layout must be the one
+    runtime/rolls.py decodes; thresholds are RollDecodeConfig fields, each of its type."""
+    raw = f.get(enc, "rolls", dict, "encoder", optional=True)
+    if raw is None:
+        return None
+    where = "encoder.rolls"
+    if version < ROLLS_VERSION:
+        raise f.fail(where, f"needs format_version >= {ROLLS_VERSION}, the file says {version}")
+    f.only(raw, {"outputs", "min_pitch", "num_pitches", "velocity_scale", "thresholds", "tuned",
+                 "thresholds_from"}, where)
+    outputs = f.get(raw, "outputs", list, where)
+    if outputs != list(ROLL_KEYS):
+        raise f.fail(f"{where}.outputs", f"is {outputs}; this runtime decodes {list(ROLL_KEYS)}")
+    for key, want in ROLL_LAYOUT.items():
+        got = f.get(raw, key, int, where)
+        if got != want:
+            raise f.fail(f"{where}.{key}", f"is {got}; this runtime decodes rolls with {want}")
+    thresholds = f.get(raw, "thresholds", dict, where)
+    # each field's JSON type follows its default's: bool, int, or a number (null only where
+    # the default is None); a missing field takes the default
+    defaults = RollDecodeConfig().to_dict()
+    f.only(thresholds, set(defaults), f"{where}.thresholds")
+    values = {}
+    for key in set(thresholds) & set(defaults):
+        d = defaults[key]
+        kind = bool if isinstance(d, bool) else int if isinstance(d, int) else (int, float)
+        values[key] = f.get(thresholds, key, kind, f"{where}.thresholds", optional=d is None)
+    return RollsSpec(RollDecodeConfig.from_dict(values), f.get(raw, "tuned", bool, where),
+                     f.get(raw, "thresholds_from", str, where))
+
+
 def load_manifest(folder: str | Path) -> Manifest:
     """Read and validate `folder/manifest.json` (or the manifest file itself)."""
     folder = Path(folder)
@@ -433,17 +498,22 @@ def load_manifest(folder: str | Path) -> Manifest:
 
     enc = f.get(raw, "encoder", dict, "")
     f.only(enc, {"name", "embed_dim", "frames_per_second", "frames_per_segment", "config",
-                 "graph"}, "encoder")
+                 "graph", "rolls"}, "encoder")
     embed_dim = f.positive(enc, "embed_dim", "encoder")
     frames = f.positive(enc, "frames_per_segment", "encoder")
     fps = f.get(enc, "frames_per_second", (int, float), "encoder")
     if fps <= 0:
         raise f.fail("encoder.frames_per_second", f"must be > 0, got {fps}")
-    enc_graph = _graph(f, f.get(enc, "graph", dict, "encoder"), "encoder.graph", ENCODER_IO,
-                       folder)
-    _expect_shape(f, enc_graph, "encoder.graph", {"embeddings": {2: embed_dim}})
+    rolls = _rolls(f, enc, version)
+    io, note = ((ENCODER_ROLLS_IO, " (with encoder.rolls)") if rolls else
+                (ENCODER_IO, " (without encoder.rolls)"))
+    enc_graph = _graph(f, f.get(enc, "graph", dict, "encoder"), "encoder.graph", io, folder,
+                       note)
+    roll_axes = {2: ROLL_LAYOUT["num_pitches"]} if rolls else {}
+    _expect_shape(f, enc_graph, "encoder.graph", {"embeddings": {2: embed_dim},
+                                                  **{k: roll_axes for k in ROLL_KEYS}})
     encoder = EncoderSpec(f.get(enc, "name", str, "encoder"), embed_dim, float(fps), frames,
-                          f.get(enc, "config", dict, "encoder"), enc_graph)
+                          f.get(enc, "config", dict, "encoder"), enc_graph, rolls)
 
     stages_raw = f.get(raw, "stages", list, "")
     stages = tuple(_stage(f, s, f"stages[{i}]", folder, embed_dim, frames)

@@ -51,7 +51,7 @@ TSV_HEADER = ("onset_s", "offset_s", "pitch", "velocity")  # the dev set's colum
 
 __all__ = [
     "MidiError", "write_midi", "read_midi", "read_midi_with_pedal",
-    "read_notes_tsv", "write_notes_tsv", "write_notes_json", "read_notes_json",
+    "read_notes_tsv", "write_notes_tsv", "write_notes_json", "read_notes_json", "atomic_write",
 ]
 
 
@@ -62,7 +62,7 @@ class MidiError(ValueError):
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Write through `write(fileobj)` into a temp file beside `path`, then os.replace it.
 
     The temp file is created with O_EXCL and mode 0o666 filtered by the umask, so the final
@@ -160,7 +160,7 @@ def write_midi(notes: Iterable[Note], path: str | os.PathLike, tempo_bpm: float 
     track.append(mido.MetaMessage("end_of_track", time=0))
     mid = mido.MidiFile(type=0, ticks_per_beat=ticks_per_beat)
     mid.tracks.append(track)
-    _atomic_write(path, lambda f: mid.save(file=f))
+    atomic_write(path, lambda f: mid.save(file=f))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -359,7 +359,7 @@ def write_notes_tsv(notes: Iterable[Note], path: str | os.PathLike) -> None:
     text = "\t".join(TSV_HEADER) + "\n" + "".join(
         f"{_fmt_time(n.onset)}\t{_fmt_time(n.offset)}\t{int(n.pitch)}\t{int(n.velocity)}\n"
         for n in rows)
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_notes_json(notes: Iterable[Note], path: str | os.PathLike,
@@ -375,7 +375,7 @@ def write_notes_json(notes: Iterable[Note], path: str | os.PathLike,
     if metadata is not None:
         doc["metadata"] = metadata
     text = json.dumps(doc, indent=1) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_notes_json(path: str | os.PathLike) -> list[Note]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from .backend import RowPositions, check_audio, check_chunk, check_embeddings, check_rows
 from .manifest import DecoderSpec, GraphSpec, Manifest, ManifestError, load_manifest
+from .rolls import ROLL_KEYS
 
 # ONNX Runtime's type strings for the manifest's dtypes
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)",
@@ -152,11 +153,26 @@ class OrtBackend:
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """float32 waveform [B, segment_samples] -> embeddings [B, T, E] float32."""
+        return self._encode(audio, with_rolls=False)[0]
+
+    def encode_with_rolls(self, audio: np.ndarray
+                          ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """`encode`, plus the encoder's piano rolls from the same run: {onset, offset, frame,
+        velocity: float32 [B, T, 88]}, or None when the model's encoder has no roll outputs
+        (format-1 folders)."""
+        return self._encode(audio, with_rolls=True)
+
+    def _encode(self, audio: np.ndarray, with_rolls: bool
+                ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         audio = check_audio(audio, self.segment_samples)
         graph = self.manifest.encoder.graph
-        (emb,) = self.sessions["encoder"].run(
-            ["embeddings"], {"waveform": audio.astype(graph.input("waveform").dtype, copy=False)})
-        return emb.astype(np.float32, copy=False)
+        keys = list(ROLL_KEYS) if with_rolls and self.manifest.encoder.rolls else []
+        emb, *rolls = self.sessions["encoder"].run(
+            ["embeddings", *keys],
+            {"waveform": audio.astype(graph.input("waveform").dtype, copy=False)})
+        return (emb.astype(np.float32, copy=False),
+                {k: r.astype(np.float32, copy=False) for k, r in zip(keys, rolls)} if keys
+                else None)
 
     def start(self, stage: str, embeddings: np.ndarray) -> OrtStageSession:
         spec, emb = check_embeddings(self.manifest, stage, embeddings)

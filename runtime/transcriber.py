@@ -123,8 +123,8 @@ class Transcriber:
         if isinstance(backend, str):
             self.backend_name = backend
             self.backend = open_backend(backend, model_dir or default_model_dir(), threads)
-        else:
-            self.backend_name = type(backend).__name__
+        else:  # a wrapper may name the backend it wraps (runtime/evaluation.py RollTap)
+            self.backend_name = getattr(backend, "backend_name", type(backend).__name__)
             self.backend = backend
         self.precision: str = getattr(self.backend, "precision", "fp32")
         self.batch = batch

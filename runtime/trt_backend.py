@@ -470,18 +470,33 @@ class TensorRTBackend:
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """float32 waveform [B, segment_samples] -> embeddings [B, T, E] float32."""
+        return self._encode(audio, with_rolls=False)[0]
+
+    def encode_with_rolls(self, audio: np.ndarray
+                          ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """`encode`, plus the rolls of the same run (runtime/backend.py RollBackend)."""
+        return self._encode(audio, with_rolls=True)
+
+    def _encode(self, audio: np.ndarray, with_rolls: bool
+                ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         audio = check_audio(audio, self.segment_samples)
         e = self.engines["encoder"]
+        # every output needs an address, rolls included; only the wanted ones are downloaded
+        outputs = [t.name for t in self.manifest.encoder.graph.outputs]
+        wanted = outputs if with_rolls else ["embeddings"]
         with e.active():
             src = e.buffer("waveform", audio.nbytes)
             self.cuda.upload(src, audio, e.stream)
             e.set_shapes({"waveform": audio.shape})
-            out = np.empty(e.tensor_shape("embeddings"), dtype=e.dtypes["embeddings"])
-            dst = e.buffer("embeddings", out.nbytes)
-            e.execute({"waveform": src, "embeddings": dst})
-            self.cuda.download(out, dst, e.stream)
+            host = {n: np.empty(e.tensor_shape(n), dtype=e.dtypes[n]) for n in outputs}
+            dst = {n: e.buffer(n, a.nbytes) for n, a in host.items()}
+            e.execute({"waveform": src, **dst})
+            for n in wanted:
+                self.cuda.download(host[n], dst[n], e.stream)
             e.sync()
-        return out.astype(np.float32, copy=False)
+        out = {n: host[n].astype(np.float32, copy=False) for n in wanted}
+        emb = out.pop("embeddings")
+        return emb, (out or None) if with_rolls else None
 
     def start(self, stage: str, embeddings: np.ndarray) -> TensorRTStageSession:
         spec, emb = check_embeddings(self.manifest, stage, embeddings)

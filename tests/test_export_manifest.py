@@ -13,6 +13,7 @@ from pianolm.runtime import vocab
 from pianolm.runtime.manifest import (
     CROSS_KV_IO,
     ENCODER_IO,
+    ENCODER_ROLLS_IO,
     FORMAT_VERSION,
     MANIFEST_FILE,
     STEP_IO,
@@ -21,6 +22,7 @@ from pianolm.runtime.manifest import (
     GraphSpec,
     Manifest,
     ManifestError,
+    RollsSpec,
     SourceSpec,
     StageSpec,
     TensorSpec,
@@ -29,6 +31,7 @@ from pianolm.runtime.manifest import (
     verify_files,
     write_manifest,
 )
+from pianolm.runtime.rolls import ROLL_KEYS, RollDecodeConfig
 
 L, H, DH, E, T = 2, 4, 16, 24, 51
 
@@ -44,8 +47,9 @@ def _graph(folder: Path, file: str, io: tuple, shapes: dict[str, tuple], dtypes:
 
 
 def synthetic_model(folder: Path, stages: tuple[str, ...] = vocab.STAGES,
-                    precision: str = "fp32") -> Manifest:
-    """A valid manifest over dummy graph files, written into `folder`."""
+                    precision: str = "fp32", rolls: RollsSpec | None = None) -> Manifest:
+    """A valid manifest over dummy graph files, written into `folder` (with roll outputs on the
+    encoder when `rolls` is given)."""
     folder.mkdir(parents=True, exist_ok=True)
     kv = (L, "batch", H)
     shapes = {"waveform": ("batch", "samples"), "embeddings": ("batch", "frames", E),
@@ -54,13 +58,15 @@ def synthetic_model(folder: Path, stages: tuple[str, ...] = vocab.STAGES,
               "key_mask": ("batch", "past_plus_chunk"), "past_k": (*kv, "past", DH),
               "past_v": (*kv, "past", DH), "logits": ("batch", vocab.VOCAB_SIZE),
               "present_k": (*kv, "past_plus_chunk", DH),
-              "present_v": (*kv, "past_plus_chunk", DH)}
+              "present_v": (*kv, "past_plus_chunk", DH),
+              **{k: ("batch", "frames", 88) for k in ROLL_KEYS}}
     ints = {"tokens": "int64", "positions": "int64", "key_mask": "bool"}
     decoder = DecoderSpec(n_layers=L, d_model=H * DH, n_heads=H, enc_dim=E,
                           vocab_size=vocab.VOCAB_SIZE, max_seq_len=2048, audio_pe_dim=64,
                           max_frames=1024, rope_base=10000.0, norm_eps=1e-5)
     encoder = EncoderSpec("stub", E, 5.0, T, {"hop": 3200},
-                          _graph(folder, "encoder.onnx", ENCODER_IO, shapes, {}))
+                          _graph(folder, "encoder.onnx", ENCODER_ROLLS_IO if rolls else ENCODER_IO,
+                                 shapes, {}), rolls)
     stage_specs = tuple(
         StageSpec(s, vocab.TASK_TOKEN[s], decoder,
                   _graph(folder, f"{s}_cross_kv.onnx", CROSS_KV_IO, shapes, {}, precision),
@@ -181,3 +187,67 @@ def test_verify_files_catches_a_changed_graph(folder: Path):
         fh.write(b"!")
     with pytest.raises(ManifestError, match="onset_step.onnx: .* bytes"):
         verify_files(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Format version 2: optional roll outputs on the encoder (`encoder.rolls`)
+
+TUNED = RollsSpec(RollDecodeConfig(onset_threshold=0.4, max_note_seconds=8.0), tuned=True,
+                  thresholds_from="checkpoint metadata (runs/x)")
+
+
+@pytest.fixture
+def with_rolls(tmp_path: Path) -> Path:
+    synthetic_model(tmp_path / "model", rolls=TUNED)
+    return tmp_path / "model"
+
+
+def test_rolls_round_trip(with_rolls: Path):
+    m = load_manifest(with_rolls)
+    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 2
+    assert [t.name for t in m.encoder.graph.outputs] == ["embeddings", *ROLL_KEYS]
+    raw = json.loads((with_rolls / MANIFEST_FILE).read_text())["encoder"]["rolls"]
+    assert raw["outputs"] == list(ROLL_KEYS) and raw["thresholds"]["onset_threshold"] == 0.4
+    assert raw["min_pitch"] == 21 and raw["num_pitches"] == 88 and raw["tuned"] is True
+
+
+def test_format_1_folder_without_rolls_still_loads(folder: Path):
+    _edit(folder, lambda r: r.update(format_version=1))
+    m = load_manifest(folder)
+    assert m.format_version == 1 and m.encoder.rolls is None
+
+
+@pytest.mark.parametrize("change, field, words", [
+    (lambda r: r.update(format_version=1), "encoder.rolls", "format_version >= 2"),
+    (lambda r: r["encoder"]["rolls"].update(outputs=["onset"]), "encoder.rolls.outputs",
+     "decodes"),
+    (lambda r: r["encoder"]["rolls"].update(min_pitch=0), "encoder.rolls.min_pitch", "21"),
+    (lambda r: r["encoder"]["rolls"].pop("tuned"), "encoder.rolls.tuned", "missing"),
+    (lambda r: r["encoder"]["rolls"]["thresholds"].update(onset_threshold="high"),
+     "encoder.rolls.thresholds.onset_threshold", "must be int/float"),
+    (lambda r: r["encoder"]["rolls"]["thresholds"].update(peak_radius=2.5),
+     "encoder.rolls.thresholds.peak_radius", "must be int"),
+    (lambda r: r["encoder"]["rolls"]["thresholds"].update(onset_threshold=None),
+     "encoder.rolls.thresholds.onset_threshold", "must be"),
+    (lambda r: r["encoder"]["rolls"]["thresholds"].update(colour=1),
+     "encoder.rolls.thresholds", "unknown field"),
+    (lambda r: r["encoder"]["graph"]["outputs"][1]["shape"].__setitem__(2, 87),
+     "encoder.graph.outputs.onset.shape", "axis 2 must be 88"),
+    (lambda r: r["encoder"]["graph"].update(outputs=r["encoder"]["graph"]["outputs"][:1]),
+     "encoder.graph.outputs", "with encoder.rolls"),
+])
+def test_roll_errors_name_file_and_field(with_rolls: Path, change, field, words):
+    _edit(with_rolls, change)
+    message = _error(with_rolls)
+    assert f"'{field}'" in message and words in message, message
+
+
+def test_roll_outputs_without_rolls_field_are_refused(with_rolls: Path):
+    _edit(with_rolls, lambda r: r["encoder"].pop("rolls"))
+    message = _error(with_rolls)
+    assert "'encoder.graph.outputs'" in message and "without encoder.rolls" in message
+
+
+def test_missing_thresholds_take_the_defaults(with_rolls: Path):
+    _edit(with_rolls, lambda r: r["encoder"]["rolls"].update(thresholds={}))
+    assert load_manifest(with_rolls).encoder.rolls.thresholds == RollDecodeConfig()

@@ -16,13 +16,16 @@ from torch import nn
 
 from pianolm.export.crnn import GRU
 from pianolm.export.decoder import sharpen
+from pianolm.export.frontend import ROLL_KEYS, EncoderOutput
 from pianolm.export.onnx_export import EX_SAMPLES, convert_model, export_model
 from pianolm.export.system import SystemConfig, TranscriptionSystem
 
 
 class TinyEncoder(nn.Module):
     """The encoder interface at test size: framing conv (hop 3200, 5 frames/s) + biGRU (the
-    CRNN's export-friendly GRU, native ONNX GRU nodes) -> 24-d embeddings; any input length."""
+    CRNN's export-friendly GRU, native ONNX GRU nodes) -> 24-d embeddings; any input length.
+    Rolls: a fixed (parameter-free, RNG-free: the decoders' random init stays as it was)
+    projection of the embeddings, squashed to 0..1."""
 
     def __init__(self, embed_dim: int = 24, hop: int = 3200) -> None:
         super().__init__()
@@ -31,10 +34,17 @@ class TinyEncoder(nn.Module):
         self.frames_per_second = 16000 / hop
         self.conv = nn.Conv1d(1, 16, kernel_size=hop, stride=hop, padding=hop // 2)
         self.gru = GRU(16, embed_dim // 2, batch_first=True, bidirectional=True)
+        grid = torch.outer(torch.arange(1.0, embed_dim + 1), torch.arange(1.0, 4 * 88 + 1))
+        self.register_buffer("roll_proj", torch.cos(0.37 * grid), persistent=False)
 
     def embed(self, waveform: torch.Tensor) -> torch.Tensor:
         x = torch.tanh(self.conv(waveform.unsqueeze(1))).transpose(1, 2)
         return self.gru(x)[0]
+
+    def forward(self, waveform: torch.Tensor) -> EncoderOutput:
+        emb = self.embed(waveform)
+        rolls = torch.sigmoid(4.0 * emb @ self.roll_proj - 2.0)
+        return EncoderOutput(rolls=dict(zip(ROLL_KEYS, rolls.split(88, dim=2))), embedding=emb)
 
 
 def make_system(hierarchical: bool, seed: int) -> TranscriptionSystem:

@@ -1,96 +1,37 @@
-"""Note-level transcription metrics (DESIGN.md, "Evaluation") and the dev-set reader.
+"""Note-level transcription metrics for training, and the dev-set reader.
+
+The metrics live in the torch-free runtime (runtime/metrics.py: mir_eval, onset tolerance 50 ms,
+offset ratio 0.2, velocity via mir_eval.transcription_velocity) so that `pianolm eval` scores
+without torch; they are re-exported here for the training code.
 
     evaluate(pred, ref) -> {"onset_f": ..., "onset_offset_f": ..., "onset_offset_velocity_f": ...}
-
-mir_eval.transcription with onset tolerance 50 ms, offset tolerance max(50 ms, 0.2 x the
-reference note's duration), pitch tolerance 50 cents (exact MIDI keys here), and
-mir_eval.transcription_velocity (velocities rescaled to the reference by linear regression,
-then matched within 0.1) for the velocity-aware score. Reference offsets must already be
-pedal-extended: `reference_notes(notes, pedal)` does it for notes as played (the dev set's
-.tsv / .mid files are already extended).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from pianolm.runtime.midi import read_notes_tsv
+from pianolm.runtime.evaluation import find_clips, read_reference
+from pianolm.runtime.metrics import (
+    METRICS,
+    OFFSET_MIN_TOLERANCE,
+    OFFSET_RATIO,
+    ONSET_TOLERANCE,
+    evaluate,
+    mean_scores,
+    reference_notes,
+    score_notes,
+)
 from pianolm.runtime.notes import Note
-from pianolm.runtime.tokens import extend_by_pedal
 
-ONSET_TOLERANCE = 0.05
-OFFSET_RATIO = 0.2
-OFFSET_MIN_TOLERANCE = 0.05
-METRICS = ("onset", "onset_offset", "onset_offset_velocity")
+__all__ = ["DEFAULT_DEVSET", "METRICS", "OFFSET_MIN_TOLERANCE", "OFFSET_RATIO",
+           "ONSET_TOLERANCE", "devset_path", "evaluate", "load_devset", "mean_scores",
+           "reference_notes", "score_notes"]
+
 DEFAULT_DEVSET = "../shared/devset"  # DESIGN.md: beside the checkout; $PIANOLM_DEVSET wins
-
-
-def reference_notes(notes: Iterable[Note], pedal: Iterable[tuple[float, float]] = ()
-                    ) -> list[Note]:
-    """Reference notes for scoring: offsets extended by the sustain pedal."""
-    return extend_by_pedal(notes, pedal)
-
-
-def _arrays(notes: Sequence[Note]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    import mir_eval.util
-
-    if not notes:
-        return np.zeros((0, 2)), np.zeros(0), np.zeros(0)
-    intervals = np.array([[n.onset, max(n.offset, n.onset + 1e-3)] for n in notes], float)
-    pitches = mir_eval.util.midi_to_hz(np.array([n.pitch for n in notes], float))
-    velocities = np.array([n.velocity for n in notes], float)
-    return intervals, pitches, velocities
-
-
-def evaluate(notes_pred: Sequence[Note], notes_ref: Sequence[Note],
-             onset_tolerance: float = ONSET_TOLERANCE, offset_ratio: float = OFFSET_RATIO,
-             offset_min_tolerance: float = OFFSET_MIN_TOLERANCE) -> dict[str, float]:
-    """Precision / recall / F1 for onset, onset+offset and onset+offset+velocity matching.
-
-    Keys `{metric}_{p,r,f}` for metric in METRICS, plus `n_pred` and `n_ref`. When both lists
-    are empty every score is 1.0 (nothing to find, nothing found); when exactly one is empty,
-    0.0 (mir_eval's convention, without its warning).
-    """
-    import mir_eval.transcription
-    import mir_eval.transcription_velocity
-
-    pred, ref = list(notes_pred), list(notes_ref)
-    out: dict[str, float] = {"n_pred": float(len(pred)), "n_ref": float(len(ref))}
-    if not pred or not ref:
-        score = 1.0 if not pred and not ref else 0.0
-        for m in METRICS:
-            out.update({f"{m}_p": score, f"{m}_r": score, f"{m}_f": score})
-        return out
-    ri, rp, rv = _arrays(ref)
-    ei, ep, ev = _arrays(pred)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # mir_eval warns about e.g. constant velocities
-        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
-            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=None)
-        out.update(onset_p=p, onset_r=r, onset_f=f)
-        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
-            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=offset_ratio,
-            offset_min_tolerance=offset_min_tolerance)
-        out.update(onset_offset_p=p, onset_offset_r=r, onset_offset_f=f)
-        p, r, f, _ = mir_eval.transcription_velocity.precision_recall_f1_overlap(
-            ri, rp, rv, ei, ep, ev, onset_tolerance=onset_tolerance, offset_ratio=offset_ratio,
-            offset_min_tolerance=offset_min_tolerance)
-        out.update(onset_offset_velocity_p=p, onset_offset_velocity_r=r,
-                   onset_offset_velocity_f=f)
-    return {k: float(v) for k, v in out.items()}
-
-
-def mean_scores(scores: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Per-key mean over clips (DESIGN.md reports the mean over the dev set's clips)."""
-    rows = list(scores)
-    if not rows:
-        return {}
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def devset_path(path: str | os.PathLike | None = None) -> Path:
@@ -101,18 +42,14 @@ def load_devset(path: str | os.PathLike | None = None
                 ) -> list[tuple[str, np.ndarray, list[Note]]]:
     """The dev set's clips as (name, 16 kHz mono float32 audio, reference notes), by name.
 
-    Every `<name>.tsv` with an audio file of the same stem (.wav/.flac/.ogg) is a clip. Its
-    notes are already pedal-extended. Measure on it; never train on it.
+    Clips as `pianolm eval --data` finds them (runtime/evaluation.py `find_clips`): every audio
+    file with a reference of the same stem (.tsv, already pedal-extended, else .mid read with
+    the pedal). Measure on it; never train on it.
     """
     from pianolm.runtime.audio import load_audio
 
     root = devset_path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no dev set folder (set $PIANOLM_DEVSET)")
-    clips = []
-    for tsv in sorted(root.glob("*.tsv")):
-        audio = next((tsv.with_suffix(s) for s in (".wav", ".flac", ".ogg")
-                      if tsv.with_suffix(s).is_file()), None)
-        if audio is not None:
-            clips.append((tsv.stem, load_audio(audio), read_notes_tsv(tsv)))
-    return clips
+    return [(c.name, load_audio(c.audio), read_reference(c.reference))
+            for c in find_clips(root)]

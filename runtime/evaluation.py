@@ -1,0 +1,302 @@
+"""`pianolm eval`: transcribe a folder of clips and score the notes against references.
+
+    result = evaluate_model("/path/devset", model_dir="engines/mymodel")
+    print(result.format())
+    write_json(result, "eval.json")
+
+A data folder holds audio files (wav, flac, ogg, ...), each with a reference of the same stem:
+`<stem>.tsv` (onset, offset, pitch, velocity as runtime/midi.py reads it; offsets already
+pedal-extended), else `<stem>.mid` / `.midi` (read with the sustain pedal extending offsets).
+The dev set (`../shared/devset`) is such a folder.
+
+Two transcriptions of every clip are scored (runtime/metrics.py: onset F1 at 50 ms, onset+offset
+F1 at ratio 0.2, onset+offset+velocity F1, with P/R): the language model's notes, and the
+encoder's own roll-decoded notes (runtime/rolls.py, Kong-style thresholds from the manifest),
+the baseline the paper's claim "LM decoding beats roll outputs" is measured against. Both come
+from one encoder run per segment: `RollTap` keeps the rolls of the run the decode loop makes.
+Models exported before the encoder graph had roll outputs (manifest format 1) are scored on
+the LM notes only, and the result says why.
+
+Torch-free: numpy, onnxruntime and mir_eval (`pip install 'pianolm[eval]'`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .audio import AudioInfo, probe_audio
+from .backend import RollBackend, StageSession
+from .manifest import MANIFEST_FILE, Manifest, file_sha256, load_manifest
+from .metrics import (
+    METRICS,
+    OFFSET_MIN_TOLERANCE,
+    OFFSET_RATIO,
+    ONSET_TOLERANCE,
+    mean_scores,
+    require_mir_eval,
+    score_notes,
+)
+from .midi import atomic_write, read_midi, read_notes_tsv
+from .notes import Note
+from .report import Report
+from .rolls import ROLL_KEYS, decode_rolls, join_segments
+from .transcriber import Transcriber, default_model_dir, open_backend
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+REFERENCE_SUFFIXES = (".tsv", ".mid", ".midi")  # in order of preference
+KINDS = ("lm", "rolls")  # the two transcriptions scored: LM notes, roll-decoded notes
+
+
+class EvalError(ValueError):
+    """A data folder or option `pianolm eval` cannot work with; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The data folder
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str  # the shared stem
+    audio: Path
+    reference: Path
+
+
+def find_clips(folder: str | os.PathLike) -> list[Clip]:
+    """Every audio file directly in `folder` with its reference, sorted by name.
+
+    Raises EvalError for a missing folder, a folder without audio files, two audio files of
+    one stem, or an audio file without a reference (a clip silently skipped would change the
+    mean without anyone noticing)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise EvalError(f"{root}: no such data folder")
+    files = {p.name.lower(): p for p in root.iterdir() if p.is_file()}
+    clips: dict[str, Clip] = {}
+    for path in sorted(files.values()):
+        if path.suffix.lower() not in AUDIO_SUFFIXES or path.name.startswith("."):
+            continue
+        stem = path.stem
+        if stem in clips:
+            raise EvalError(f"{clips[stem].audio} and {path} share the stem {stem!r}: keep one "
+                            f"audio file per reference")
+        reference = next((files[f"{stem}{s}".lower()] for s in REFERENCE_SUFFIXES
+                          if f"{stem}{s}".lower() in files), None)
+        if reference is None:
+            raise EvalError(f"{path}: no reference beside it (expected {stem}.tsv, {stem}.mid "
+                            f"or {stem}.midi)")
+        clips[stem] = Clip(stem, path, reference)
+    if not clips:
+        raise EvalError(f"{root}: no audio clips ({' '.join(AUDIO_SUFFIXES)}) with references")
+    return list(clips.values())
+
+
+def read_reference(path: str | os.PathLike) -> list[Note]:
+    """Reference notes: a .tsv as written (pedal-extended already), a MIDI file with its
+    sustain pedal extending the offsets (DESIGN.md, "Evaluation")."""
+    if Path(path).suffix.lower() == ".tsv":
+        return read_notes_tsv(path)
+    return read_midi(path, extend_pedal=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rolls from the decode loop's own encoder run
+
+
+class RollTap:
+    """A Backend that forwards to `backend` and, when `keep_rolls`, keeps each segment's rolls
+    from the encoder run the decode loop makes anyway, in the order segments are encoded (the
+    Transcriber's stream order: input by input, segment by segment)."""
+
+    def __init__(self, backend: RollBackend, backend_name: str, keep_rolls: bool) -> None:
+        self.backend = backend
+        self.backend_name = backend_name  # what the Transcriber's report calls the backend
+        self.keep_rolls = keep_rolls
+        self.stages = backend.stages
+        self.sample_rate = backend.sample_rate
+        self.segment_samples = backend.segment_samples
+        self.precision: str = getattr(backend, "precision", "fp32")
+        self._queue: deque[dict[str, np.ndarray]] = deque()
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        if not self.keep_rolls:
+            return self.backend.encode(audio)
+        emb, rolls = self.backend.encode_with_rolls(audio)
+        if rolls is None:
+            raise EvalError("the backend returned no rolls although the manifest has them")
+        self._queue.extend({k: rolls[k][i] for k in ROLL_KEYS} for i in range(len(audio)))
+        return emb
+
+    def start(self, stage: str, embeddings: np.ndarray) -> StageSession:
+        return self.backend.start(stage, embeddings)
+
+    def take(self, segments: int) -> dict[str, np.ndarray]:
+        """The oldest `segments` segments' rolls, {key: [segments, T, 88]}."""
+        rows = [self._queue.popleft() for _ in range(segments)]
+        return {k: np.stack([r[k] for r in rows]) for k in ROLL_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class ClipResult:
+    name: str
+    audio: str
+    reference: str
+    duration_s: float
+    scores: dict[str, dict[str, float] | None]  # "lm", "rolls" -> evaluate()'s keys, or None
+
+
+@dataclass
+class EvalResult:
+    model: str
+    manifest: Manifest = field(repr=False)
+    manifest_sha256: str
+    backend: str
+    batch: int
+    threads: int | None
+    data: str
+    clips: list[ClipResult]
+    rolls_reason: str | None  # why roll notes were not scored (None: they were)
+    report: Report | None
+
+    def mean(self, kind: str) -> dict[str, float] | None:
+        """Mean scores over the clips for "lm" or "rolls" (None if not scored)."""
+        rows = [c.scores[kind] for c in self.clips]
+        return mean_scores(rows) if rows and all(r is not None for r in rows) else None
+
+    def rolls_info(self) -> dict[str, Any]:
+        spec = self.manifest.encoder.rolls
+        return {"scored": self.rolls_reason is None, "reason": self.rolls_reason,
+                "thresholds": spec.thresholds.to_dict() if spec else None,
+                "tuned": spec.tuned if spec else None,
+                "thresholds_from": spec.thresholds_from if spec else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "manifest_sha256": self.manifest_sha256,
+            "format_version": self.manifest.format_version,
+            "precision": self.manifest.precision, "encoder": self.manifest.encoder.name,
+            "backend": self.backend, "batch": self.batch, "threads": self.threads,
+            "data": self.data,
+            "metrics": {"onset_tolerance_s": ONSET_TOLERANCE, "offset_ratio": OFFSET_RATIO,
+                        "offset_min_tolerance_s": OFFSET_MIN_TOLERANCE,
+                        "velocity": "mir_eval.transcription_velocity"},
+            "rolls": self.rolls_info(),
+            "clips": [asdict(c) for c in self.clips],
+            "mean": {kind: self.mean(kind) for kind in KINDS},
+            "report": self.report.to_dict() if self.report else None,
+        }
+
+    def format(self) -> str:
+        """The per-clip table (F1 and note counts), the means, and where the roll thresholds
+        came from."""
+        width = max([len(c.name) for c in self.clips] + [9])
+        cols = "     n  onset on+off  +vel"
+        lines = [f"{'':<{width}}  {'':>4}  {'LM notes (F1)':<{len(cols)}}  roll notes (F1)",
+                 f"{'clip':<{width}}  {'ref':>4}  {cols}  {cols}"]
+
+        def row(name: str, n_ref: float, scores: list[dict[str, float] | None]) -> str:
+            parts = [f"{name:<{width}}  {n_ref:>4.0f}"]
+            for s in scores:
+                if s is None:
+                    parts.append(f"{'-':>6}" + f"{'-':>7}" * 3)
+                else:
+                    parts.append(f"{s['n_pred']:>6.0f}" + "".join(
+                        f"{s[f'{m}_f']:>7.3f}" for m in METRICS))
+            return "  ".join(parts)
+
+        for c in self.clips:
+            n_ref = (c.scores["lm"] or {}).get("n_ref", 0.0)
+            lines.append(row(c.name, n_ref, [c.scores[k] for k in KINDS]))
+        means = [self.mean(k) for k in KINDS]
+        label = f"mean ({len(self.clips)})"
+        lines.append(row(label, (means[0] or {}).get("n_ref", 0.0), means))
+        spec = self.manifest.encoder.rolls
+        if self.rolls_reason:
+            lines.append(f"roll notes not scored: {self.rolls_reason}")
+        elif spec is not None:
+            lines.append(f"roll-decoding thresholds: {'tuned' if spec.tuned else 'untuned'}, "
+                         f"{spec.thresholds_from}")
+        if self.report is not None:
+            lines.append(self.report.format())
+        return "\n".join(lines)
+
+
+def write_json(result: EvalResult, path: str | os.PathLike) -> None:
+    """Everything, atomically (a temp file beside `path`, then a rename)."""
+    text = json.dumps(result.to_dict(), indent=1) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it
+
+
+def _rolls_reason(manifest: Manifest, backend: object) -> str | None:
+    if manifest.encoder.rolls is None:
+        return (f"the model's encoder graph has no roll outputs (manifest format version "
+                f"{manifest.format_version}); re-export it with this pianolm to measure roll "
+                f"decoding")
+    if not callable(getattr(backend, "encode_with_rolls", None)):
+        return f"backend {type(backend).__name__} cannot return the encoder's rolls"
+    return None
+
+
+def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+                   backend: str = "cpu", batch: int = 1, threads: int | None = None,
+                   max_clips: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Transcribe every clip of `data` with the model (None: the shipped default) and score
+    its LM notes and, when the model has them, its roll-decoded notes.
+
+    Inputs are checked before any model runs: the folder, every clip's audio header and
+    reference, mir_eval. `progress(n)` after each batch of n segments.
+    """
+    if max_clips is not None and max_clips < 1:
+        raise EvalError(f"--max-clips must be a positive integer, got {max_clips}")
+    clips = find_clips(data)[:max_clips]
+    infos: list[AudioInfo] = [probe_audio(c.audio) for c in clips]
+    references = [read_reference(c.reference) for c in clips]
+    require_mir_eval()
+
+    folder = Path(model_dir) if model_dir is not None else default_model_dir()
+    manifest = load_manifest(folder)
+    raw = open_backend(backend, folder, threads)
+    reason = _rolls_reason(manifest, raw)
+    tap = RollTap(raw, backend, keep_rolls=reason is None)
+    transcriber = Transcriber(backend=tap, batch=batch, threads=threads)
+
+    fps = manifest.encoder.frames_per_second
+    lm_notes: list[list[Note]] = []
+    rolls: list[dict[str, np.ndarray] | None] = []
+    # Collect first, score after: the report's wall time then measures transcription only.
+    for info, result in zip(infos, transcriber.transcribe_many(
+            [c.audio for c in clips], progress=progress)):
+        lm_notes.append(result.notes)
+        rolls.append(join_segments(tap.take(info.num_segments), fps, n_samples=info.samples_16k)
+                     if tap.keep_rolls else None)
+
+    spec = manifest.encoder.rolls
+    results = []
+    for clip, info, ref, notes, roll in zip(clips, infos, references, lm_notes, rolls):
+        roll_scores = None
+        if roll is not None and spec is not None:
+            roll_scores = score_notes(decode_rolls(roll, fps, spec.thresholds), ref)
+        results.append(ClipResult(clip.name, str(clip.audio), str(clip.reference),
+                                  round(info.duration_s, 3),
+                                  {"lm": score_notes(notes, ref), "rolls": roll_scores}))
+    return EvalResult(model=str(folder), manifest=manifest,
+                      manifest_sha256=file_sha256(folder / MANIFEST_FILE), backend=backend,
+                      batch=batch, threads=threads, data=str(data), clips=results,
+                      rolls_reason=reason, report=transcriber.report)

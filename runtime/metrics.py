@@ -1,0 +1,117 @@
+"""Note-level transcription metrics (DESIGN.md, "Evaluation"), torch-free.
+
+    evaluate(pred, ref) -> {"onset_f": ..., "onset_offset_f": ..., "onset_offset_velocity_f": ...}
+
+mir_eval.transcription with onset tolerance 50 ms, offset tolerance max(50 ms, 0.2 x the
+reference note's duration), pitch tolerance 50 cents (exact MIDI keys here), and
+mir_eval.transcription_velocity (velocities rescaled to the reference by linear regression,
+then matched within 0.1) for the velocity-aware score. Reference offsets must already be
+pedal-extended: `reference_notes(notes, pedal)` does it for notes as played.
+
+mir_eval is an optional dependency (`pip install 'pianolm[eval]'`): it is imported when a score
+is computed, and `require_mir_eval()` says in one line what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .notes import Note
+from .tokens import extend_by_pedal
+
+ONSET_TOLERANCE = 0.05
+OFFSET_RATIO = 0.2
+OFFSET_MIN_TOLERANCE = 0.05
+METRICS = ("onset", "onset_offset", "onset_offset_velocity")
+INSTALL_HINT = "pip install 'pianolm[eval]'"
+
+
+class MetricsUnavailable(ImportError):
+    """mir_eval is not installed; the message says what to install."""
+
+
+def require_mir_eval() -> None:
+    """Fail early, in one line, when mir_eval is missing (before any model runs)."""
+    for name in ("mir_eval", "mir_eval.transcription", "mir_eval.transcription_velocity"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MetricsUnavailable(f"scoring needs mir_eval: {INSTALL_HINT} ({e})") from None
+
+
+def reference_notes(notes: Iterable[Note], pedal: Iterable[tuple[float, float]] = ()
+                    ) -> list[Note]:
+    """Reference notes for scoring: offsets extended by the sustain pedal."""
+    return extend_by_pedal(notes, pedal)
+
+
+def _arrays(notes: Sequence[Note]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import mir_eval.util
+
+    if not notes:
+        return np.zeros((0, 2)), np.zeros(0), np.zeros(0)
+    intervals = np.array([[n.onset, max(n.offset, n.onset + 1e-3)] for n in notes], float)
+    pitches = mir_eval.util.midi_to_hz(np.array([n.pitch for n in notes], float))
+    velocities = np.array([n.velocity for n in notes], float)
+    return intervals, pitches, velocities
+
+
+def evaluate(notes_pred: Sequence[Note], notes_ref: Sequence[Note],
+             onset_tolerance: float = ONSET_TOLERANCE, offset_ratio: float = OFFSET_RATIO,
+             offset_min_tolerance: float = OFFSET_MIN_TOLERANCE) -> dict[str, float]:
+    """Precision / recall / F1 for onset, onset+offset and onset+offset+velocity matching.
+
+    Keys `{metric}_{p,r,f}` for metric in METRICS, plus `n_pred` and `n_ref`. When both lists
+    are empty every score is 1.0 (nothing to find, nothing found); when exactly one is empty,
+    0.0 (mir_eval's convention, without its warning).
+    """
+    require_mir_eval()
+    import mir_eval.transcription
+    import mir_eval.transcription_velocity
+
+    pred, ref = list(notes_pred), list(notes_ref)
+    out: dict[str, float] = {"n_pred": float(len(pred)), "n_ref": float(len(ref))}
+    if not pred or not ref:
+        score = 1.0 if not pred and not ref else 0.0
+        for m in METRICS:
+            out.update({f"{m}_p": score, f"{m}_r": score, f"{m}_f": score})
+        return out
+    ri, rp, rv = _arrays(ref)
+    ei, ep, ev = _arrays(pred)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mir_eval warns about e.g. constant velocities
+        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
+            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=None)
+        out.update(onset_p=p, onset_r=r, onset_f=f)
+        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
+            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=offset_ratio,
+            offset_min_tolerance=offset_min_tolerance)
+        out.update(onset_offset_p=p, onset_offset_r=r, onset_offset_f=f)
+        p, r, f, _ = mir_eval.transcription_velocity.precision_recall_f1_overlap(
+            ri, rp, rv, ei, ep, ev, onset_tolerance=onset_tolerance, offset_ratio=offset_ratio,
+            offset_min_tolerance=offset_min_tolerance)
+        out.update(onset_offset_velocity_p=p, onset_offset_velocity_r=r,
+                   onset_offset_velocity_f=f)
+    return {k: float(v) for k, v in out.items()}
+
+
+def score_notes(pred: Sequence[Note], ref: Sequence[Note]) -> dict[str, float]:
+    """evaluate(), except that a flood of notes (an untrained encoder's rolls can hold tens of
+    thousands of peaks) scores 0 at once instead of stalling mir_eval's matching. Such a flood
+    has precision < 0.1 anyway; `n_pred` still tells how many notes there were."""
+    if len(pred) > 10 * len(ref) + 500:
+        zero = {f"{m}_{x}": 0.0 for m in METRICS for x in "prf"}
+        return {**zero, "n_pred": float(len(pred)), "n_ref": float(len(ref))}
+    return evaluate(pred, ref)
+
+
+def mean_scores(scores: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Per-key mean over clips (DESIGN.md reports the mean over the dev set's clips)."""
+    rows = list(scores)
+    if not rows:
+        return {}
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
