@@ -26,7 +26,7 @@ from torch import nn
 
 from .crnn import CRNN, CRNNConfig
 from .frontend import ROLL_KEYS, EncoderOutput
-from .hppnet import HPPNet, HPPNetConfig
+from .hppnet import HPPNET_SP_CPU, HPPNet, HPPNetConfig
 
 __all__ = [
     "CRNN",
@@ -41,20 +41,26 @@ __all__ = [
     "build_encoder",
 ]
 
-ENCODERS: dict[str, type[nn.Module]] = {"crnn": CRNN, "hppnet": HPPNet}
+# name -> (class, config; None = the class's default). "hppnet-cpu" is HPPNet-sp at half width
+# after the harmonic conv (export/hppnet.py, HPPNET_SP_CPU): the size a CPU trains in hours.
+ENCODERS: dict[str, tuple[type[nn.Module], Any]] = {
+    "crnn": (CRNN, None),
+    "hppnet": (HPPNet, None),
+    "hppnet-cpu": (HPPNet, HPPNET_SP_CPU),
+}
 
 # Graph output order of `EncoderGraph`: the embedding, then the four rolls.
 ENCODER_OUTPUT_NAMES: tuple[str, ...] = ("embeddings", *ROLL_KEYS)
 
 
 def build_encoder(name: str, config: Any = None) -> nn.Module:
-    """Instantiate an encoder by name ("crnn" or "hppnet"), with its default config or `config`."""
+    """Instantiate an encoder by name (a key of ENCODERS), with its own config or `config`."""
     try:
-        cls = ENCODERS[name]
+        cls, default = ENCODERS[name]
     except KeyError:
         known = ", ".join(sorted(ENCODERS))
         raise ValueError(f"unknown encoder {name!r}; known encoders: {known}") from None
-    return cls(config)
+    return cls(config if config is not None else default)
 
 
 class EncoderGraph(nn.Module):

@@ -639,7 +639,7 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--random-init", action="store_true",
                      help="random weights from --preset/--encoder/--seed (cost benchmarks, tests)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="decoder size (with --random-init)")
-    ap.add_argument("--encoder", choices=["crnn", "hppnet"], default="hppnet",
+    ap.add_argument("--encoder", choices=["crnn", "hppnet", "hppnet-cpu"], default="hppnet",
                     help="encoder (with --random-init; default hppnet)")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     ap.add_argument("--flattened", action="store_true",

@@ -136,6 +136,7 @@ PASS_THROUGH = {
     "export": ("onnx_export", "main_export", "export a model to ONNX: `pianolm export --help`"),
     "build-engines": ("tensorrt", "main_build_engines",
                       "TensorRT engines for an export: `pianolm build-engines --help`"),
+    "bench": ("bench", "main_bench", "measure decode cost side by side: `pianolm bench --help`"),
 }
 
 
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameter counts of a model preset, per part")
     info.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
-    info.add_argument("--encoder", default="hppnet", choices=["crnn", "hppnet"])
+    info.add_argument("--encoder", default="hppnet", choices=["crnn", "hppnet", "hppnet-cpu"])
     info.set_defaults(func=cmd_info)
 
     tr = sub.add_parser("transcribe", help="audio files -> MIDI, with a latency report",

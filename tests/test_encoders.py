@@ -31,6 +31,7 @@ EXPECTED = {
     "crnn": (1536, 100, 1001, (19.5e6, 21e6)),
     "hppnet": (352, 50, 501, (1.1e6, 1.4e6)),
 }
+EDGE_FRAMES = 8  # frames at each end of a waveform that see the front-end's reflect padding
 FORBIDDEN_OPS = {"DFT", "STFT", "If", "Loop", "Scan"}  # no TensorRT DFT; no control flow
 
 
@@ -78,7 +79,7 @@ def run(request) -> _Run:
 
 
 def test_registry():
-    assert set(ENCODERS) == {"crnn", "hppnet"}
+    assert set(ENCODERS) == {"crnn", "hppnet", "hppnet-cpu"}
     with pytest.raises(ValueError, match="unknown encoder 'nope'.*crnn, hppnet"):
         build_encoder("nope")
 
@@ -120,8 +121,19 @@ def test_batch_shapes_determinism_and_independence(run: _Run):
     assert run.self_gap < 5e-3
 
 
-def test_onnx_export_and_ort_parity(run: _Run, tmp_path):
+def test_onnx_export_and_ort_parity(run: _Run, tmp_path, monkeypatch):
     path = tmp_path / f"{run.name}.onnx"
+    out2, full = run.out2, run.full
+    if run.name == "hppnet":
+        # The export traces the authors' form of the harmonic conv (`forward_separate`); the
+        # eager fast path regroups the same sums (checked on its own below). Compare the graph
+        # with the formulation it holds, so the float32 rounding of the two orders of summation
+        # (amplified by the log-CQT) does not count as an export error.
+        from pianolm.export.hppnet import HarmonicDilatedConv
+
+        monkeypatch.setattr(HarmonicDilatedConv, "forward", HarmonicDilatedConv.forward_separate)
+        with torch.inference_mode():
+            out2, full = run.model(run.clip), run.model(run.segment)
     batch = torch.export.Dim("batch", min=1, max=64)
     samples = torch.export.Dim("samples", min=24000, max=16000 * 600)
     program = torch.onnx.export(
@@ -160,8 +172,66 @@ def test_onnx_export_and_ort_parity(run: _Run, tmp_path):
         want = [reference.embedding, *(reference.rolls[k] for k in ROLL_KEYS)]
         for name, g, w in zip(ENCODER_OUTPUT_NAMES, got, want, strict=True):
             assert g.shape == w.shape, name
-            rel = _max_rel(g, w.numpy())
+            w = w.numpy()
+            # The first and last frames see reflect padding, under which the lowest CQT bins
+            # nearly cancel (frame 0 is real-valued): there the log-CQT turns rounding into
+            # ~2e-3 (measured: HPPNet frames 1-6, identical with ORT's optimisations off).
+            # The interior is held to `tol`, the edges to 1e-2.
+            inner = (slice(None), slice(EDGE_FRAMES, -EDGE_FRAMES))
+            rel = float(np.abs(g[inner] - w[inner]).max() / np.abs(w).max())
             assert rel <= tol, f"{run.name}/{name}: max rel error {rel:.2e} > {tol:.1e}"
+            rel_edges = _max_rel(g, w)
+            assert rel_edges <= 1e-2, f"{run.name}/{name}: edge frames {rel_edges:.2e} > 1e-2"
 
-    check(run.clip, run.out2)  # 2 s, batch 2
-    check(run.segment, run.full)  # 10 s, batch 1
+    check(run.clip, out2)  # 2 s, batch 2
+    check(run.segment, full)  # 10 s, batch 1
+
+
+def test_hppnet_fast_paths_compute_the_reference_layers(monkeypatch):
+    """HPPNet's CPU fast paths compute the authors' layers.
+
+    The harmonic dilated conv runs as one matmul over regrouped taps instead of the sum of 8
+    dilated convs (`forward_separate`, also what the ONNX export uses), and block 4 max-pools
+    before its ReLU via a reshape. Values and gradients match the reference formulation in
+    float64, and the float32 model matches its reference-path twin to float32 rounding.
+    """
+    import torch.nn.functional as F
+
+    from pianolm.export.hppnet import FreqMaxPool, HarmonicDilatedConv, HPPNet
+
+    torch.manual_seed(0)
+    layer = HarmonicDilatedConv(3, 5, bins_per_octave=48, harmonics=8).double()
+    x = torch.randn(2, 3, 4, 352, dtype=torch.float64, requires_grad=True)
+    fast, ref = layer(x), layer.forward_separate(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    grads_fast = torch.autograd.grad(fast, (x, *layer.parameters()), g)
+    grads_ref = torch.autograd.grad(ref, (x, *layer.parameters()), g)
+    for a, b in zip(grads_fast, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    # max-pool then ReLU == ReLU then max-pool, bit for bit, with and without autograd.
+    y = torch.randn(2, 3, 4, 352, requires_grad=True)
+    want = F.max_pool2d(F.relu(y), (1, 4))
+    got = F.relu(FreqMaxPool(4)(y))
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    assert torch.equal(torch.autograd.grad(got, y, g)[0], torch.autograd.grad(want, y, g)[0])
+    with torch.no_grad():
+        assert torch.equal(F.relu(FreqMaxPool(4)(y)), want)
+
+    # Whole model, eval and train mode: fast paths against the reference formulation.
+    model = build_encoder("hppnet")
+    wave = _waveform(1, CLIP, seed=3)
+    outputs = {}
+    for mode in ("fast", "reference"):
+        if mode == "reference":
+            reference = HarmonicDilatedConv.forward_separate
+            monkeypatch.setattr(HarmonicDilatedConv, "forward", reference)
+        with torch.inference_mode():
+            outputs[mode, "eval"] = model.eval().embed(wave)
+        outputs[mode, "train"] = model.train().embed(wave).detach()
+    assert isinstance(model, HPPNet)
+    for mode in ("eval", "train"):
+        rel = _max_rel(outputs["fast", mode].numpy(), outputs["reference", mode].numpy())
+        assert rel <= 1e-5, f"{mode}: max rel deviation {rel:.1e}"
