@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameter counts of a model preset, per part")
-    info.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
+    info.add_argument("--preset", default="small", choices=["mini", "tiny", "small", "base"])
     info.add_argument("--encoder", default="hppnet", choices=["crnn", "hppnet", "hppnet-cpu"])
     info.set_defaults(func=cmd_info)
 

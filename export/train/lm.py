@@ -119,6 +119,9 @@ class LMTrainConfig:
     decode_segments: int = 8  # greedy-decoded validation segments (0: none)
     threads: int | None = None
     until_step: int | None = None  # stop (and save) after this step, as if interrupted
+    # Start a new run from another run's weights (its best), e.g. an LM pre-trained on oracle
+    # embeddings (`embed --oracle`) fine-tuned on the real encoder's: same stage and sizes.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in ALL_STAGES:
@@ -477,6 +480,12 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     sampler = EpochSampler(len(train_ex), rng)
     step, best_loss = 0, float("inf")
     last_val: dict[str, float] = {}
+    if saved is None and cfg.init_from:
+        init, init_meta = load_decoder(cfg.init_from)
+        if init_meta["stage"] != cfg.stage or init.cfg != dcfg:
+            raise ValueError(f"--init {cfg.init_from}: a {init_meta['stage']} decoder of another "
+                             f"size or embedding width, not a {cfg.stage} {cfg.preset} one")
+        decoder.load_state_dict(init.state_dict())
     if saved is not None:
         decoder.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -629,7 +638,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=list(ALL_STAGES))
     p.add_argument("--embeddings", dest="embeddings_dir", help="embeddings folder (embed)")
     p.add_argument("--out", dest="out_dir", required=True, help="run folder")
-    p.add_argument("--preset", choices=["tiny", "small", "base"])
+    p.add_argument("--preset", choices=["mini", "tiny", "small", "base"])
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out exactly where it stopped")
     for name, kind in (("steps", int), ("batch", int), ("lr", float), ("weight-decay", float),
@@ -639,6 +648,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        ("decode-segments", int), ("threads", int), ("until-step", int)):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--shifts", type=float, nargs="+", help="grid shifts to train on (all)")
+    p.add_argument("--init", dest="init_from", metavar="RUN",
+                   help="start from another run's best weights (same stage and preset)")
     p.set_defaults(func=_run_train)
 
     a = sub.add_parser("assemble", help="encoder + stage decoders -> a system checkpoint")
