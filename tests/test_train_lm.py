@@ -147,6 +147,33 @@ def test_init_from_another_run(emb_dir, tmp_path):
                  **_opts(preset="mini"))
 
 
+def test_mix_embeddings(emb_dir, tmp_path):
+    from pianolm.export.train.embeddings import mix_embeddings
+
+    oracle = tmp_path / "oracle"
+    rng = np.random.default_rng(1)
+    entries = [write_item(oracle, split, f"{split}-000000", NOTES[:6],
+                          {0.0: rng.normal(size=(2, 51, 16)).astype(np.float16)})
+               for split in ("train", "validation")]
+    write_index(oracle, entries, "oracle", embed_dim=16, frames_per_segment=51,
+                frames_per_second=5.0)
+    mixed = tmp_path / "mixed"
+    index = mix_embeddings(mixed, [(oracle, 1), (emb_dir, 3)], [emb_dir])
+    assert index["encoder"] == "oracle+stub" and index["shifts"] == [0.0, 5.0]
+    train, val = load_items(mixed, "train"), load_items(mixed, "validation")
+    assert len(train) == 4 and len(val) == 1  # 1 oracle + 3 x 1 real; real validation only
+    assert len({it.id for it in train}) == 4
+    assert all(f.is_file() for it in train + val for f in it.files.values())
+    assert len(val[0].notes) == len(NOTES) and len(train[0].notes) == 6
+    out = train_lm("onset", str(mixed), tmp_path / "run", steps=2, **_opts())
+    assert out["step"] == 2
+
+    write_index(oracle, entries, "oracle", embed_dim=8, frames_per_segment=51,
+                frames_per_second=5.0)
+    with pytest.raises(ValueError, match="does not match"):
+        mix_embeddings(tmp_path / "bad", [(oracle, 1), (emb_dir, 1)], [emb_dir])
+
+
 def test_assemble_system_checkpoint(tmp_path):
     from pianolm.export.checkpoint import load_system
     from pianolm.export.encoders import build_encoder
@@ -189,6 +216,8 @@ def test_cli_parses_every_subcommand():
     a = p.parse_args(["embed", "--data", "d", "--encoder-dir", "e", "--out", "o", "--shifts",
                       "0", "5"])
     assert a.shifts == [0.0, 5.0]
+    a = p.parse_args(["mix", "--out", "m", "--train", "o:1", "e:4", "--validation", "e"])
+    assert a.train == ["o:1", "e:4"] and a.validation == ["e"]
     a = p.parse_args(["assemble", "--encoder-dir", "e", "--onset", "a", "--velocity", "b",
                       "--offset", "c", "--out", "o"])
     assert a.onset == "a" and a.flat is None

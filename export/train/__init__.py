@@ -3,6 +3,7 @@
     pianolm train encoder     --data D --encoder hppnet --out runs/hppnet      (encoder.py)
     pianolm train tune-rolls  --encoder-dir runs/hppnet --data D               (encoder.py)
     pianolm train embed       --data D --encoder-dir runs/hppnet --out E       (embeddings.py)
+    pianolm train mix         --train O:1 E:4 --validation E --out M           (embeddings.py)
     pianolm train lm          --stage onset --embeddings E --out runs/onset    (lm.py)
     pianolm train assemble    --encoder-dir runs/hppnet --onset .. --velocity .. --offset ..
                               --out runs/system                                (lm.py)
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_train(argv: Sequence[str] | None = None) -> int:
-    """`pianolm train {encoder,tune-rolls,embed,lm,assemble} ...`; returns the exit status."""
+    """`pianolm train {encoder,tune-rolls,embed,mix,lm,assemble} ...`; returns the exit status."""
     args = build_parser().parse_args(None if argv is None else list(argv))
     return int(args.func(args) or 0)
 

@@ -279,6 +279,62 @@ def write_index(root: str | os.PathLike, items: Sequence[Mapping[str, Any]], enc
     atomic_write_text(Path(root) / "index.json", json.dumps(index, indent=1) + "\n")
 
 
+def mix_embeddings(out_dir: str | os.PathLike, train: Sequence[tuple[str | os.PathLike, int]],
+                   validation: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """One embeddings folder over several: the train pieces of each (source, repeat) `repeat`
+    times, the validation pieces of `validation`. Nothing is copied: the sources are linked
+    (out/src0, out/src1, ...) and the index points into them.
+
+    Use: LM data that is mostly oracle rolls (`embed --oracle`, cheap, plentiful) with the real
+    encoder's embeddings over-sampled in it, validated on the real encoder's alone. A small set
+    of real embeddings on its own is memorised in a few hundred steps before the decoder has
+    learned to align time tokens with frames; the oracle pieces teach that alignment.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = list(dict.fromkeys([Path(d).resolve() for d, _ in train] +
+                                 [Path(d).resolve() for d in validation]))
+    indexes = [load_embeddings_index(d) for d in sources]
+    layout = ("embed_dim", "frames_per_segment", "frames_per_second")
+    for d, idx in zip(sources, indexes):
+        if any(idx[k] != indexes[0][k] for k in layout):
+            raise ValueError(f"{d}: {[idx[k] for k in layout]} does not match {sources[0]}'s "
+                             f"{[indexes[0][k] for k in layout]} ({', '.join(layout)})")
+    links = {}
+    for i, d in enumerate(sources):
+        link = out / f"src{i}"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(d, target_is_directory=True)
+        links[d] = link.name
+
+    def entries(d: Path, split: str, tag: str) -> list[dict[str, Any]]:
+        idx, prefix = indexes[sources.index(d)], links[d]
+        return [{**it, "id": f"{it['id']}@{tag}", "notes": f"{prefix}/{it['notes']}",
+                 "embeddings": {k: f"{prefix}/{v}" for k, v in it["embeddings"].items()},
+                 **({"rolls": f"{prefix}/{it['rolls']}"} if "rolls" in it else {})}
+                for it in idx["items"] if it["split"] == split]
+
+    items = []
+    for d, repeat in train:
+        d = Path(d).resolve()
+        for k in range(repeat):
+            items += entries(d, "train", f"{links[d]}.{k}")
+    for d in validation:
+        items += entries(Path(d).resolve(), "validation", links[Path(d).resolve()])
+    real = [idx for idx in indexes if idx.get("encoder") != "oracle"]
+    index = {**{k: indexes[0][k] for k in ("format", "version", "dtype", "roll_keys", *layout)},
+             "encoder": "+".join(dict.fromkeys(idx.get("encoder", "?") for idx in indexes)),
+             # the real encoder's weights, so `assemble` can check them (see assemble_system)
+             "source": real[0].get("source", {}) if len(real) == 1 else {},
+             "shifts": sorted({float(s) for idx in indexes for s in idx.get("shifts", [0.0])}),
+             "mixed_from": {links[d]: {"dir": str(d), "encoder": idx.get("encoder")}
+                            for d, idx in zip(sources, indexes)},
+             "items": items}
+    atomic_write_text(out / "index.json", json.dumps(index, indent=1) + "\n")
+    return index
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -300,6 +356,27 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="no encoder: embeddings are the target rolls plus noise (LM checks)")
     p.add_argument("--oracle-noise", type=float, default=0.05)
     p.set_defaults(func=_run_cli)
+
+    m = sub.add_parser("mix", help="one embeddings folder over several (e.g. oracle + real)")
+    m.add_argument("--out", required=True, help="embeddings folder to write (links, index)")
+    m.add_argument("--train", nargs="+", required=True, metavar="DIR[:REPEAT]",
+                   help="embeddings folders whose train pieces to use, each REPEAT times")
+    m.add_argument("--validation", nargs="+", required=True, metavar="DIR",
+                   help="embeddings folders whose validation pieces to use")
+    m.set_defaults(func=_run_mix)
+
+
+def _run_mix(args: argparse.Namespace) -> int:
+    train = []
+    for spec in args.train:
+        folder, _, repeat = spec.partition(":")
+        train.append((folder, int(repeat or 1)))
+    index = mix_embeddings(args.out, train, args.validation)
+    counts = {s: sum(1 for it in index["items"] if it["split"] == s) for s in ("train",
+                                                                              "validation")}
+    print(f"wrote {args.out}: {counts['train']} train and {counts['validation']} validation "
+          f"pieces from {len(index['mixed_from'])} folders")
+    return 0
 
 
 def _run_cli(args: argparse.Namespace) -> int:
