@@ -147,6 +147,25 @@ def test_init_from_another_run(emb_dir, tmp_path):
                  **_opts(preset="mini"))
 
 
+def test_align_time_embeddings():
+    from pianolm.export.decoder import Decoder, DecoderConfig
+    from pianolm.export.train.lm import align_time_embeddings
+
+    torch.manual_seed(0)
+    d = Decoder(DecoderConfig.from_preset("tiny", 16))
+    before = d.tok_emb.weight.detach().clone()
+    align_time_embeddings(d, frames_per_second=50.0)
+    w = d.tok_emb.weight.detach()
+    t = V.TIME_BASE
+    assert torch.equal(w[:t], before[:t]) and torch.equal(w[V.PITCH_BASE:], before[V.PITCH_BASE:])
+    assert torch.equal(w[t + 300], w[t + 301])  # ticks 300 and 301 share frame 150
+    with torch.no_grad():
+        want = d.audio_pe_proj(d.audio_pe[150])
+    cos = torch.nn.functional.cosine_similarity(w[t + 300], want, dim=0)
+    assert cos > 0.9999
+    assert abs(float(w[t:V.PITCH_BASE].std()) - float(before.std())) < 0.1 * float(before.std())
+
+
 def test_mix_embeddings(emb_dir, tmp_path):
     from pianolm.export.train.embeddings import mix_embeddings
 

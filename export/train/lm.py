@@ -122,6 +122,10 @@ class LMTrainConfig:
     # Start a new run from another run's weights (its best), e.g. an LM pre-trained on oracle
     # embeddings (`embed --oracle`) fine-tuned on the real encoder's: same stage and sizes.
     init_from: str | None = None
+    # New runs: time-token embeddings start as the audio memory's position vectors of their
+    # frames (align_time_embeddings), so aligning tokens with frames is one shared smooth map
+    # to learn rather than 1001 separate embeddings.
+    align_time_init: bool = True
 
     def __post_init__(self) -> None:
         if self.stage not in ALL_STAGES:
@@ -402,6 +406,25 @@ def _spread(examples: Sequence[Example], k: int) -> list[Example]:
     return [examples[i] for i in idx]
 
 
+@torch.no_grad()
+def align_time_embeddings(decoder: Decoder, frames_per_second: float) -> None:
+    """Initialise the embedding of time token t as the position vector the audio memory adds
+    at t's frame (`audio_pe_proj(audio_pe[frame])`), rescaled to the embeddings' init scale.
+
+    The decoder finds a note's audio by matching a time token's query against the frames'
+    keys. With independent random time embeddings each of the 1001 must learn that on its
+    own, and on CPU-sized data the decoder memorises its training segments first (seen: onset
+    validation loss rising from step 300 while training loss fell). Tied to the frame's
+    position vector, every time token shares one smooth structure from the start.
+    """
+    ticks = torch.arange(V.SEGMENT_TICKS + 1)
+    frames = (ticks * frames_per_second / V.TICKS_PER_SECOND).round().long()
+    frames = frames.clamp(max=decoder.audio_pe.shape[0] - 1)
+    vectors = decoder.audio_pe_proj(decoder.audio_pe[frames])
+    scale = decoder.tok_emb.weight.std() / vectors.std()
+    decoder.tok_emb.weight[V.TIME_BASE:V.TIME_BASE + len(ticks)] = vectors * scale
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving
 
@@ -471,6 +494,8 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
 
     torch.manual_seed(cfg.seed)
     decoder = Decoder(dcfg)
+    if cfg.align_time_init and saved is None and not cfg.init_from:
+        align_time_embeddings(decoder, float(index["frames_per_second"]))
     # decay matrices and embeddings only, not norm gains or biases (the usual LM recipe)
     groups = [{"params": [p for p in decoder.parameters() if p.ndim >= 2],
                "weight_decay": cfg.weight_decay},
@@ -648,6 +673,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        ("decode-segments", int), ("threads", int), ("until-step", int)):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--shifts", type=float, nargs="+", help="grid shifts to train on (all)")
+    p.add_argument("--no-align-time-init", dest="align_time_init", action="store_false",
+                   help="random time-token embeddings (see align_time_embeddings)")
     p.add_argument("--init", dest="init_from", metavar="RUN",
                    help="start from another run's best weights (same stage and preset)")
     p.set_defaults(func=_run_train)
