@@ -33,7 +33,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -647,6 +647,9 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder, e.g. engines/NAME")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--opset", type=int, default=OPSET)
+    ap.add_argument("--default-decoder", choices=["lm", "rolls"], default="lm",
+                    help="how `pianolm transcribe` reads notes from this model unless told "
+                         "(manifest default_decoder)")
     ap.add_argument("--verify", action="store_true",
                     help="compare every graph with PyTorch on random inputs (batch 1, 2 s clip)")
     args = ap.parse_args(argv)
@@ -677,6 +680,9 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"pianolm export: error: {e}", file=sys.stderr)
         return 2
+    if args.default_decoder != manifest.default_decoder:
+        write_manifest(replace(manifest, default_decoder=args.default_decoder), args.out)
+        manifest = load_manifest(args.out)
     print(f"wrote {args.out} ({manifest.precision}, opset {manifest.opset}, stages "
           f"{', '.join(manifest.stage_names)}) in {time.perf_counter() - t0:.0f} s")
     for graph in manifest.graphs().values():

@@ -77,7 +77,7 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
         extra = [Path(args.report_json)] if args.report_json else []
         _refuse_overwrite(midi_paths + note_paths + extra, args.overwrite)
         transcriber = Transcriber(args.model, backend=args.backend, batch=args.batch,
-                                  threads=args.threads)
+                                  threads=args.threads, decoder=args.decoder)
         from tqdm import tqdm
 
         total = sum(info.num_segments for info in infos)
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: beside each input)")
     tr.add_argument("--model", help="exported model folder (default: the shipped model)")
     tr.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    tr.add_argument("--decoder", choices=["lm", "rolls"],
+                    help="notes from the LM stages or the encoder's own rolls (default: the "
+                         "model's manifest, default_decoder)")
     tr.add_argument("--batch", type=int, default=1, help="segments decoded together, across "
                     "files (throughput mode)")
     tr.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")

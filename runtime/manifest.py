@@ -25,6 +25,7 @@ FORMAT = "pianolm-model"
 # 2: the encoder graph may also output the four piano rolls, described by `encoder.rolls`.
 # Version-1 folders (embeddings only) still load; they just have no roll baseline.
 FORMAT_VERSION = 2
+DECODERS = ("lm", "rolls")  # how notes are read: the stage decoders, or the encoder's rolls
 ROLLS_VERSION = 2  # the first format version that knows `encoder.rolls`
 MANIFEST_FILE = "manifest.json"
 MIN_OPSET = 17
@@ -200,6 +201,9 @@ class Manifest:
     vocab: dict[str, int] = field(default_factory=vocab.as_dict)
     format_version: int = FORMAT_VERSION
     folder: Path | None = None  # set by load_manifest; not written
+    # How `pianolm transcribe` turns audio into notes unless told: "lm" (the stage decoders)
+    # or "rolls" (the encoder's own rolls, runtime/rolls.py). Optional, default "lm".
+    default_decoder: str = "lm"
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -231,7 +235,7 @@ class Manifest:
                           "segment_samples": self.segment_samples},
                 "encoder": self.encoder.to_dict(), "vocab": dict(self.vocab),
                 "stages": [s.to_dict() for s in self.stages], "source": self.source.to_dict(),
-                "versions": dict(self.versions)}
+                "versions": dict(self.versions), "default_decoder": self.default_decoder}
 
 
 def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
@@ -468,7 +472,7 @@ def load_manifest(folder: str | Path) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: top level must be an object")
     f.only(raw, {"format", "format_version", "precision", "opset", "audio", "encoder", "vocab",
-                 "stages", "source", "versions"}, "")
+                 "stages", "source", "versions", "default_decoder"}, "")
 
     fmt = f.get(raw, "format", str, "")
     if fmt != FORMAT:
@@ -540,8 +544,14 @@ def load_manifest(folder: str | Path) -> Manifest:
         if not isinstance(value, str):
             raise f.fail(f"versions.{key}", f"must be str, got {value!r}")
 
+    default_decoder = f.get(raw, "default_decoder", str, "", optional=True) or "lm"
+    if default_decoder not in DECODERS:
+        raise f.fail("default_decoder", f"is {default_decoder!r}; known: {list(DECODERS)}")
+    if default_decoder == "rolls" and encoder.rolls is None:
+        raise f.fail("default_decoder", "is 'rolls', but the encoder graph has no roll outputs")
+
     return Manifest(precision, opset, sample_rate, segment_samples, encoder, stages, source,
-                    dict(versions), dict(vocab_raw), version, folder)
+                    dict(versions), dict(vocab_raw), version, folder, default_decoder)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -27,10 +27,11 @@ import numpy as np
 from .audio import SAMPLE_RATE, prepare_audio, probe_audio, segment_audio, stream_segments
 from .backend import Backend
 from .decode import DEFAULT_MAX_NOTES, OpenNote, RowSpec, SegmentTokens, decode_batch, to_notes
-from .manifest import ManifestError
+from .manifest import DECODERS, Manifest, ManifestError, RollsSpec
 from .midi import write_midi, write_notes_json, write_notes_tsv
 from .notes import Note
 from .report import Report, TimedBackend, Timings
+from .rolls import ROLL_KEYS, decode_rolls, join_segments
 
 Source = str | os.PathLike | tuple[np.ndarray, int]
 BACKENDS = ("cpu", "cuda", "tensorrt")
@@ -92,6 +93,7 @@ class _Input:
     duration_s: float
     segments: list[SegmentTokens] = field(default_factory=list)
     carry: list[OpenNote] = field(default_factory=list)
+    rolls: list[dict[str, np.ndarray]] = field(default_factory=list)  # decoder="rolls"
 
 
 def _open_source(source: Source) -> tuple[_Input, Iterator[np.ndarray]]:
@@ -113,11 +115,14 @@ class Transcriber:
         object implementing runtime/backend.py's Backend (e.g. the PyTorch reference).
     batch: segments decoded together (across files); larger = more throughput, more memory.
     concurrent: run the velocity and offset stages side by side.
+    decoder: "lm" (the stage decoders) or "rolls" (the encoder's own piano rolls, decoded with
+        the manifest's thresholds: runtime/rolls.py); None = the manifest's `default_decoder`.
     """
 
     def __init__(self, model_dir: str | os.PathLike | None = None,
                  backend: str | Backend = "cpu", batch: int = 1, threads: int | None = None,
-                 max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool = True) -> None:
+                 max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool = True,
+                 decoder: str | None = None) -> None:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         if isinstance(backend, str):
@@ -126,6 +131,15 @@ class Transcriber:
         else:  # a wrapper may name the backend it wraps (runtime/evaluation.py RollTap)
             self.backend_name = getattr(backend, "backend_name", type(backend).__name__)
             self.backend = backend
+        manifest: Manifest | None = getattr(self.backend, "manifest", None)
+        self.decoder = decoder or (manifest.default_decoder if manifest else "lm")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {self.decoder!r}: choose one of "
+                             f"{', '.join(DECODERS)}")
+        self.rolls: RollsSpec | None = manifest.encoder.rolls if manifest else None
+        if self.decoder == "rolls" and (self.rolls is None or manifest is None):
+            raise ManifestError("decoder 'rolls' needs a model whose encoder graph outputs "
+                                "piano rolls (manifest encoder.rolls); this one has none")
         self.precision: str = getattr(self.backend, "precision", "fp32")
         self.batch = batch
         self.threads = threads
@@ -148,6 +162,12 @@ class Transcriber:
         t0 = time.perf_counter()
         first_note: float | None = None
         for batch in self._batches(sources):
+            if self.decoder == "rolls":
+                yield from self._roll_batch(batch, timings, count, t0)
+                first_note = first_note if first_note is not None else time.perf_counter() - t0
+                if progress:
+                    progress(len(batch))
+                continue
             rows = _row_specs(batch)
             audio = np.stack([seg for _, _, seg in batch])
             t_batch = time.perf_counter()
@@ -171,6 +191,32 @@ class Transcriber:
                 progress(len(batch))
         self.report = self._report(timings, count, t0, first_note)
 
+    def _roll_batch(self, batch: list[tuple[_Input, int, np.ndarray]], timings: Timings,
+                    count: dict, t0: float) -> Iterator[Transcription]:
+        """decoder="rolls": one encoder run, each file's rolls joined and decoded when its
+        last segment is in (runtime/rolls.py, the manifest's thresholds)."""
+        assert self.rolls is not None
+        t_enc = time.perf_counter()
+        _, rolls = self.backend.encode_with_rolls(np.stack([seg for _, _, seg in batch]))
+        timings.encoder.append((len(batch), time.perf_counter() - t_enc))
+        fps = self.backend.manifest.encoder.frames_per_second
+        for r, (item, _, _) in enumerate(batch):
+            item.rolls.append({k: v[r] for k, v in rolls.items()})
+            if len(item.rolls) < item.num_segments:
+                continue
+            t_dec = time.perf_counter()
+            stacked = {k: np.stack([seg[k] for seg in item.rolls]) for k in ROLL_KEYS}
+            joined = join_segments(stacked, fps, n_samples=round(item.duration_s * SAMPLE_RATE))
+            result = Transcription(item.name, decode_rolls(joined, fps, self.rolls.thresholds),
+                                   item.duration_s)
+            item.rolls = []
+            count["decode_s"] += time.perf_counter() - t_dec
+            count["files"] += 1
+            count["audio_s"] += item.duration_s
+            count["notes"] += len(result.notes)
+            self.report = self._report(timings, count, t0, None)
+            yield result
+
     def _batches(self, sources: Iterable[Source]
                  ) -> Iterator[list[tuple[_Input, int, np.ndarray]]]:
         """Every source's segments, in order, in batches of self.batch rows."""
@@ -191,7 +237,8 @@ class Transcriber:
                             batch=self.batch, threads=self.threads, files=count["files"],
                             audio_s=count["audio_s"], wall_s=time.perf_counter() - t0,
                             time_to_first_note_s=first_note, notes=count["notes"],
-                            decode_tokens=count["tokens"], decode_s=count["decode_s"])
+                            decode_tokens=count["tokens"], decode_s=count["decode_s"],
+                            decoder=self.decoder)
 
 
 def _row_specs(batch: list[tuple[_Input, int, np.ndarray]]) -> list[RowSpec]:

@@ -111,3 +111,58 @@ def test_batch_must_be_a_positive_integer(bad):
 def test_unknown_backend_name(tmp_path):
     with pytest.raises(ValueError, match="unknown backend"):
         T.open_backend("metal", tmp_path)
+
+
+def test_rolls_decoder_equals_decoding_the_encoders_rolls(exported, tmp_path):
+    """decoder="rolls": the notes are runtime/rolls.py's reading of the encoder graph's rolls
+    (segments joined, the manifest's thresholds), batch for batch; the manifest's
+    default_decoder picks it when no decoder is given; a bad choice is refused."""
+    import json
+
+    from pianolm.runtime.manifest import ManifestError, load_manifest
+    from pianolm.runtime.ort_backend import OrtBackend
+    from pianolm.runtime.rolls import decode_rolls, join_segments
+
+    folder = exported.dirs["hier"]
+    manifest = load_manifest(folder)
+    assert manifest.default_decoder == "lm" and manifest.encoder.rolls is not None
+    clips = [_clip(14.0, 5), _clip(3.0, 6)]
+    backend = OrtBackend(folder, threads=1)
+    want = []
+    for samples, _ in clips:
+        audio = np.zeros(20 * RATE if len(samples) > 10 * RATE else 10 * RATE, np.float32)
+        audio[:len(samples)] = samples
+        _, rolls = backend.encode_with_rolls(audio.reshape(-1, 10 * RATE))
+        joined = join_segments(rolls, manifest.encoder.frames_per_second, n_samples=len(samples))
+        want.append(decode_rolls(joined, manifest.encoder.frames_per_second,
+                                 manifest.encoder.rolls.thresholds))
+    assert any(want), "the tiny model's rolls should give some notes"
+    for batch in (1, 3):
+        t = Transcriber(folder, batch=batch, threads=1, decoder="rolls")
+        assert [r.notes for r in t.transcribe_many(clips)] == want, batch
+        assert t.report.decoder == "rolls" and t.report.notes == sum(map(len, want))
+
+    # the manifest's default_decoder
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in folder.iterdir():
+        (copy / f.name).symlink_to(f)
+    raw = json.loads((folder / "manifest.json").read_text())
+    (copy / "manifest.json").unlink()
+    (copy / "manifest.json").write_text(json.dumps({**raw, "default_decoder": "rolls"}))
+    assert Transcriber(copy, threads=1).decoder == "rolls"
+    assert Transcriber(copy, threads=1, decoder="lm").decoder == "lm"
+    with pytest.raises(ValueError, match="unknown decoder 'beam'"):
+        Transcriber(copy, threads=1, decoder="beam")
+    (copy / "manifest.json").write_text(json.dumps({**raw, "default_decoder": "greedy"}))
+    with pytest.raises(ManifestError, match="default_decoder.*'greedy'"):
+        load_manifest(copy)
+    encoder = {k: v for k, v in raw["encoder"].items() if k != "rolls"}  # a format-1 encoder
+    encoder["graph"] = {**encoder["graph"], "outputs": [o for o in encoder["graph"]["outputs"]
+                                                        if o["name"] == "embeddings"]}
+    (copy / "manifest.json").write_text(json.dumps({**raw, "encoder": encoder}))
+    assert load_manifest(copy).default_decoder == "lm"
+    (copy / "manifest.json").write_text(json.dumps({**raw, "encoder": encoder,
+                                                    "default_decoder": "rolls"}))
+    with pytest.raises(ManifestError, match="default_decoder.*no roll outputs"):
+        load_manifest(copy)
