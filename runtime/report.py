@@ -178,8 +178,9 @@ class Report:
             f"{'the LM stages' if self.decoder == 'lm' else 'the encoder rolls'}; "
             f"{self.machine}, {self.cores} cores; peak memory {self.peak_rss_mb:.0f} MB",
             f"encoder {_fmt(self.encoder_ms_per_segment)} ms/segment; time to first note "
-            f"{_fmt(self.time_to_first_note_s, 's', 2)}; decode {self.tokens_per_s:.0f} tokens/s, "
-            f"{self.notes_per_s:.1f} notes/s",
+            f"{_fmt(self.time_to_first_note_s, 's', 2)}; "
+            + (f"decode {self.tokens_per_s:.0f} tokens/s, " if self.decoder == "lm" else "")
+            + f"{self.notes_per_s:.1f} notes/s",
         ]
         for name, s in self.stages.items():
             lines.append(f"  {name:<8} cross-KV {_fmt(s['cross_kv_ms'])} ms, prefill "
