@@ -49,6 +49,7 @@ from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
 from pianolm.runtime import vocab
 from pianolm.runtime.manifest import (
     CROSS_KV_IO,
+    DECODERS,
     ENCODER_ROLLS_IO,
     MANIFEST_FILE,
     MIN_OPSET,
@@ -629,6 +630,7 @@ def _build_random(preset: str, encoder: str, flattened: bool, seed: int) -> Tran
 def main_export(argv: Sequence[str] | None = None) -> int:
     """`pianolm export`: a checkpoint (or random weights) -> an ONNX model folder."""
     from pianolm.export.decoder import PRESETS
+    from pianolm.export.encoders import ENCODERS
 
     ap = argparse.ArgumentParser(
         prog="pianolm export",
@@ -639,7 +641,7 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--random-init", action="store_true",
                      help="random weights from --preset/--encoder/--seed (cost benchmarks, tests)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="decoder size (with --random-init)")
-    ap.add_argument("--encoder", choices=["crnn", "hppnet", "hppnet-cpu"], default="hppnet",
+    ap.add_argument("--encoder", choices=sorted(ENCODERS), default="hppnet",
                     help="encoder (with --random-init; default hppnet)")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     ap.add_argument("--flattened", action="store_true",
@@ -647,7 +649,7 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder, e.g. engines/NAME")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--opset", type=int, default=OPSET)
-    ap.add_argument("--default-decoder", choices=["lm", "rolls"], default="lm",
+    ap.add_argument("--default-decoder", choices=DECODERS, default="lm",
                     help="how `pianolm transcribe` reads notes from this model unless told "
                          "(manifest default_decoder)")
     ap.add_argument("--verify", action="store_true",

@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: beside each input)")
     tr.add_argument("--model", help="exported model folder (default: the shipped model)")
     tr.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    # manifest.DECODERS, spelled out: building the parser imports nothing (fast --help)
     tr.add_argument("--decoder", choices=["lm", "rolls"],
                     help="notes from the LM stages or the encoder's own rolls (default: the "
                          "model's manifest, default_decoder)")

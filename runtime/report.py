@@ -15,11 +15,15 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from .backend import Backend, StageSession
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,10 +79,17 @@ class TimedBackend:
         self.segment_samples = backend.segment_samples
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
+        return self._timed_encode(self.backend.encode, audio)
+
+    def encode_with_rolls(self, audio: np.ndarray
+                          ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        return self._timed_encode(self.backend.encode_with_rolls, audio)
+
+    def _timed_encode(self, encode: Callable[[np.ndarray], T], audio: np.ndarray) -> T:
         t0 = time.perf_counter()
-        embeddings = self.backend.encode(audio)
+        out = encode(audio)
         self.timings.encoder.append((len(audio), time.perf_counter() - t0))
-        return embeddings
+        return out
 
     def start(self, stage: str, embeddings: np.ndarray) -> TimedSession:
         times = self.timings.stage(stage)

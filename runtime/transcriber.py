@@ -137,7 +137,7 @@ class Transcriber:
             raise ValueError(f"unknown decoder {self.decoder!r}: choose one of "
                              f"{', '.join(DECODERS)}")
         self.rolls: RollsSpec | None = manifest.encoder.rolls if manifest else None
-        if self.decoder == "rolls" and (self.rolls is None or manifest is None):
+        if self.decoder == "rolls" and self.rolls is None:
             raise ManifestError("decoder 'rolls' needs a model whose encoder graph outputs "
                                 "piano rolls (manifest encoder.rolls); this one has none")
         self.precision: str = getattr(self.backend, "precision", "fp32")
@@ -161,61 +161,59 @@ class Transcriber:
         count = {"files": 0, "audio_s": 0.0, "notes": 0, "tokens": 0, "decode_s": 0.0}
         t0 = time.perf_counter()
         first_note: float | None = None
+        decode = self._roll_batch if self.decoder == "rolls" else self._lm_batch
         for batch in self._batches(sources):
-            if self.decoder == "rolls":
-                yield from self._roll_batch(batch, timings, count, t0)
-                first_note = first_note if first_note is not None else time.perf_counter() - t0
-                if progress:
-                    progress(len(batch))
-                continue
-            rows = _row_specs(batch)
-            audio = np.stack([seg for _, _, seg in batch])
-            t_batch = time.perf_counter()
-            decoded = decode_batch(timed, audio, rows, self.max_notes, self.concurrent)
-            encode_s = timings.encoder[-1][1]
-            count["decode_s"] += time.perf_counter() - t_batch - encode_s
+            finished = decode(batch, timed, count)
             first_note = first_note if first_note is not None else time.perf_counter() - t0
-            for (item, _, _), seg in zip(batch, decoded):
-                item.segments.append(seg)
-                item.carry = seg.carry_out
-                count["tokens"] += _predicted_tokens(seg)
-                if len(item.segments) == item.num_segments:
-                    result = Transcription(item.name, to_notes(item.segments, item.duration_s),
-                                           item.duration_s)
-                    count["files"] += 1
-                    count["audio_s"] += item.duration_s
-                    count["notes"] += len(result.notes)
-                    self.report = self._report(timings, count, t0, first_note)
-                    yield result
+            for item, notes in finished:
+                result = Transcription(item.name, notes, item.duration_s)
+                count["files"] += 1
+                count["audio_s"] += item.duration_s
+                count["notes"] += len(result.notes)
+                self.report = self._report(timings, count, t0, first_note)
+                yield result
             if progress:
                 progress(len(batch))
         self.report = self._report(timings, count, t0, first_note)
 
-    def _roll_batch(self, batch: list[tuple[_Input, int, np.ndarray]], timings: Timings,
-                    count: dict, t0: float) -> Iterator[Transcription]:
-        """decoder="rolls": one encoder run, each file's rolls joined and decoded when its
+    def _lm_batch(self, batch: list[tuple[_Input, int, np.ndarray]], timed: TimedBackend,
+                  count: dict) -> list[tuple[_Input, list[Note]]]:
+        """decoder="lm": the hierarchical decode loop; the inputs whose last segment this
+        batch held, with their stitched notes."""
+        rows = _row_specs(batch)
+        audio = np.stack([seg for _, _, seg in batch])
+        t_batch = time.perf_counter()
+        decoded = decode_batch(timed, audio, rows, self.max_notes, self.concurrent)
+        encode_s = timed.timings.encoder[-1][1]
+        count["decode_s"] += time.perf_counter() - t_batch - encode_s
+        finished = []
+        for (item, _, _), seg in zip(batch, decoded):
+            item.segments.append(seg)
+            item.carry = seg.carry_out
+            count["tokens"] += _predicted_tokens(seg)
+            if len(item.segments) == item.num_segments:
+                finished.append((item, to_notes(item.segments, item.duration_s)))
+        return finished
+
+    def _roll_batch(self, batch: list[tuple[_Input, int, np.ndarray]], timed: TimedBackend,
+                    count: dict) -> list[tuple[_Input, list[Note]]]:
+        """decoder="rolls": one encoder run; each input's rolls are joined and decoded when its
         last segment is in (runtime/rolls.py, the manifest's thresholds)."""
         assert self.rolls is not None
-        t_enc = time.perf_counter()
-        _, rolls = self.backend.encode_with_rolls(np.stack([seg for _, _, seg in batch]))
-        timings.encoder.append((len(batch), time.perf_counter() - t_enc))
+        _, rolls = timed.encode_with_rolls(np.stack([seg for _, _, seg in batch]))
         fps = self.backend.manifest.encoder.frames_per_second
+        t_dec = time.perf_counter()
+        finished = []
         for r, (item, _, _) in enumerate(batch):
             item.rolls.append({k: v[r] for k, v in rolls.items()})
-            if len(item.rolls) < item.num_segments:
-                continue
-            t_dec = time.perf_counter()
-            stacked = {k: np.stack([seg[k] for seg in item.rolls]) for k in ROLL_KEYS}
-            joined = join_segments(stacked, fps, n_samples=round(item.duration_s * SAMPLE_RATE))
-            result = Transcription(item.name, decode_rolls(joined, fps, self.rolls.thresholds),
-                                   item.duration_s)
-            item.rolls = []
-            count["decode_s"] += time.perf_counter() - t_dec
-            count["files"] += 1
-            count["audio_s"] += item.duration_s
-            count["notes"] += len(result.notes)
-            self.report = self._report(timings, count, t0, None)
-            yield result
+            if len(item.rolls) == item.num_segments:
+                stacked = {k: np.stack([seg[k] for seg in item.rolls]) for k in ROLL_KEYS}
+                joined = join_segments(stacked, fps,
+                                       n_samples=round(item.duration_s * SAMPLE_RATE))
+                finished.append((item, decode_rolls(joined, fps, self.rolls.thresholds)))
+                item.rolls = []
+        count["decode_s"] += time.perf_counter() - t_dec
+        return finished
 
     def _batches(self, sources: Iterable[Source]
                  ) -> Iterator[list[tuple[_Input, int, np.ndarray]]]:

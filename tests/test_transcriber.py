@@ -152,6 +152,12 @@ def test_rolls_decoder_equals_decoding_the_encoders_rolls(exported, tmp_path):
     (copy / "manifest.json").write_text(json.dumps({**raw, "default_decoder": "rolls"}))
     assert Transcriber(copy, threads=1).decoder == "rolls"
     assert Transcriber(copy, threads=1, decoder="lm").decoder == "lm"
+    from pianolm.runtime.cli import build_parser
+    from pianolm.runtime.manifest import DECODERS
+
+    (tr,) = [a for a in build_parser()._subparsers._group_actions[0].choices["transcribe"]
+             ._actions if a.dest == "decoder"]
+    assert tuple(tr.choices) == DECODERS  # the CLI spells them out to stay import-free
     with pytest.raises(ValueError, match="unknown decoder 'beam'"):
         Transcriber(copy, threads=1, decoder="beam")
     (copy / "manifest.json").write_text(json.dumps({**raw, "default_decoder": "greedy"}))

@@ -292,8 +292,9 @@ def mix_embeddings(out_dir: str | os.PathLike, train: Sequence[tuple[str | os.Pa
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sources = list(dict.fromkeys([Path(d).resolve() for d, _ in train] +
-                                 [Path(d).resolve() for d in validation]))
+    train_dirs = [(Path(d).resolve(), repeat) for d, repeat in train]
+    val_dirs = [Path(d).resolve() for d in validation]
+    sources = list(dict.fromkeys([d for d, _ in train_dirs] + val_dirs))
     indexes = [load_embeddings_index(d) for d in sources]
     layout = ("embed_dim", "frames_per_segment", "frames_per_second")
     for d, idx in zip(sources, indexes):
@@ -316,12 +317,11 @@ def mix_embeddings(out_dir: str | os.PathLike, train: Sequence[tuple[str | os.Pa
                 for it in idx["items"] if it["split"] == split]
 
     items = []
-    for d, repeat in train:
-        d = Path(d).resolve()
+    for d, repeat in train_dirs:
         for k in range(repeat):
             items += entries(d, "train", f"{links[d]}.{k}")
-    for d in validation:
-        items += entries(Path(d).resolve(), "validation", links[Path(d).resolve()])
+    for d in val_dirs:
+        items += entries(d, "validation", links[d])
     real = [idx for idx in indexes if idx.get("encoder") != "oracle"]
     index = {**{k: indexes[0][k] for k in ("format", "version", "dtype", "roll_keys", *layout)},
              "encoder": "+".join(dict.fromkeys(idx.get("encoder", "?") for idx in indexes)),

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pianolm.export.encoders import ENCODERS
 from pianolm.runtime.audio import segment_audio
 from pianolm.runtime.notes import Note
 from pianolm.runtime.rolls import RollDecodeConfig, decode_rolls, join_segments
@@ -560,7 +561,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("encoder", help="pre-train an encoder on piano-roll targets",
                        description=__doc__.split("\n\n")[0], argument_default=S)
     p.add_argument("--data", dest="data_root", help="rendered dataset root (index.json)")
-    p.add_argument("--encoder", dest="encoder_name", choices=["crnn", "hppnet", "hppnet-cpu"])
+    p.add_argument("--encoder", dest="encoder_name", choices=sorted(ENCODERS))
     p.add_argument("--out", dest="out_dir", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out exactly where it stopped")

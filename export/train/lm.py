@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pianolm.export.decoder import Decoder, DecoderConfig
+from pianolm.export.decoder import PRESETS, Decoder, DecoderConfig
 from pianolm.export.torch_backend import CachedSession
 from pianolm.runtime import vocab as V
 from pianolm.runtime.decode import (
@@ -663,7 +663,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=list(ALL_STAGES))
     p.add_argument("--embeddings", dest="embeddings_dir", help="embeddings folder (embed)")
     p.add_argument("--out", dest="out_dir", required=True, help="run folder")
-    p.add_argument("--preset", choices=["mini", "tiny", "small", "base"])
+    p.add_argument("--preset", choices=sorted(PRESETS))
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out exactly where it stopped")
     for name, kind in (("steps", int), ("batch", int), ("lr", float), ("weight-decay", float),
