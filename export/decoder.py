@@ -15,11 +15,16 @@ Two ways in:
 - `cross_kv(audio_emb)` once per segment, then `step(...)` per chunk with an explicit KV cache.
   `step` is what gets exported to ONNX: no Python branching on tensor values, every length comes
   from an input shape, and past length 0 works (prefill and steps are one graph).
+
+Caches are per layer, a list of (K, V) pairs, never one stacked tensor: in ONNX Runtime taking
+layer i out of a stacked input is a copy of all of it, every step. The cross-attention K is kept
+transposed, [B, H, Dh, T], so q K^T reads it as it is instead of transposing it every step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -27,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pianolm.runtime import vocab
+
+KV = tuple[Tensor, Tensor]  # one layer's cache: (K, V)
 
 # name -> (n_layers, d_model, n_heads)
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -180,15 +187,17 @@ class SelfAttention(Attention):
 
 
 class CrossAttention(Attention):
-    def kv(self, audio: Tensor) -> tuple[Tensor, Tensor]:
-        """audio [B, T, d] -> K, V [B, H, T, Dh]; computed once per segment."""
-        return self._heads(self.wk(audio)), self._heads(self.wv(audio))
+    def kv(self, audio: Tensor) -> KV:
+        """audio [B, T, d] -> (K^T [B, H, Dh, T], V [B, H, T, Dh]); once per segment."""
+        return self._heads(self.wk(audio)).transpose(2, 3), self._heads(self.wv(audio))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_t: Tensor, v: Tensor) -> Tensor:
         # RoPE on the queries only (the audio carries its own absolute PE), as the authors do.
         q = apply_rope(self._heads(self.wq(x)), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v)  # every frame of a segment is real audio
-        return self.wo(y.transpose(1, 2).flatten(2))
+        # Written out rather than SDPA: the exporter lowers SDPA with a Transpose of K, which
+        # would copy K^T back every step. No mask: every frame of a segment is real audio.
+        att = torch.softmax((q * self.head_dim ** -0.5) @ k_t, dim=-1)
+        return self.wo((att @ v).transpose(1, 2).flatten(2))
 
 
 class SwiGLU(nn.Module):
@@ -279,11 +288,11 @@ class Decoder(nn.Module):
         t = audio_emb.shape[1]
         return self.audio_proj(audio_emb) + self.audio_pe_proj(self.audio_pe[:t])[None]
 
-    def cross_kv(self, audio_emb: Tensor) -> tuple[Tensor, Tensor]:
-        """[B, T, enc_dim] -> (cross_k, cross_v), each [L, B, H, T, Dh]; once per segment."""
+    def cross_kv(self, audio_emb: Tensor) -> list[KV]:
+        """[B, T, enc_dim] -> per layer (K^T [B, H, Dh, T], V [B, H, T, Dh]); once per
+        segment."""
         mem = self.audio_memory(audio_emb)
-        kvs = [blk.cross.kv(mem) for blk in self.blocks]
-        return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
+        return [blk.cross.kv(mem) for blk in self.blocks]
 
     # -- training / full-prefix pass --------------------------------------------------------
 
@@ -300,41 +309,38 @@ class Decoder(nn.Module):
             positions = torch.arange(s, device=tokens.device).expand(b, s)
         mask = None if key_mask is None else self_attention_mask(key_mask, s)
         cos, sin = self._rope(positions)
-        cross_k, cross_v = self.cross_kv(audio_emb)
         x = self.tok_emb(tokens)
-        for i, blk in enumerate(self.blocks):
-            x, _, _ = blk(x, cos, sin, mask, None, None, cross_k[i], cross_v[i])
+        for blk, (cross_k, cross_v) in zip(self.blocks, self.cross_kv(audio_emb)):
+            x, _, _ = blk(x, cos, sin, mask, None, None, cross_k, cross_v)
         return self.head(self.norm(x))
 
     # -- incremental, export-friendly -------------------------------------------------------
 
-    def step(self, tokens: Tensor, positions: Tensor, key_mask: Tensor, past_k: Tensor,
-             past_v: Tensor, cross_k: Tensor, cross_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def step(self, tokens: Tensor, positions: Tensor, key_mask: Tensor, past: Sequence[KV],
+             cross: Sequence[KV]) -> tuple[Tensor, list[KV]]:
         """Feed a chunk of n tokens after P cached ones.
 
         tokens, positions: int64 [B, n]; key_mask: bool [B, P+n] (False = padding, invisible
-        to later queries); past_k/past_v: [L, B, H, P, Dh] (P may be 0); cross_k/cross_v:
-        [L, B, H, T, Dh] from `cross_kv`.
-        Returns logits [B, V] of the chunk's last position and present_k/present_v
-        [L, B, H, P+n, Dh].
+        to later queries); past: per layer (K, V), each [B, H, P, Dh] (P may be 0); cross: per
+        layer from `cross_kv`.
+        Returns logits [B, V] of the chunk's last position and present: per layer (K, V), each
+        [B, H, P+n, Dh].
         """
         mask = self_attention_mask(key_mask, tokens.shape[1])
         cos, sin = self._rope(positions)
         x = self.tok_emb(tokens)
-        present_k, present_v = [], []
-        for i, blk in enumerate(self.blocks):
-            x, k, v = blk(x, cos, sin, mask, past_k[i], past_v[i], cross_k[i], cross_v[i])
-            present_k.append(k)
-            present_v.append(v)
-        logits = self.head(self.norm(x[:, -1]))
-        return logits, torch.stack(present_k), torch.stack(present_v)
+        present = []
+        for blk, (past_k, past_v), (cross_k, cross_v) in zip(self.blocks, past, cross):
+            x, k, v = blk(x, cos, sin, mask, past_k, past_v, cross_k, cross_v)
+            present.append((k, v))
+        return self.head(self.norm(x[:, -1])), present
 
-    def empty_cache(self, batch: int) -> tuple[Tensor, Tensor]:
-        """Past K/V of length 0, [L, B, H, 0, Dh] each."""
+    def empty_cache(self, batch: int) -> list[KV]:
+        """Per layer a past K and V of length 0, [B, H, 0, Dh] each."""
         c = self.cfg
-        shape = (c.n_layers, batch, c.n_heads, 0, c.head_dim)
         w = self.head.weight
-        return w.new_zeros(shape), w.new_zeros(shape)
+        return [(w.new_zeros(batch, c.n_heads, 0, c.head_dim),
+                 w.new_zeros(batch, c.n_heads, 0, c.head_dim)) for _ in range(c.n_layers)]
 
 
 def sharpen(model: nn.Module, seed: int = 1) -> nn.Module:

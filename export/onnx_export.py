@@ -5,13 +5,15 @@ named (sherpa-onnx's Whisper export style):
 
     encoder.onnx            waveform [batch, samples] -> embeddings [batch, frames, E] and the
                             rolls onset, offset, frame, velocity [batch, frames, 88]
-    {stage}_cross_kv.onnx   embeddings -> cross_k, cross_v [layers, batch, heads, frames, head_dim]
-    {stage}_step.onnx       tokens, positions, key_mask, past_k, past_v, cross_k, cross_v
-                            -> logits [batch, vocab], present_k, present_v
+    {stage}_cross_kv.onnx   embeddings -> per layer i: cross.{i}.key [batch, heads, head_dim,
+                            frames] (transposed), cross.{i}.value [batch, heads, frames, head_dim]
+    {stage}_step.onnx       tokens, positions, key_mask, past_key_values.{i}.key/value,
+                            cross.{i}.key/value -> logits [batch, vocab], present.{i}.key/value
 
-One step graph serves prefill (chunk > 1, past 0) and steps: there is no If/Loop, every length
-comes from an input shape, past length 0 works. Dynamic axes carry fixed names (batch, samples,
-frames, chunk, past, past_plus_chunk), shared across inputs (past_k and past_v both say "past").
+(runtime/manifest.py step_io). One step graph serves prefill (chunk > 1, past 0) and steps:
+there is no If/Loop, every length comes from an input shape, past length 0 works. Dynamic axes
+carry fixed names (batch, samples, frames, chunk, past, past_plus_chunk), shared across inputs
+(every past key and value says "past").
 
 Top to bottom: the export wrappers, exporting one graph, fp16 / int8 conversion of an fp32
 folder, `export_model`, parity measurement (ONNX Runtime vs PyTorch), and `pianolm export`.
@@ -43,18 +45,16 @@ import onnx_ir as ir
 import torch
 from torch import Tensor, nn
 
-from pianolm.export.decoder import Decoder
+from pianolm.export.decoder import KV, Decoder
 from pianolm.export.encoders import EncoderGraph
 from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
 from pianolm.runtime import vocab
 from pianolm.runtime.manifest import (
-    CROSS_KV_IO,
     DECODERS,
     ENCODER_ROLLS_IO,
     MANIFEST_FILE,
     MIN_OPSET,
     PRECISIONS,
-    STEP_IO,
     DecoderSpec,
     EncoderSpec,
     GraphSpec,
@@ -63,8 +63,11 @@ from pianolm.runtime.manifest import (
     SourceSpec,
     StageSpec,
     TensorSpec,
+    cross_kv_io,
     file_sha256,
+    kv_names,
     load_manifest,
+    step_io,
     write_manifest,
 )
 from pianolm.runtime.ort_backend import RowPositions
@@ -94,35 +97,46 @@ _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "fl
 # [batch, frames, 88] (the roll-decoding baseline of `pianolm eval`).
 
 
+def _flat(cache: Sequence[KV]) -> tuple[Tensor, ...]:
+    """Per-layer (K, V) pairs -> K0, V0, K1, V1, ...: the graphs' tensor order (kv_names)."""
+    return tuple(t for kv in cache for t in kv)
+
+
+def _pairs(flat: Sequence[Tensor]) -> list[KV]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
 class CrossKVGraph(nn.Module):
-    """embeddings [batch, frames, enc_dim] -> cross_k, cross_v [layers, batch, heads, frames,
-    head_dim]: every layer's cross-attention keys and values, once per segment."""
+    """embeddings [batch, frames, enc_dim] -> every layer's cross-attention K^T [batch, heads,
+    head_dim, frames] and V [batch, heads, frames, head_dim], once per segment."""
 
     def __init__(self, decoder: Decoder) -> None:
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
-        return self.decoder.cross_kv(embeddings)
+    def forward(self, embeddings: Tensor) -> tuple[Tensor, ...]:
+        return _flat(self.decoder.cross_kv(embeddings))
 
 
 class DecoderStepGraph(nn.Module):
     """One decoder step over a chunk of tokens (Decoder.step):
 
-    tokens, positions [batch, chunk] int64; key_mask [batch, past_plus_chunk] bool;
-    past_k, past_v [layers, batch, heads, past, head_dim]; cross_k, cross_v from CrossKVGraph
-    -> logits [batch, vocab] (after the chunk's last token), present_k, present_v
-    [layers, batch, heads, past_plus_chunk, head_dim] (past ++ the chunk).
+    tokens, positions [batch, chunk] int64; key_mask [batch, past_plus_chunk] bool; then the
+    caches, flat: per layer past K, V [batch, heads, past, head_dim], then per layer cross K^T,
+    V from CrossKVGraph -> logits [batch, vocab] (after the chunk's last token), per layer
+    present K, V [batch, heads, past_plus_chunk, head_dim] (past ++ the chunk).
     """
 
     def __init__(self, decoder: Decoder) -> None:
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, tokens: Tensor, positions: Tensor, key_mask: Tensor, past_k: Tensor,
-                past_v: Tensor, cross_k: Tensor, cross_v: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        return self.decoder.step(tokens, positions, key_mask, past_k, past_v, cross_k, cross_v)
+    def forward(self, tokens: Tensor, positions: Tensor, key_mask: Tensor, *caches: Tensor
+                ) -> tuple[Tensor, ...]:
+        n = 2 * self.decoder.cfg.n_layers
+        logits, present = self.decoder.step(tokens, positions, key_mask, _pairs(caches[:n]),
+                                            _pairs(caches[n:]))
+        return (logits, *_flat(present))
 
 
 @dataclass
@@ -133,6 +147,7 @@ class _Plan:
     example: tuple[Tensor, ...]
     io: tuple[tuple[str, ...], tuple[str, ...]]
     axes: dict[str, dict[int, str]]  # input and output name -> axis -> dim name
+    named_args: int | None = None  # forward's named parameters, when the rest are *varargs
 
 
 def _encoder_plan(encoder: nn.Module, samples: int) -> _Plan:
@@ -144,33 +159,40 @@ def _encoder_plan(encoder: nn.Module, samples: int) -> _Plan:
                   **{key: frames for key in ROLL_KEYS}})
 
 
+def _cache_axes(names: Sequence[str], length: str) -> dict[str, dict[int, str]]:
+    """Dynamic axes of per-layer caches: [batch, heads, length, head_dim], a cross K^T
+    [batch, heads, head_dim, frames]."""
+    transposed = length == "frames"
+    return {name: {0: "batch", 3 if transposed and name.endswith(".key") else 2: length}
+            for name in names}
+
+
 def _cross_plan(decoder: Decoder) -> _Plan:
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(EX_BATCH, EX_FRAMES, decoder.cfg.enc_dim, generator=g)
-    kv = {1: "batch", 3: "frames"}
-    return _Plan(CrossKVGraph(decoder), (emb,), CROSS_KV_IO,
-                 {"embeddings": {0: "batch", 1: "frames"}, "cross_k": kv, "cross_v": kv})
+    io = cross_kv_io(decoder.cfg.n_layers)
+    return _Plan(CrossKVGraph(decoder), (emb,), io,
+                 {"embeddings": {0: "batch", 1: "frames"}, **_cache_axes(io[1], "frames")})
 
 
 def _step_plan(decoder: Decoder) -> _Plan:
     c = decoder.cfg
     g = torch.Generator().manual_seed(0)
     b, n, p, t = EX_BATCH, EX_CHUNK, EX_PAST, EX_FRAMES
-    kv = (c.n_layers, b, c.n_heads)
+    past = [torch.randn(b, c.n_heads, p, c.head_dim, generator=g)
+            for _ in range(2 * c.n_layers)]
+    cross = [torch.randn(b, c.n_heads, *((c.head_dim, t) if i % 2 == 0 else (t, c.head_dim)),
+                         generator=g) for i in range(2 * c.n_layers)]
     example = (torch.randint(0, c.vocab_size, (b, n), generator=g),
                torch.arange(p, p + n).expand(b, n).contiguous(),
-               torch.ones(b, p + n, dtype=torch.bool),
-               torch.randn(*kv, p, c.head_dim, generator=g),
-               torch.randn(*kv, p, c.head_dim, generator=g),
-               torch.randn(*kv, t, c.head_dim, generator=g),
-               torch.randn(*kv, t, c.head_dim, generator=g))
-    past, cross, present = {1: "batch", 3: "past"}, {1: "batch", 3: "frames"}, {
-        1: "batch", 3: "past_plus_chunk"}
-    return _Plan(DecoderStepGraph(decoder), example, STEP_IO, {
+               torch.ones(b, p + n, dtype=torch.bool), *past, *cross)
+    io = step_io(c.n_layers)
+    n_past = 2 * c.n_layers
+    return _Plan(DecoderStepGraph(decoder), example, io, {
         "tokens": {0: "batch", 1: "chunk"}, "positions": {0: "batch", 1: "chunk"},
-        "key_mask": {0: "batch", 1: "past_plus_chunk"}, "past_k": past, "past_v": past,
-        "cross_k": cross, "cross_v": cross, "logits": {0: "batch"}, "present_k": present,
-        "present_v": present})
+        "key_mask": {0: "batch", 1: "past_plus_chunk"}, "logits": {0: "batch"},
+        **_cache_axes(io[0][3:3 + n_past], "past"), **_cache_axes(io[0][3 + n_past:], "frames"),
+        **_cache_axes(io[1][1:], "past_plus_chunk")}, named_args=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,9 +216,11 @@ def _param_bytes(module: nn.Module) -> int:
 
 def _export(plan: _Plan, path: Path, opset: int, external_data_bytes: int) -> None:
     inputs, outputs = plan.io
-    # torch.export's dynamic_shapes keyed by forward's argument names; a string names the axis
-    # in the ONNX graph (the exporter turns it into Dim.DYNAMIC).
-    dynamic = {name: dict(plan.axes[name]) for name in inputs}
+    # torch.export's dynamic_shapes, one entry per forward argument (a tuple for *varargs); a
+    # string names the axis in the ONNX graph (the exporter turns it into Dim.DYNAMIC).
+    axes = [dict(plan.axes[name]) for name in inputs]
+    dynamic = tuple(axes) if plan.named_args is None else (
+        *axes[:plan.named_args], tuple(axes[plan.named_args:]))
     with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(
             plan.module.eval(), plan.example, dynamo=True, opset_version=opset,
@@ -556,20 +580,21 @@ class Parity:
 def random_step_inputs(cfg: Any, batch: int, chunk: int, past: int, frames: int,
                        rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Step-graph inputs as the decode loop makes them: some padding, per-row positions."""
-    kv = (cfg.n_layers, batch, cfg.n_heads)
     rows = RowPositions.empty(batch)
     if past:
         rows.advance(rng.random((batch, past)) > 0.3)
     mask = rng.random((batch, chunk)) > 0.3
     mask[:, -1] = True  # the last position's logits are the ones read
     positions, key_mask = rows.advance(mask)
-    f32 = np.float32
-    return {"tokens": rng.integers(0, cfg.vocab_size, (batch, chunk)).astype(np.int64),
-            "positions": positions, "key_mask": key_mask,
-            "past_k": rng.normal(size=(*kv, past, cfg.head_dim)).astype(f32),
-            "past_v": rng.normal(size=(*kv, past, cfg.head_dim)).astype(f32),
-            "cross_k": rng.normal(size=(*kv, frames, cfg.head_dim)).astype(f32),
-            "cross_v": rng.normal(size=(*kv, frames, cfg.head_dim)).astype(f32)}
+    h, dh = cfg.n_heads, cfg.head_dim
+    feeds = {"tokens": rng.integers(0, cfg.vocab_size, (batch, chunk)).astype(np.int64),
+             "positions": positions, "key_mask": key_mask}
+    for name in kv_names("past_key_values", cfg.n_layers):
+        feeds[name] = rng.normal(size=(batch, h, past, dh)).astype(np.float32)
+    for name in cross_kv_io(cfg.n_layers)[1]:
+        shape = (batch, h, dh, frames) if name.endswith(".key") else (batch, h, frames, dh)
+        feeds[name] = rng.normal(size=shape).astype(np.float32)
+    return feeds
 
 
 def graph_parity(system: TranscriptionSystem, model_dir: str | Path, batch: int, *,

@@ -28,8 +28,8 @@ class CachedSession:
         self.decoder = decoder
         self.batch = embeddings.shape[0]
         self.device = embeddings.device
-        self.cross_k, self.cross_v = decoder.cross_kv(embeddings)
-        self.past_k, self.past_v = decoder.empty_cache(self.batch)
+        self.cross = decoder.cross_kv(embeddings)
+        self.past = decoder.empty_cache(self.batch)
         self.rows = RowPositions.empty(self.batch)
 
     @torch.inference_mode()
@@ -37,8 +37,7 @@ class CachedSession:
         tok = torch.from_numpy(check_chunk(tokens, mask, self.batch)[0]).to(self.device)
         positions, key_mask = (torch.from_numpy(a).to(self.device)
                                for a in self.rows.advance(np.asarray(mask)))
-        logits, self.past_k, self.past_v = self.decoder.step(
-            tok, positions, key_mask, self.past_k, self.past_v, self.cross_k, self.cross_v)
+        logits, self.past = self.decoder.step(tok, positions, key_mask, self.past, self.cross)
         return logits.float().cpu().numpy()
 
 

@@ -245,9 +245,8 @@ def write_json(result: EvalResult, path: str | os.PathLike) -> None:
 
 def _rolls_reason(manifest: Manifest, backend: object) -> str | None:
     if manifest.encoder.rolls is None:
-        return (f"the model's encoder graph has no roll outputs (manifest format version "
-                f"{manifest.format_version}); re-export it with this pianolm to measure roll "
-                f"decoding")
+        return ("the model's encoder graph has no roll outputs (no encoder.rolls in its "
+                "manifest); re-export it with `pianolm export` to measure roll decoding")
     if not callable(getattr(backend, "encode_with_rolls", None)):
         return f"backend {type(backend).__name__} cannot return the encoder's rolls"
     return None

@@ -23,10 +23,12 @@ from .rolls import ROLL_KEYS, RollDecodeConfig
 
 FORMAT = "pianolm-model"
 # 2: the encoder graph may also output the four piano rolls, described by `encoder.rolls`.
-# Version-1 folders (embeddings only) still load; they just have no roll baseline.
-FORMAT_VERSION = 2
+# 3: the decoder graphs take and give their caches per layer (see `step_io`), the cross K
+#    transposed. Folders of versions 1 and 2 (one stacked [layers, ...] cache tensor) are
+#    refused with a re-export hint: their step graphs copy the whole cache every step.
+FORMAT_VERSION = 3
+MIN_FORMAT_VERSION = 3
 DECODERS = ("lm", "rolls")  # how notes are read: the stage decoders, or the encoder's rolls
-ROLLS_VERSION = 2  # the first format version that knows `encoder.rolls`
 MANIFEST_FILE = "manifest.json"
 MIN_OPSET = 17
 
@@ -42,9 +44,28 @@ ENCODER_ROLLS_IO = (("waveform",), ("embeddings", *ROLL_KEYS))  # with `encoder.
 # velocity roll x velocity_scale is the MIDI velocity.
 ROLL_LAYOUT = {"min_pitch": vocab.MIN_PITCH, "num_pitches": vocab.NUM_PITCHES,
                "velocity_scale": 127}
-CROSS_KV_IO = (("embeddings",), ("cross_k", "cross_v"))
-STEP_IO = (("tokens", "positions", "key_mask", "past_k", "past_v", "cross_k", "cross_v"),
-           ("logits", "present_k", "present_v"))
+IO = tuple[tuple[str, ...], tuple[str, ...]]  # a graph's input names, output names
+
+
+def kv_names(prefix: str, n_layers: int) -> tuple[str, ...]:
+    """Per-layer cache tensor names, ONNX Runtime GenAI style: `{prefix}.{layer}.key` and
+    `.value`, layer by layer. Prefixes: `past_key_values` (step inputs), `present` (step
+    outputs, past ++ chunk), `cross` (the cross-KV graph's outputs, step inputs)."""
+    return tuple(f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value"))
+
+
+def cross_kv_io(n_layers: int) -> IO:
+    """embeddings [batch, frames, E] -> per layer cross.{i}.key [batch, heads, head_dim, frames]
+    (transposed: q K^T reads it as it is) and cross.{i}.value [batch, heads, frames, head_dim]."""
+    return ("embeddings",), kv_names("cross", n_layers)
+
+
+def step_io(n_layers: int) -> IO:
+    """tokens, positions [batch, chunk]; key_mask [batch, past_plus_chunk];
+    past_key_values.{i}.key/value [batch, heads, past, head_dim]; cross.{i}.key/value
+    -> logits [batch, vocab]; present.{i}.key/value [batch, heads, past_plus_chunk, head_dim]."""
+    return (("tokens", "positions", "key_mask", *kv_names("past_key_values", n_layers),
+             *kv_names("cross", n_layers)), ("logits", *kv_names("present", n_layers)))
 
 _DECODER_INT_FIELDS = ("n_layers", "d_model", "n_heads", "enc_dim", "vocab_size", "max_seq_len",
                        "audio_pe_dim", "max_frames")
@@ -115,6 +136,18 @@ class DecoderSpec:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def past_names(self) -> tuple[str, ...]:
+        return kv_names("past_key_values", self.n_layers)
+
+    @property
+    def present_names(self) -> tuple[str, ...]:
+        return kv_names("present", self.n_layers)
+
+    @property
+    def cross_names(self) -> tuple[str, ...]:
+        return kv_names("cross", self.n_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -366,7 +399,7 @@ def _graph(f: _Fields, raw: dict[str, Any], where: str,
 
 def _expect_shape(f: _Fields, graph: GraphSpec, where: str, fixed: dict[str, dict[int, int]]
                   ) -> None:
-    """Check the fixed axes of named tensors (e.g. past_k axis 0 = n_layers)."""
+    """Check the fixed axes of named tensors (e.g. a cache's axis 1 = n_heads)."""
     for t in graph.inputs + graph.outputs:
         for axis, size in fixed.get(t.name, {}).items():
             kind = "inputs" if t in graph.inputs else "outputs"
@@ -410,27 +443,26 @@ def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
     if dec.max_frames < frames:
         raise f.fail(f"{where}.decoder.max_frames", f"is {dec.max_frames} < the encoder's "
                      f"{frames} frames per segment")
-    cross = _graph(f, f.get(raw, "cross_kv", dict, where), f"{where}.cross_kv", CROSS_KV_IO,
-                   folder)
-    step = _graph(f, f.get(raw, "step", dict, where), f"{where}.step", STEP_IO, folder)
-    kv = {0: dec.n_layers, 2: dec.n_heads, 4: dec.head_dim}
-    _expect_shape(f, cross, f"{where}.cross_kv", {"embeddings": {2: embed_dim},
-                                                  "cross_k": kv, "cross_v": kv})
-    _expect_shape(f, step, f"{where}.step", {
-        "past_k": kv, "past_v": kv, "cross_k": kv, "cross_v": kv, "present_k": kv,
-        "present_v": kv, "logits": {1: dec.vocab_size}})
+    cross = _graph(f, f.get(raw, "cross_kv", dict, where), f"{where}.cross_kv",
+                   cross_kv_io(dec.n_layers), folder)
+    step = _graph(f, f.get(raw, "step", dict, where), f"{where}.step", step_io(dec.n_layers),
+                  folder)
+    kv = {1: dec.n_heads, 3: dec.head_dim}  # [batch, heads, length, head_dim]
+    fixed = {name: kv for name in dec.past_names + dec.present_names + dec.cross_names}
+    fixed.update({name: {1: dec.n_heads, 2: dec.head_dim}  # K^T: [batch, heads, head_dim, T]
+                  for name in dec.cross_names if name.endswith(".key")})
+    _expect_shape(f, cross, f"{where}.cross_kv", {"embeddings": {2: embed_dim}, **fixed})
+    _expect_shape(f, step, f"{where}.step", {**fixed, "logits": {1: dec.vocab_size}})
     return StageSpec(name, task, dec, cross, step)
 
 
-def _rolls(f: _Fields, enc: dict[str, Any], version: int) -> RollsSpec | None:
-    """`encoder.rolls` (format version >= 2, optional): the layout must be the one
-    runtime/rolls.py decodes; thresholds are RollDecodeConfig fields, each of its type."""
+def _rolls(f: _Fields, enc: dict[str, Any]) -> RollsSpec | None:
+    """`encoder.rolls` (optional): the layout must be the one runtime/rolls.py decodes;
+    thresholds are RollDecodeConfig fields, each of its type."""
     raw = f.get(enc, "rolls", dict, "encoder", optional=True)
     if raw is None:
         return None
     where = "encoder.rolls"
-    if version < ROLLS_VERSION:
-        raise f.fail(where, f"needs format_version >= {ROLLS_VERSION}, the file says {version}")
     f.only(raw, {"outputs", "min_pitch", "num_pitches", "velocity_scale", "thresholds", "tuned",
                  "thresholds_from"}, where)
     outputs = f.get(raw, "outputs", list, where)
@@ -478,9 +510,13 @@ def load_manifest(folder: str | Path) -> Manifest:
     if fmt != FORMAT:
         raise f.fail("format", f"is {fmt!r}, expected {FORMAT!r}")
     version = f.get(raw, "format_version", int, "")
-    if not 1 <= version <= FORMAT_VERSION:
-        raise f.fail("format_version", f"is {version}; this runtime reads versions 1.."
-                     f"{FORMAT_VERSION}: upgrade pianolm or re-export the model")
+    if version > FORMAT_VERSION:
+        raise f.fail("format_version", f"is {version}; this runtime reads versions "
+                     f"{MIN_FORMAT_VERSION}..{FORMAT_VERSION}: upgrade pianolm")
+    if version < MIN_FORMAT_VERSION:
+        raise f.fail("format_version", f"is {version}: its decoder graphs take one stacked KV "
+                     f"cache, this runtime serves per-layer caches (version "
+                     f"{MIN_FORMAT_VERSION}): re-export the model with `pianolm export`")
     precision = f.get(raw, "precision", str, "")
     if precision not in PRECISIONS:
         raise f.fail("precision", f"is {precision!r}; known: {list(PRECISIONS)}")
@@ -508,7 +544,7 @@ def load_manifest(folder: str | Path) -> Manifest:
     fps = f.get(enc, "frames_per_second", (int, float), "encoder")
     if fps <= 0:
         raise f.fail("encoder.frames_per_second", f"must be > 0, got {fps}")
-    rolls = _rolls(f, enc, version)
+    rolls = _rolls(f, enc)
     io, note = ((ENCODER_ROLLS_IO, " (with encoder.rolls)") if rolls else
                 (ENCODER_IO, " (without encoder.rolls)"))
     enc_graph = _graph(f, f.get(enc, "graph", dict, "encoder"), "encoder.graph", io, folder,

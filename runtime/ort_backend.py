@@ -10,8 +10,9 @@ cache kept on the device as OrtValues; runtime/trt_backend.py: TensorRT device b
 replaces the cache and `OrtStageSession._run` and nothing else:
 - `RowPositions` (runtime/backend.py): per-row real-token counts -> RoPE positions, and the
   key-mask history, shared with export/torch_backend.py so both backends follow one rule.
-- the cache (`KVCache` here): past K/V (grown by each step) and the segment's cross K/V; it
-  knows its batch size and can `select` rows (StageSession.keep).
+- the cache (`KVCache` here): past K/V (grown by each step) and the segment's cross K/V, one
+  tensor per layer and kind, in the graphs' order (manifest.kv_names); it knows its batch size
+  and can `select` rows (StageSession.keep).
 
 Torch-free: numpy and onnxruntime only.
 """
@@ -32,7 +33,6 @@ from .rolls import ROLL_KEYS
 # ONNX Runtime's type strings for the manifest's dtypes
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)",
               "int64": "tensor(int64)", "int32": "tensor(int32)", "bool": "tensor(bool)"}
-_STEP_OUTPUTS = ["logits", "present_k", "present_v"]
 
 
 class SessionCache(Protocol):
@@ -46,28 +46,27 @@ class SessionCache(Protocol):
         ...
 
 
-def empty_past(graph: GraphSpec, decoder: DecoderSpec, batch: int) -> np.ndarray:
-    """A past K or V of length 0 [L, B, H, 0, Dh] in the step graph's dtype: the prefill's."""
-    shape = (decoder.n_layers, batch, decoder.n_heads, 0, decoder.head_dim)
-    return np.zeros(shape, graph.input("past_k").dtype)
+def empty_past(graph: GraphSpec, decoder: DecoderSpec, batch: int) -> list[np.ndarray]:
+    """The prefill's past: per layer a K and a V of length 0 [B, H, 0, Dh], in the step graph's
+    dtype."""
+    dtype = graph.input(decoder.past_names[0]).dtype
+    return [np.zeros((batch, decoder.n_heads, 0, decoder.head_dim), dtype)
+            for _ in decoder.past_names]
 
 
 @dataclass
 class KVCache:
     """One session's attention state, as step-graph inputs: host arrays for the CPU backend."""
 
-    past_k: np.ndarray  # [L, B, H, P, Dh]
-    past_v: np.ndarray
-    cross_k: np.ndarray  # [L, B, H, T, Dh], fixed for the segment
-    cross_v: np.ndarray
+    past: list[np.ndarray]  # per layer K, V [B, H, P, Dh] (decoder.past_names order)
+    cross: list[np.ndarray]  # per layer K^T [B, H, Dh, T], V [B, H, T, Dh]; fixed per segment
 
     @property
     def batch(self) -> int:
-        return int(self.cross_k.shape[1])
+        return int(self.cross[0].shape[0])
 
     def select(self, rows: np.ndarray) -> KVCache:
-        return KVCache(*(a[:, rows] for a in (self.past_k, self.past_v, self.cross_k,
-                                              self.cross_v)))
+        return KVCache([a[rows] for a in self.past], [a[rows] for a in self.cross])
 
 
 class OrtStageSession:
@@ -102,11 +101,11 @@ class OrtStageSession:
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray
              ) -> np.ndarray:
-        c = self.cache
-        logits, c.past_k, c.past_v = self.session.run(_STEP_OUTPUTS, {
-            "tokens": tokens, "positions": positions, "key_mask": key_mask,
-            "past_k": c.past_k, "past_v": c.past_v, "cross_k": c.cross_k,
-            "cross_v": c.cross_v})
+        c, d = self.cache, self.decoder
+        logits, *c.past = self.session.run(
+            ["logits", *d.present_names],
+            {"tokens": tokens, "positions": positions, "key_mask": key_mask,
+             **dict(zip(d.past_names, c.past)), **dict(zip(d.cross_names, c.cross))})
         return logits
 
 
@@ -176,8 +175,7 @@ class OrtBackend:
 
     def start(self, stage: str, embeddings: np.ndarray) -> OrtStageSession:
         spec, emb = check_embeddings(self.manifest, stage, embeddings)
-        cross_k, cross_v = self.sessions[f"{stage}.cross_kv"].run(
-            ["cross_k", "cross_v"], {"embeddings": emb})
-        past = empty_past(spec.step, spec.decoder, len(emb))
+        cross = self.sessions[f"{stage}.cross_kv"].run(list(spec.decoder.cross_names),
+                                                        {"embeddings": emb})
         return OrtStageSession(self.sessions[f"{stage}.step"], spec.decoder,
-                               KVCache(past, past, cross_k, cross_v))
+                               KVCache(empty_past(spec.step, spec.decoder, len(emb)), cross))

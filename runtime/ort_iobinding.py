@@ -39,22 +39,21 @@ def to_device(array: np.ndarray, device: str, device_id: int) -> Any:
 class DeviceKVCache:
     """One session's attention state as OrtValues on `device`: what the step graph reads."""
 
-    past_k: Any  # ort.OrtValue [L, B, H, P, Dh]
-    past_v: Any
-    cross_k: Any  # [L, B, H, T, Dh], fixed for the segment
-    cross_v: Any
+    past: list[Any]  # ort.OrtValue per layer K, V [B, H, P, Dh] (decoder.past_names order)
+    cross: list[Any]  # per layer K^T [B, H, Dh, T], V [B, H, T, Dh]; fixed for the segment
     device: str
     device_id: int
 
     @property
     def batch(self) -> int:
-        return int(self.cross_k.shape()[1])
+        return int(self.cross[0].shape()[0])
 
     def select(self, rows: np.ndarray) -> DeviceKVCache:
         """Through the host: keep() runs a few times per stage, steps run hundreds of times."""
-        values = (self.past_k, self.past_v, self.cross_k, self.cross_v)
-        return DeviceKVCache(*(to_device(v.numpy()[:, rows], self.device, self.device_id)
-                               for v in values), self.device, self.device_id)
+        def cut(values: list[Any]) -> list[Any]:
+            return [to_device(v.numpy()[rows], self.device, self.device_id) for v in values]
+
+        return DeviceKVCache(cut(self.past), cut(self.cross), self.device, self.device_id)
 
 
 class IoBindingStageSession(OrtStageSession):
@@ -68,20 +67,19 @@ class IoBindingStageSession(OrtStageSession):
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray
              ) -> np.ndarray:
-        c, b = self.cache, self.binding
+        c, b, d = self.cache, self.binding, self.decoder
         for name, array in (("tokens", tokens), ("positions", positions),
                             ("key_mask", key_mask)):
             b.bind_cpu_input(name, np.ascontiguousarray(array))  # copied up by ORT
-        for name, value in (("past_k", c.past_k), ("past_v", c.past_v),
-                            ("cross_k", c.cross_k), ("cross_v", c.cross_v)):
+        for name, value in zip(d.past_names + d.cross_names, c.past + c.cross):
             b.bind_ortvalue_input(name, value)
         # Rebinding each output every step makes ORT allocate it afresh: the previous present
         # (now the past input) is never written over, and its length may change.
         b.bind_output("logits", "cpu", 0)
-        b.bind_output("present_k", c.device, c.device_id)
-        b.bind_output("present_v", c.device, c.device_id)
+        for name in d.present_names:
+            b.bind_output(name, c.device, c.device_id)
         self.session.run_with_iobinding(b)
-        logits, c.past_k, c.past_v = b.get_outputs()  # in the order first bound
+        logits, *c.past = b.get_outputs()  # in the order first bound
         return logits.numpy()
 
 
@@ -118,11 +116,10 @@ class OrtIoBindingBackend(OrtBackend):
         cross = self.sessions[f"{stage}.cross_kv"]
         binding = cross.io_binding()
         binding.bind_cpu_input("embeddings", np.ascontiguousarray(emb))
-        for name in ("cross_k", "cross_v"):
+        for name in spec.decoder.cross_names:
             binding.bind_output(name, self.device, self.device_id)
         cross.run_with_iobinding(binding)
-        cross_k, cross_v = binding.get_outputs()
-        past = to_device(empty_past(spec.step, spec.decoder, len(emb)), self.device,
-                         self.device_id)
+        past = [to_device(p, self.device, self.device_id)
+                for p in empty_past(spec.step, spec.decoder, len(emb))]
         return IoBindingStageSession(self.sessions[f"{stage}.step"], spec.decoder, DeviceKVCache(
-            past, past, cross_k, cross_v, self.device, self.device_id))
+            past, list(binding.get_outputs()), self.device, self.device_id))

@@ -7,13 +7,13 @@ them records the TensorRT version and the profile. The profile bounds what a ses
 batch, tokens per step (chunk) and cache length (past); the backend checks every call against
 it and says which `build-engines` range to widen.
 
-Device memory, per session: the segment's cross K/V, and K and V each in two buffers of the
-largest cache the step engine's profile allows ([L, B, H, max past + chunk, Dh]). A step reads
-the past from one buffer and writes the present into the other; a contiguous [L, B, H, P, Dh]
-tensor is a prefix of its buffer, so the two simply swap roles after each step and nothing is
-allocated per step. Per step only tokens, positions and key_mask go up and the logits come down,
-with one stream synchronisation. `keep(rows)` gathers the kept rows with device-to-device 2-D
-copies (`select_copies`).
+Device memory, per session: the segment's cross K/V, and every layer's K and V each in two
+buffers of the largest cache the step engine's profile allows ([B, H, max past + chunk, Dh]).
+A step reads the past from one buffer and writes the present into the other; a contiguous
+[B, H, P, Dh] tensor is a prefix of its buffer, so the two simply swap roles after each step and
+nothing is allocated per step. Per step only tokens, positions and key_mask go up and the
+logits come down, with one stream synchronisation. `keep(rows)` gathers the kept rows with
+device-to-device 2-D copies (`select_copies`).
 
 The step bookkeeping (chunk checks, RoPE positions, key mask, keep) is OrtStageSession's
 (runtime/ort_backend.py); only the cache and `_run` are TensorRT's. tensorrt and cuda-python
@@ -103,23 +103,32 @@ def check_shapes(engine: str, shapes: Mapping[str, Shape],
 
 
 def kv_shape(decoder: DecoderSpec, batch: int, length: int) -> Shape:
-    """[L, B, H, length, Dh]: past/present (length P) and cross (length T) K and V."""
-    return (decoder.n_layers, batch, decoder.n_heads, length, decoder.head_dim)
+    """One layer's K or V, [B, H, length, Dh]: past/present (length P) and cross V (T); a
+    cross K^T [B, H, Dh, T] has as many elements."""
+    return (batch, decoder.n_heads, length, decoder.head_dim)
+
+
+def cross_shapes(decoder: DecoderSpec, batch: int, frames: int) -> dict[str, Shape]:
+    """The cross-KV graph's outputs: per layer K^T [B, H, Dh, T] and V [B, H, T, Dh]."""
+    h, dh = decoder.n_heads, decoder.head_dim
+    return {name: (batch, h, dh, frames) if name.endswith(".key") else (batch, h, frames, dh)
+            for name in decoder.cross_names}
 
 
 def step_shapes(decoder: DecoderSpec, batch: int, chunk: int, past: int, frames: int
                 ) -> dict[str, Shape]:
     """The step graph's input shapes for a chunk of `chunk` tokens after `past` positions."""
     return {"tokens": (batch, chunk), "positions": (batch, chunk),
-            "key_mask": (batch, past + chunk), "past_k": kv_shape(decoder, batch, past),
-            "past_v": kv_shape(decoder, batch, past), "cross_k": kv_shape(decoder, batch, frames),
-            "cross_v": kv_shape(decoder, batch, frames)}
+            "key_mask": (batch, past + chunk),
+            **{name: kv_shape(decoder, batch, past) for name in decoder.past_names},
+            **cross_shapes(decoder, batch, frames)}
 
 
-def cache_capacity(ranges: Mapping[str, ProfileRange]) -> int:
+def cache_capacity(ranges: Mapping[str, ProfileRange], decoder: DecoderSpec) -> int:
     """The longest present K/V a step engine can write: max past + max chunk, and no longer
     than its key mask."""
-    return min(ranges["key_mask"].high[1], ranges["past_k"].high[3] + ranges["tokens"].high[1])
+    past = ranges[decoder.past_names[0]].high[2]
+    return min(ranges["key_mask"].high[1], past + ranges["tokens"].high[1])
 
 
 def nbytes(shape: Shape, dtype: str | np.dtype) -> int:
@@ -347,8 +356,9 @@ def _dtype_name(trt: Any, dtype: Any) -> str:
 
 
 class TrtKVCache:
-    """One session's device state: cross K/V, K and V each in two cache buffers, and the step's
-    input/output buffers, all sized once for the session's batch and the profile's maxima."""
+    """One session's device state: every layer's cross K/V, its K and V each in two cache
+    buffers, and the step's input/output buffers, all sized once for the session's batch and
+    the profile's maxima."""
 
     def __init__(self, engine: Engine, decoder: DecoderSpec, dtype: str, batch: int,
                  frames: int) -> None:
@@ -356,16 +366,16 @@ class TrtKVCache:
         self.decoder = decoder
         self.dtype = dtype
         self.frames = frames
-        self.capacity = cache_capacity(engine.ranges)
+        self.capacity = cache_capacity(engine.ranges, decoder)
         self.batch = batch
         self.length = 0  # P: positions in the cache
         self.current = 0  # which buffer of each pair holds the past
         cuda = engine.cuda
-        self.cross_k = DeviceBuffer(cuda, nbytes(kv_shape(decoder, batch, frames), dtype))
-        self.cross_v = DeviceBuffer(cuda, self.cross_k.nbytes)
+        self.cross = [DeviceBuffer(cuda, nbytes(kv_shape(decoder, batch, frames), dtype))
+                      for _ in decoder.cross_names]
         size = nbytes(kv_shape(decoder, batch, self.capacity), dtype)
-        self.k = [DeviceBuffer(cuda, size), DeviceBuffer(cuda, size)]
-        self.v = [DeviceBuffer(cuda, size), DeviceBuffer(cuda, size)]
+        self.pairs = [[DeviceBuffer(cuda, size), DeviceBuffer(cuda, size)]
+                      for _ in decoder.past_names]
         chunk = engine.ranges["tokens"].high[1]
         self.io = {name: DeviceBuffer(cuda, nbytes(shape, engine.dtypes[name])) for name, shape in (
             ("tokens", (batch, chunk)), ("positions", (batch, chunk)),
@@ -374,9 +384,10 @@ class TrtKVCache:
     def buffers(self) -> dict[str, DeviceBuffer]:
         """The step engine's K/V tensors: past from the current pair member, present into the
         other."""
-        now, nxt = self.current, 1 - self.current
-        return {"past_k": self.k[now], "past_v": self.v[now], "present_k": self.k[nxt],
-                "present_v": self.v[nxt], "cross_k": self.cross_k, "cross_v": self.cross_v}
+        d, now, nxt = self.decoder, self.current, 1 - self.current
+        return {**{name: pair[now] for name, pair in zip(d.past_names, self.pairs)},
+                **{name: pair[nxt] for name, pair in zip(d.present_names, self.pairs)},
+                **dict(zip(d.cross_names, self.cross))}
 
     def advance(self, chunk: int) -> None:
         self.length += chunk
@@ -384,22 +395,21 @@ class TrtKVCache:
 
     def select(self, rows: np.ndarray) -> TrtKVCache:
         """Gather rows on the device: the cache into the other buffer of each pair, cross K/V
-        into new buffers."""
+        into new buffers. Every tensor is [B, ...] with the batch outermost."""
         d, e, cuda = self.decoder, self.engine, self.engine.cuda
-        item = np.dtype(self.dtype).itemsize
-        row = d.n_heads * d.head_dim * item
-        kv = select_copies(rows, self.batch, d.n_layers, row * self.length)
-        cross = select_copies(rows, self.batch, d.n_layers, row * self.frames)
-        new_k = DeviceBuffer(cuda, nbytes(kv_shape(d, len(rows), self.frames), self.dtype))
-        new_v = DeviceBuffer(cuda, new_k.nbytes)
+        row = d.n_heads * d.head_dim * np.dtype(self.dtype).itemsize
+        kv = select_copies(rows, self.batch, 1, row * self.length)
+        cross = select_copies(rows, self.batch, 1, row * self.frames)
+        size = nbytes(kv_shape(d, len(rows), self.frames), self.dtype)
+        new_cross = [DeviceBuffer(cuda, size) for _ in self.cross]
         with e.active():
             nxt = 1 - self.current
-            for pair in (self.k, self.v):
+            for pair in self.pairs:
                 cuda.gather(kv, pair[self.current], pair[nxt], e.stream)
-            cuda.gather(cross, self.cross_k, new_k, e.stream)
-            cuda.gather(cross, self.cross_v, new_v, e.stream)
+            for old, new in zip(self.cross, new_cross):
+                cuda.gather(cross, old, new, e.stream)
             e.sync()
-        self.current, self.cross_k, self.cross_v, self.batch = nxt, new_k, new_v, len(rows)
+        self.current, self.cross, self.batch = nxt, new_cross, len(rows)
         return self
 
 
@@ -504,12 +514,13 @@ class TensorRTBackend:
         step = self.engines[f"{stage}.step"]
         # batch and frames must suit the step engine before its buffers are sized for them
         check_shapes(step.name, step_shapes(spec.decoder, batch, 1, 0, frames), step.ranges)
-        cache = TrtKVCache(step, spec.decoder, step.dtypes["past_k"], batch, frames)
+        cache = TrtKVCache(step, spec.decoder, step.dtypes[spec.decoder.past_names[0]], batch,
+                           frames)
         e = self.engines[f"{stage}.cross_kv"]
         with e.active():
             src = e.buffer("embeddings", emb.nbytes)
             self.cuda.upload(src, emb, e.stream)
             e.set_shapes({"embeddings": emb.shape})
-            e.execute({"embeddings": src, "cross_k": cache.cross_k, "cross_v": cache.cross_v})
+            e.execute({"embeddings": src, **dict(zip(spec.decoder.cross_names, cache.cross))})
             e.sync()  # the step engine reads cross K/V on its own stream
         return TensorRTStageSession(step, spec.decoder, cache)

@@ -100,16 +100,17 @@ def test_causal_forward_ignores_right_padding(dec, emb):
 def _run_steps(dec, emb, tokens, mask, chunk):
     """Feed [B, S] tokens in chunks through `step`; positions count real tokens only."""
     b, s = tokens.shape
-    ck, cv = dec.cross_kv(emb)
-    pk, pv = dec.empty_cache(b)
+    cross = dec.cross_kv(emb)
+    past = dec.empty_cache(b)
     counts = torch.zeros(b, dtype=torch.int64)
     outs = []
     for i in range(0, s, chunk):
         t, m = tokens[:, i:i + chunk], mask[:, i:i + chunk]
         mi = m.long()
         pos = counts[:, None] + mi.cumsum(1) - mi
-        logits, pk, pv = dec.step(t, pos, mask[:, :i + t.shape[1]], pk, pv, ck, cv)
-        assert pk.shape == (2, b, 4, i + t.shape[1], 16)
+        logits, past = dec.step(t, pos, mask[:, :i + t.shape[1]], past, cross)
+        assert len(past) == 2
+        assert all(k.shape == v.shape == (b, 4, i + t.shape[1], 16) for k, v in past)
         counts += mi.sum(1)
         outs.append((i + t.shape[1] - 1, logits))
     return outs
@@ -169,22 +170,26 @@ def test_pad_token_value_does_not_matter(dec, emb):
         torch.testing.assert_close(la, lb, atol=1e-5, rtol=0)
 
 
+def _rows(cache, r):
+    """Row r of a per-layer cache, as a batch of one."""
+    return [(k[r:r + 1], v[r:r + 1]) for k, v in cache]
+
+
 def test_rope_positions_are_per_row(dec, emb):
     """Rows of one batch at different positions match single-row runs at those positions, and
     the position really matters (cross-attention has RoPE on queries only)."""
     tokens = torch.randint(0, vocab.VOCAB_SIZE, (2, 3))
     pos = torch.tensor([[0, 1, 2], [7, 8, 9]])
     with torch.inference_mode():
-        ck, cv = dec.cross_kv(emb[:2])
-        pk, pv = dec.empty_cache(2)
+        cross = dec.cross_kv(emb[:2])
+        past = dec.empty_cache(2)
         km = torch.ones(2, 3, dtype=torch.bool)
-        both, _, _ = dec.step(tokens, pos, km, pk, pv, ck, cv)
+        both, _ = dec.step(tokens, pos, km, past, cross)
         for r in range(2):
-            one, _, _ = dec.step(tokens[r:r + 1], pos[r:r + 1], km[r:r + 1], pk[:, r:r + 1],
-                                 pv[:, r:r + 1], ck[:, r:r + 1], cv[:, r:r + 1])
+            one, _ = dec.step(tokens[r:r + 1], pos[r:r + 1], km[r:r + 1], _rows(past, r),
+                              _rows(cross, r))
             torch.testing.assert_close(both[r], one[0], atol=1e-5, rtol=0)
-        shifted, _, _ = dec.step(tokens[1:], pos[:1], km[1:], pk[:, 1:], pv[:, 1:], ck[:, 1:],
-                                 cv[:, 1:])
+        shifted, _ = dec.step(tokens[1:], pos[:1], km[1:], _rows(past, 1), _rows(cross, 1))
     assert (shifted[0] - both[1]).abs().max() > 1e-2
 
 

@@ -11,12 +11,10 @@ import pytest
 
 from pianolm.runtime import vocab
 from pianolm.runtime.manifest import (
-    CROSS_KV_IO,
     ENCODER_IO,
     ENCODER_ROLLS_IO,
     FORMAT_VERSION,
     MANIFEST_FILE,
-    STEP_IO,
     DecoderSpec,
     EncoderSpec,
     GraphSpec,
@@ -26,8 +24,11 @@ from pianolm.runtime.manifest import (
     SourceSpec,
     StageSpec,
     TensorSpec,
+    cross_kv_io,
     file_sha256,
+    kv_names,
     load_manifest,
+    step_io,
     verify_files,
     write_manifest,
 )
@@ -51,15 +52,14 @@ def synthetic_model(folder: Path, stages: tuple[str, ...] = vocab.STAGES,
     """A valid manifest over dummy graph files, written into `folder` (with roll outputs on the
     encoder when `rolls` is given)."""
     folder.mkdir(parents=True, exist_ok=True)
-    kv = (L, "batch", H)
     shapes = {"waveform": ("batch", "samples"), "embeddings": ("batch", "frames", E),
-              "cross_k": (*kv, "frames", DH), "cross_v": (*kv, "frames", DH),
               "tokens": ("batch", "chunk"), "positions": ("batch", "chunk"),
-              "key_mask": ("batch", "past_plus_chunk"), "past_k": (*kv, "past", DH),
-              "past_v": (*kv, "past", DH), "logits": ("batch", vocab.VOCAB_SIZE),
-              "present_k": (*kv, "past_plus_chunk", DH),
-              "present_v": (*kv, "past_plus_chunk", DH),
-              **{k: ("batch", "frames", 88) for k in ROLL_KEYS}}
+              "key_mask": ("batch", "past_plus_chunk"), "logits": ("batch", vocab.VOCAB_SIZE),
+              **{k: ("batch", "frames", 88) for k in ROLL_KEYS},
+              **{n: ("batch", H, "past", DH) for n in kv_names("past_key_values", L)},
+              **{n: ("batch", H, "past_plus_chunk", DH) for n in kv_names("present", L)},
+              **{n: ("batch", H, *((DH, "frames") if n.endswith(".key") else ("frames", DH)))
+                 for n in kv_names("cross", L)}}
     ints = {"tokens": "int64", "positions": "int64", "key_mask": "bool"}
     decoder = DecoderSpec(n_layers=L, d_model=H * DH, n_heads=H, enc_dim=E,
                           vocab_size=vocab.VOCAB_SIZE, max_seq_len=2048, audio_pe_dim=64,
@@ -69,8 +69,8 @@ def synthetic_model(folder: Path, stages: tuple[str, ...] = vocab.STAGES,
                                  shapes, {}), rolls)
     stage_specs = tuple(
         StageSpec(s, vocab.TASK_TOKEN[s], decoder,
-                  _graph(folder, f"{s}_cross_kv.onnx", CROSS_KV_IO, shapes, {}, precision),
-                  _graph(folder, f"{s}_step.onnx", STEP_IO, shapes, ints, precision))
+                  _graph(folder, f"{s}_cross_kv.onnx", cross_kv_io(L), shapes, {}, precision),
+                  _graph(folder, f"{s}_step.onnx", step_io(L), shapes, ints, precision))
         for s in stages)
     manifest = Manifest(precision, 18, 16000, 160000, encoder, stage_specs,
                         SourceSpec(random_init=True, seed=0), {"pianolm": "test"})
@@ -106,7 +106,9 @@ def test_round_trip(folder: Path):
     assert m.stage("onset").decoder.head_dim == DH
     assert set(m.graphs()) == {"encoder", *(f"{s}.{k}" for s in vocab.STAGES
                                             for k in ("cross_kv", "step"))}
-    assert m.stage("onset").step.input("past_k").shape == (L, "batch", H, "past", DH)
+    assert m.stage("onset").step.input("past_key_values.1.value").shape == (
+        "batch", H, "past", DH)
+    assert m.stage("onset").cross_kv.output("cross.0.key").shape == ("batch", H, DH, "frames")
     assert load_manifest(folder / MANIFEST_FILE) == m  # the file itself is accepted too
     write_manifest(m, folder)  # rewriting gives the same manifest
     assert load_manifest(folder) == m
@@ -125,6 +127,7 @@ def test_flat_model_is_valid(tmp_path: Path):
     (lambda r: r.update(opset=True), "opset", "must be int"),
     (lambda r: r.update(opset=13), "opset", "at least 17"),
     (lambda r: r.update(format_version=FORMAT_VERSION + 1), "format_version", "upgrade"),
+    (lambda r: r.update(format_version=2), "format_version", "re-export"),
     (lambda r: r.update(format="other"), "format", "expected"),
     (lambda r: r.update(precision="int4"), "precision", "known"),
     (lambda r: r.update(extra=1), "(top level)", "unknown field"),
@@ -148,8 +151,11 @@ def test_flat_model_is_valid(tmp_path: Path):
      "stages[1].step.inputs[2].dtype", "known dtypes"),
     (lambda r: r["stages"][1]["step"]["inputs"][0].update(name="input_ids"),
      "stages[1].step.inputs", "requires"),
-    (lambda r: r["stages"][0]["step"]["inputs"][3]["shape"].__setitem__(0, 3),
-     "stages[0].step.inputs.past_k.shape", "axis 0 must be 2"),
+    (lambda r: r["stages"][0]["step"]["inputs"][3]["shape"].__setitem__(1, 3),
+     "stages[0].step.inputs.past_key_values.0.key.shape", "axis 1 must be 4"),
+    (lambda r: r["stages"][0]["cross_kv"]["outputs"][2]["shape"].__setitem__(2, "frames"),
+     "stages[0].cross_kv.outputs.cross.1.key.shape", "axis 2 must be 16"),
+    (lambda r: r["stages"][2]["step"]["outputs"].pop(), "stages[2].step.outputs", "requires"),
     (lambda r: r["stages"][0]["cross_kv"]["outputs"][0]["shape"].__setitem__(3, -1),
      "stages[0].cross_kv.outputs[0].shape[3]", "axis name"),
     (lambda r: r["stages"][0]["step"].update(file="../x.onnx"), "stages[0].step.file",
@@ -204,21 +210,18 @@ def with_rolls(tmp_path: Path) -> Path:
 
 def test_rolls_round_trip(with_rolls: Path):
     m = load_manifest(with_rolls)
-    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 2
+    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 3
     assert [t.name for t in m.encoder.graph.outputs] == ["embeddings", *ROLL_KEYS]
     raw = json.loads((with_rolls / MANIFEST_FILE).read_text())["encoder"]["rolls"]
     assert raw["outputs"] == list(ROLL_KEYS) and raw["thresholds"]["onset_threshold"] == 0.4
     assert raw["min_pitch"] == 21 and raw["num_pitches"] == 88 and raw["tuned"] is True
 
 
-def test_format_1_folder_without_rolls_still_loads(folder: Path):
-    _edit(folder, lambda r: r.update(format_version=1))
-    m = load_manifest(folder)
-    assert m.format_version == 1 and m.encoder.rolls is None
+def test_rolls_are_optional(folder: Path):
+    assert load_manifest(folder).encoder.rolls is None
 
 
 @pytest.mark.parametrize("change, field, words", [
-    (lambda r: r.update(format_version=1), "encoder.rolls", "format_version >= 2"),
     (lambda r: r["encoder"]["rolls"].update(outputs=["onset"]), "encoder.rolls.outputs",
      "decodes"),
     (lambda r: r["encoder"]["rolls"].update(min_pitch=0), "encoder.rolls.min_pitch", "21"),

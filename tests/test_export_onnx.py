@@ -57,20 +57,25 @@ def test_folder_manifest_and_io(exported):
     assert files == sorted([MANIFEST_FILE, "encoder.onnx"] + [
         f"{s}_{k}.onnx" for s in vocab.STAGES for k in ("cross_kv", "step")])
     step = m.stage("onset").step
-    io = {t.name: (t.dtype, t.shape) for t in step.inputs + step.outputs}
-    kv = (2, "batch", 4)
-    assert io == {
-        "tokens": ("int64", ("batch", "chunk")), "positions": ("int64", ("batch", "chunk")),
-        "key_mask": ("bool", ("batch", "past_plus_chunk")),
-        "past_k": ("float32", (*kv, "past", 64)), "past_v": ("float32", (*kv, "past", 64)),
-        "cross_k": ("float32", (*kv, "frames", 64)), "cross_v": ("float32", (*kv, "frames", 64)),
-        "logits": ("float32", ("batch", vocab.VOCAB_SIZE)),
-        "present_k": ("float32", (*kv, "past_plus_chunk", 64)),
-        "present_v": ("float32", (*kv, "past_plus_chunk", 64))}
+    io = [(t.name, t.dtype, t.shape) for t in step.inputs + step.outputs]
+    f32, b = "float32", "batch"
+    assert io == [
+        ("tokens", "int64", (b, "chunk")), ("positions", "int64", (b, "chunk")),
+        ("key_mask", "bool", (b, "past_plus_chunk")),
+        *[(f"past_key_values.{i}.{kv}", f32, (b, 4, "past", 64)) for i in (0, 1)
+          for kv in ("key", "value")],
+        *[x for i in (0, 1) for x in ((f"cross.{i}.key", f32, (b, 4, 64, "frames")),
+                                      (f"cross.{i}.value", f32, (b, 4, "frames", 64)))],
+        ("logits", f32, (b, vocab.VOCAB_SIZE)),
+        *[(f"present.{i}.{kv}", f32, (b, 4, "past_plus_chunk", 64)) for i in (0, 1)
+          for kv in ("key", "value")]]
     enc = m.encoder.graph
     assert enc.inputs[0].shape == ("batch", "samples")
     assert enc.outputs[0].shape == ("batch", "frames", 24)
-    assert m.stage("velocity").cross_kv.outputs[0].shape == (*kv, "frames", 64)
+    cross = m.stage("velocity").cross_kv
+    assert [t.name for t in cross.outputs] == [f"cross.{i}.{kv}" for i in (0, 1)
+                                               for kv in ("key", "value")]
+    assert cross.outputs[0].shape == (b, 4, 64, "frames")  # K^T
     for name, graph in m.graphs().items():
         model = onnx.load(str(m.path(graph)))
         onnx.checker.check_model(model)
@@ -103,10 +108,30 @@ def test_step_graph_shapes_follow_inputs(exported):
     rng = np.random.default_rng(3)
     for batch, past, chunk, frames in ((3, 0, 1, 51), (2, 11, 4, 9), (5, 1, 2, 51)):
         feeds = random_step_inputs(spec.decoder, batch, chunk, past, frames, rng)
-        logits, pk, pv = session.run(None, feeds)
+        logits, *present = session.run(None, feeds)
         assert logits.shape == (batch, vocab.VOCAB_SIZE)
-        assert pk.shape == pv.shape == (2, batch, 4, past + chunk, 64)
-        np.testing.assert_array_equal(pk[:, :, :, :past], feeds["past_k"])  # past ++ chunk
+        assert len(present) == 4
+        for name, kv in zip(spec.decoder.past_names, present):
+            assert kv.shape == (batch, 4, past + chunk, 64)
+            np.testing.assert_array_equal(kv[:, :, :past], feeds[name])  # past ++ chunk
+
+
+def test_step_graph_reads_caches_without_copying_them(exported):
+    """The cost of a step is the weights plus one pass over the caches: a past K/V goes only
+    into its Concat with the chunk, a cross K^T / V only into a MatMul (no Split, Gather or
+    Transpose that would copy a whole cache every step)."""
+    m = load_manifest(exported.dirs["hier"])
+    for stage in m.stages:
+        model = onnx.load(str(m.path(stage.step)))
+        consumers: dict[str, set[str]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                if node.op_type != "Shape":  # reads the shape only
+                    consumers.setdefault(name, set()).add(node.op_type)
+        for name in stage.decoder.past_names:
+            assert consumers[name] == {"Concat"}, (stage.name, name, consumers[name])
+        for name in stage.decoder.cross_names:
+            assert consumers[name] == {"MatMul"}, (stage.name, name, consumers[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,12 +221,12 @@ def test_fp16_io_and_fp32_islands(exported):
     m = load_manifest(exported.precision("fp16"))
     step, cross = m.stage("onset").step, m.stage("onset").cross_kv
     dtypes = {t.name: t.dtype for t in step.inputs + step.outputs}
+    d = m.stage("onset").decoder
+    caches = d.past_names + d.cross_names + d.present_names
     assert dtypes == {"tokens": "int64", "positions": "int64", "key_mask": "bool",
-                      "past_k": "float16", "past_v": "float16", "cross_k": "float16",
-                      "cross_v": "float16", "logits": "float32", "present_k": "float16",
-                      "present_v": "float16"}
+                      "logits": "float32", **{name: "float16" for name in caches}}
     assert cross.input("embeddings").dtype == "float32"  # fed straight from the fp32 encoder
-    assert cross.output("cross_k").dtype == "float16"
+    assert {t.dtype for t in cross.outputs} == {"float16"}
     model = onnx.load(str(m.path(step)))
     inits = {t.name: t.data_type for t in model.graph.initializer}
     fp32, fp16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -227,7 +252,8 @@ def test_external_data(exported, tmp_path):
     assert (tmp_path / "cross.onnx.data").stat().st_size > 1e5
     assert (tmp_path / "cross.onnx").stat().st_size < 1e5
     emb = np.random.default_rng(0).normal(size=(2, 51, 24)).astype(np.float32)
-    got = ort.InferenceSession(str(tmp_path / "cross.onnx")).run(["cross_k"], {"embeddings": emb})
+    got = ort.InferenceSession(str(tmp_path / "cross.onnx")).run(["cross.0.key"],
+                                                                {"embeddings": emb})
     with torch.inference_mode():
         ref = CrossKVGraph(decoder)(torch.from_numpy(emb))[0].numpy()
     assert np.abs(got[0] - ref).max() <= REL_TOL * np.abs(ref).max()

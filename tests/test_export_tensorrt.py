@@ -26,7 +26,7 @@ from pianolm.export.tensorrt import (  # noqa: E402
     main_build_engines,
     write_trtexec_commands,
 )
-from tests.test_export_manifest import DH, H, L, synthetic_model  # noqa: E402
+from tests.test_export_manifest import DH, H, synthetic_model  # noqa: E402
 
 F, I64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 
@@ -135,9 +135,9 @@ def test_profile_checks():
     assert "1 <= min" in check_profile({**ok, "batch": (0, 1, 2)})[0]
     assert "(min, opt, max)" in check_profile({**ok, "chunk": (1, 2)})[0]
     from pianolm.runtime.manifest import TensorSpec
-    spec = TensorSpec("past_k", "float32", (2, "batch", 4, "past", 16))
+    spec = TensorSpec("past_key_values.0.key", "float32", ("batch", 4, "past", 16))
     assert check_profile({"batch": (1, 2, 3)}, [spec]) == [
-        "input past_k: axis 'past' has no profile range"]
+        "input past_key_values.0.key: axis 'past' has no profile range"]
     mask = TensorSpec("key_mask", "bool", ("batch", "past_plus_chunk"))
     assert input_shapes([mask], ok) == {"key_mask": ((1, 1), (8, 257), (32, 2048))}
 
@@ -152,9 +152,11 @@ def test_scripts(tmp_path):
     print(text)
     assert text.count("trtexec --onnx=") == 7 and text.count("--stronglyTyped") == 7
     assert "--saveEngine=onset_step.engine" in text
-    # past 0 + chunk 1 at min; past 2044 + chunk 4 at max; past_k and past_v share "past"
-    assert f"key_mask:1x1,past_k:{L}x1x{H}x0x{DH},past_v:{L}x1x{H}x0x{DH}" in text
-    assert f"key_mask:32x2048,past_k:{L}x32x{H}x2044x{DH}" in text
+    # past 0 + chunk 1 at min; past 2044 + chunk 4 at max; every past K and V share "past"
+    assert (f"key_mask:1x1,past_key_values.0.key:1x{H}x0x{DH},past_key_values.0.value:1x{H}x0x"
+            f"{DH}") in text
+    assert f"key_mask:32x2048,past_key_values.0.key:32x{H}x2044x{DH}" in text
+    assert f"cross.1.key:32x{H}x{DH}x51,cross.1.value:32x{H}x51x{DH}" in text
     poly = polygraphy.read_text()
     assert poly.count("polygraphy run") == 7 and "'tokens:[0,1224]'" in poly
     assert "--onnxrt --trt" in poly and "'positions:[0,2047]'" in poly
@@ -248,8 +250,8 @@ def test_build_engines_with_a_fake_tensorrt(tmp_path, monkeypatch):
     assert engines["onset.step"].read_bytes().startswith(b"engine:tokens,positions,key_mask")
     assert ("create_network", 1 << 1) in fake.calls  # strongly typed
     assert not any(c[0] == "set_flag" for c in fake.calls)  # no BuilderFlag.FP16
-    assert ("set_shape", "past_k", (L, 1, H, 0, DH), (L, 8, H, 256, DH),
-            (L, 32, H, 2044, DH)) in fake.calls
+    assert ("set_shape", "past_key_values.1.value", (1, H, 0, DH), (8, H, 256, DH),
+            (32, H, 2044, DH)) in fake.calls
     assert ("set_shape", "key_mask", (1, 1), (8, 257), (32, 2048)) in fake.calls
     meta = (tmp_path / "model" / "tensorrt.json").read_text()
     assert '"strongly_typed": true' in meta and '"onset.step": "onset_step.engine"' in meta

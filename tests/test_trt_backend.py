@@ -96,7 +96,7 @@ def test_step_shapes_follow_the_manifest_and_the_profile(manifest):
     stage = manifest.stage("offset")
     dec = stage.decoder
     ranges = _profile_ranges(manifest, stage.step)  # batch 1..32, chunk 1..4, past 0..2044
-    capacity = cache_capacity(ranges)
+    capacity = cache_capacity(ranges, dec)
     assert capacity == dec.max_seq_len  # the cache can grow as far as RoPE positions go
     for batch, chunk, past in ((1, 2, 0), (32, 4, 2044), (3, 3, 17), (32, 1, 2044)):
         shapes = step_shapes(dec, batch, chunk, past, T)
@@ -105,12 +105,12 @@ def test_step_shapes_follow_the_manifest_and_the_profile(manifest):
         assert shapes == {t.name: _resolve(t.shape, dims) for t in stage.step.inputs}
         check_shapes("offset.step", shapes, ranges)
         # the present this step writes fits the preallocated cache buffer
-        present = _resolve(stage.step.output("present_k").shape, dims)
+        present = _resolve(stage.step.output("present.1.value").shape, dims)
         assert present == kv_shape(dec, batch, past + chunk)
         assert nbytes(present, "float16") <= nbytes(kv_shape(dec, batch, capacity), "float16")
     for batch, chunk, past, words in ((33, 1, 0, "tokens [33, 1] not within [1, 1]..[32, 4]"),
                                       (1, 5, 0, "tokens [1, 5]"),
-                                      (1, 1, 2045, "past_k [2, 1, 4, 2045, 16]"),
+                                      (1, 1, 2045, "past_key_values.0.key [1, 4, 2045, 16]"),
                                       (1, 4, 2045, "key_mask [1, 2049]")):
         with pytest.raises(ValueError, match="build-engines") as e:
             check_shapes("offset.step", step_shapes(dec, batch, chunk, past, T), ranges)
@@ -121,9 +121,11 @@ def test_cache_capacity_of_a_narrow_profile(manifest):
     stage = manifest.stage("onset")
     ranges = _profile_ranges(manifest, stage.step, batch=(1, 2, 4), past=(0, 16, 100),
                              chunk=(1, 1, 3))
-    assert cache_capacity(ranges) == 103
-    assert ranges["tokens"].high == (4, 3) and ranges["past_k"].low == (2, 1, 4, 0, 16)
-    assert nbytes(kv_shape(stage.decoder, 4, 103), "float32") == 2 * 4 * 4 * 103 * 16 * 4
+    assert cache_capacity(ranges, stage.decoder) == 103
+    assert ranges["tokens"].high == (4, 3)
+    assert ranges["past_key_values.1.value"].low == (1, 4, 0, 16)
+    assert ranges["cross.0.key"].high == (4, 4, 16, T)  # K^T: frames last
+    assert nbytes(kv_shape(stage.decoder, 4, 103), "float32") == 4 * 4 * 103 * 16 * 4
 
 
 def _emulate(copies: list[Copy2D], src: np.ndarray, dst: np.ndarray) -> None:
@@ -168,10 +170,10 @@ def test_engine_io_against_the_manifest(manifest):
     io.update({t.name: (False, t.dtype) for t in graph.outputs})
     assert engine_io_problems(graph, io) == []
     bad = dict(io, key_mask=(True, "int32"), extra=(False, "float32"))
-    del bad["present_v"]
+    del bad["present.1.value"]
     bad["logits"] = (True, "float32")
     assert engine_io_problems(graph, bad) == [
-        "output present_v (float32) missing",
+        "output present.1.value (float32) missing",
         "key_mask is an input of int32, the manifest says input of bool",
         "logits is an input of float32, the manifest says output of float32",
         "unexpected tensor extra"]
