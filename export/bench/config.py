@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from pianolm.export.decoder import PRESETS
 
 # In the order they are measured: the torch backends first (their systems are freed before the
@@ -18,6 +20,7 @@ from pianolm.export.decoder import PRESETS
 BACKENDS = ("torch-cache", "torch-nocache", "ort-fp32", "ort-int8", "ort-cuda", "tensorrt")
 ENCODERS = ("hppnet", "crnn")
 MODES = ("hierarchical", "flat")
+TORCH_DEVICES = ("cpu", "cuda")
 QUICK = {"presets": ("tiny",), "batches": (1, 4), "repeats": 2, "warmup": 1}
 DEFAULTS = {"presets": ("tiny", "small"), "batches": (1, 4, 16, 32), "repeats": 5, "warmup": 1}
 DEFAULT_MODELS_DIR = "work/bench-models"  # git-ignored (work/)
@@ -44,6 +47,7 @@ class BenchConfig:
     # with batch on a CPU, and at 16-32 segments it is slow); decodes reuse embeddings.
     encoder_batches: tuple[int, ...] = (1, 4)
     threads: int | None = None  # intra-op threads (torch and ONNX Runtime); None = their default
+    torch_device: str = "cpu"  # where torch-cache / torch-nocache run ("cuda" on a GPU machine)
     devset: Path | None = None  # None: $PIANOLM_DEVSET, else ../shared/devset
     window_stride_s: float = 0.5
     target_notes: int = 150  # the segment density; the dev set may not reach it
@@ -64,6 +68,10 @@ class BenchConfig:
             raise ValueError("batches and repeats must be >= 1, warmup >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError("--threads must be >= 1")
+        if self.torch_device not in TORCH_DEVICES:
+            raise ValueError(f"--torch-device must be one of {list(TORCH_DEVICES)}")
+        if self.torch_device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--torch-device cuda: this torch sees no CUDA GPU")
         for name, values, known in (("preset", self.presets, PRESETS),
                                     ("encoder", self.encoders, ENCODERS),
                                     ("backend", self.backends, BACKENDS),
@@ -125,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "embeddings computed once")
     ap.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime "
                                                 "(default: theirs, all cores)")
+    ap.add_argument("--torch-device", choices=TORCH_DEVICES, default="cpu",
+                    help="where the PyTorch baselines run (default cpu; cuda beside ort-cuda / "
+                         "tensorrt on a GPU machine)")
     ap.add_argument("--devset", type=Path, help="folder of reference notes (*.tsv) and audio "
                                                 "(default $PIANOLM_DEVSET, else ../shared/devset)")
     ap.add_argument("--identity-notes", type=int, default=32,
@@ -158,7 +169,8 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
             modes=tuple(args.modes), repeats=pick("repeats"), warmup=pick("warmup"),
             nocache_batches=tuple(args.nocache_batches), nocache_repeats=args.nocache_repeats,
             encoder_batches=tuple(args.encoder_batches),
-            threads=args.threads, devset=args.devset, identity_notes=args.identity_notes,
+            threads=args.threads, torch_device=args.torch_device, devset=args.devset,
+            identity_notes=args.identity_notes,
             models_dir=args.models_dir, out=args.out, plots=args.plots, quick=args.quick,
             extra={"argv": list(argv) if argv is not None else None})
     except ValueError as e:

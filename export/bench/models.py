@@ -121,8 +121,10 @@ def _tensorrt(folder: Path) -> Backend:
 
 
 def open_backend(name: str, key: ModelKey, store: ModelStore,
-                 system: TranscriptionSystem | None, threads: int | None) -> Opened:
-    """Open backend `name` for `key`; machine-dependent failures become a skip with a reason."""
+                 system: TranscriptionSystem | None, threads: int | None,
+                 torch_device: str = "cpu") -> Opened:
+    """Open backend `name` for `key`; machine-dependent failures become a skip with a reason.
+    The torch backends run on `torch_device` (the system moves there)."""
     t0 = time.perf_counter()
     precision = "int8" if name == "ort-int8" else "fp32"
     try:
@@ -131,7 +133,7 @@ def open_backend(name: str, key: ModelKey, store: ModelStore,
             from pianolm.export.torch_backend import TorchBackend
 
             assert system is not None, "torch backends need the system"
-            backend = TorchBackend(system, use_cache=name == "torch-cache")
+            backend = TorchBackend(system.to(torch_device), use_cache=name == "torch-cache")
         elif name in ("ort-fp32", "ort-int8"):
             from pianolm.runtime.ort_backend import OrtBackend
 

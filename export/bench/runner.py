@@ -58,6 +58,10 @@ def machine() -> dict:
             out["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
     with contextlib.suppress(OSError):
         out["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        out["gpu"] = {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+                      "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
     return out
 
 
@@ -282,7 +286,8 @@ def _bench_model(run: ModelRun, store: ModelStore,
         if not name.startswith("torch") and systems:
             systems.clear()  # the torch side is done: free its memory before ORT opens
             gc.collect()
-        opened = {mode: open_backend(name, key, store, systems.get(mode), cfg.threads)
+        opened = {mode: open_backend(name, key, store, systems.get(mode), cfg.threads,
+                                     cfg.torch_device)
                   for mode, key in keys.items()}
         skipped = next((o.skipped for o in opened.values() if o.skipped), None)
         if skipped:
