@@ -120,3 +120,26 @@ def test_validation_tuning_and_embeddings(dataset, tmp_path):
     mtime = items[0].files[0.0].stat().st_mtime_ns
     embed_dataset(dataset, None, emb_dir, shifts=(0.0, 5.0), encoder=model, quiet=True)
     assert items[0].files[0.0].stat().st_mtime_ns == mtime
+
+
+def test_fine_tuning_one_head_moves_that_head_only(dataset, tmp_path):
+    """--init RUN --train-only velocity: starts from the run's weights; only the velocity
+    head's parameters change, so the other rolls (and their embedding columns) stay put."""
+    from pianolm.export.encoders import build_encoder
+    from pianolm.export.train.encoder import head_parameters, load_encoder, save_encoder
+
+    torch.manual_seed(0)
+    base = build_encoder("hppnet-cpu")
+    save_encoder(base, "hppnet-cpu", tmp_path / "base")
+    train_encoder(data_root=str(dataset), encoder_name="hppnet-cpu", out_dir=tmp_path / "ft",
+                  steps=2, batch=1, crop_seconds=4.0, lr=1e-2, warmup_steps=0, val_every=0,
+                  save_every=0, devset="none", quiet=True, init_from=str(tmp_path / "base"),
+                  train_only="velocity")
+    tuned, _ = load_encoder(tmp_path / "ft")
+    before, after = base.state_dict(), tuned.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(".heads.velocity." in k for k in moved), sorted(moved)
+    with pytest.raises(ValueError, match="unknown roll head"):
+        head_parameters(base, ["pedal"])
+    with pytest.raises(ValueError, match="no separate parameters"):
+        head_parameters(_stub(), ["velocity"])  # one Linear makes all four rolls

@@ -102,6 +102,11 @@ class EncoderTrainConfig:
     val_items: int = 8  # validation-split pieces scored at each validation (0: none)
     devset: str | None = ""  # "" = default location if present; None or "none" = skip
     threads: int | None = None
+    # Fine-tuning: start from another run's weights, and optionally train some roll heads only
+    # (comma-separated, e.g. "velocity"): the rest stays frozen, so the other rolls, and the
+    # embedding columns they make, do not move.
+    init_from: str | None = None
+    train_only: str = ""
     until_step: int | None = None  # stop (and save) after this step, as if interrupted
 
     def target_config(self, frames_per_second: float) -> TargetConfig:
@@ -408,6 +413,23 @@ def tune_roll_thresholds(pieces: Sequence[ScoredPiece], fps: float,
 # Training
 
 
+def head_parameters(model: nn.Module, heads: Sequence[str]) -> list[nn.Parameter]:
+    """Freeze `model` except the named roll heads; returns the heads' parameters. A head is
+    HPPNet's `heads.{name}` or the CRNN's `{name}_model` (Kong's acoustic sub-model)."""
+    unknown = [h for h in heads if h not in ROLL_LOSS_KEYS]
+    if unknown:
+        raise ValueError(f"unknown roll head(s) {unknown}; choose from {list(ROLL_LOSS_KEYS)}")
+    model.requires_grad_(False)
+    chosen = []
+    for name, param in model.named_parameters():
+        if any(f"heads.{h}." in name or name.startswith(f"{h}_model.") for h in heads):
+            param.requires_grad_(True)
+            chosen.append(param)
+    if not chosen:
+        raise ValueError(f"{type(model).__name__} has no separate parameters for heads {heads}")
+    return chosen
+
+
 def _train_config(overrides: Mapping[str, Any], saved: Mapping[str, Any] | None
                   ) -> EncoderTrainConfig:
     if saved is not None:
@@ -451,7 +473,11 @@ def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
     target_cfg = cfg.target_config(fps)
     n_samples = int(round(cfg.crop_seconds * SAMPLE_RATE))
     n_frames = int(model.num_frames(n_samples))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.init_from and saved is None:
+        load_encoder(cfg.init_from, encoder=model)
+    heads = [h for h in cfg.train_only.split(",") if h]
+    params = head_parameters(model, heads) if heads else list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     step, best_f = 0, -1.0
     if saved is not None:
@@ -498,10 +524,12 @@ def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
             wave, targets = make_batch(source, rng, cfg.batch, n_samples, n_frames, target_cfg,
                                        cfg.gain_db)
             losses = roll_losses(model(wave).rolls, targets)
+            if heads:
+                losses["loss"] = sum(losses[h] for h in heads)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             last_loss = float(losses["loss"].detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             optimizer.step()
             step += 1
             n_timed += 1
@@ -571,12 +599,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        ("onset-width", float), ("offset-width", float),
                        ("velocity-radius", int), ("log-every", int), ("save-every", int),
                        ("val-every", int), ("val-items", int), ("threads", int),
-                       ("until-step", int)):
+                       ("until-step", int), ("train-only", str)):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--binary-targets", dest="soft_targets", action="store_false",
                    help="onsets-and-frames binary onset/offset targets instead of Kong's")
     p.add_argument("--devset", help="dev-set folder to measure on (default ../shared/devset)")
     p.add_argument("--no-devset", dest="devset", action="store_const", const="none")
+    p.add_argument("--init", dest="init_from", metavar="RUN",
+                   help="start from another encoder run's weights (fine-tuning)")
     p.set_defaults(func=_run_train)
 
     t = sub.add_parser("tune-rolls", help="tune roll-decoding thresholds on validation pieces")
