@@ -223,7 +223,8 @@ def run_bench(cfg: BenchConfig, *, build: Callable[[ModelKey], torch.nn.Module] 
     workload = Workload.from_devset(devset_folder(cfg.devset), cfg.window_stride_s)
     log(f"workload: {workload.describe(cfg.target_notes)['note']}")
     bandwidth = analytic.copy_bandwidth(cfg.copy_mb)
-    log(f"copy bandwidth {bandwidth['gb_per_s']} GB/s ({cfg.copy_mb} MB numpy copy, median)")
+    log(f"copy bandwidth {bandwidth['gb_per_s']} GB/s ({cfg.copy_mb} MB numpy copy, read + "
+        f"written, median)")
     report: dict = {
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
