@@ -63,6 +63,8 @@ from pianolm.runtime.manifest import (
     SourceSpec,
     StageSpec,
     TensorSpec,
+    cache_length_axis,
+    cache_shape,
     cross_kv_io,
     file_sha256,
     kv_names,
@@ -160,11 +162,8 @@ def _encoder_plan(encoder: nn.Module, samples: int) -> _Plan:
 
 
 def _cache_axes(names: Sequence[str], length: str) -> dict[str, dict[int, str]]:
-    """Dynamic axes of per-layer caches: [batch, heads, length, head_dim], a cross K^T
-    [batch, heads, head_dim, frames]."""
-    transposed = length == "frames"
-    return {name: {0: "batch", 3 if transposed and name.endswith(".key") else 2: length}
-            for name in names}
+    """Dynamic axes of per-layer caches (manifest.cache_length_axis says where the length is)."""
+    return {name: {0: "batch", cache_length_axis(name): length} for name in names}
 
 
 def _cross_plan(decoder: Decoder) -> _Plan:
@@ -179,20 +178,17 @@ def _step_plan(decoder: Decoder) -> _Plan:
     c = decoder.cfg
     g = torch.Generator().manual_seed(0)
     b, n, p, t = EX_BATCH, EX_CHUNK, EX_PAST, EX_FRAMES
-    past = [torch.randn(b, c.n_heads, p, c.head_dim, generator=g)
-            for _ in range(2 * c.n_layers)]
-    cross = [torch.randn(b, c.n_heads, *((c.head_dim, t) if i % 2 == 0 else (t, c.head_dim)),
-                         generator=g) for i in range(2 * c.n_layers)]
+    past, cross = kv_names("past_key_values", c.n_layers), kv_names("cross", c.n_layers)
+    caches = [torch.randn(cache_shape(name, b, c.n_heads, c.head_dim, length), generator=g)
+              for names, length in ((past, p), (cross, t)) for name in names]
     example = (torch.randint(0, c.vocab_size, (b, n), generator=g),
                torch.arange(p, p + n).expand(b, n).contiguous(),
-               torch.ones(b, p + n, dtype=torch.bool), *past, *cross)
-    io = step_io(c.n_layers)
-    n_past = 2 * c.n_layers
-    return _Plan(DecoderStepGraph(decoder), example, io, {
+               torch.ones(b, p + n, dtype=torch.bool), *caches)
+    return _Plan(DecoderStepGraph(decoder), example, step_io(c.n_layers), {
         "tokens": {0: "batch", 1: "chunk"}, "positions": {0: "batch", 1: "chunk"},
         "key_mask": {0: "batch", 1: "past_plus_chunk"}, "logits": {0: "batch"},
-        **_cache_axes(io[0][3:3 + n_past], "past"), **_cache_axes(io[0][3 + n_past:], "frames"),
-        **_cache_axes(io[1][1:], "past_plus_chunk")}, named_args=3)
+        **_cache_axes(past, "past"), **_cache_axes(cross, "frames"),
+        **_cache_axes(kv_names("present", c.n_layers), "past_plus_chunk")}, named_args=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,14 +582,12 @@ def random_step_inputs(cfg: Any, batch: int, chunk: int, past: int, frames: int,
     mask = rng.random((batch, chunk)) > 0.3
     mask[:, -1] = True  # the last position's logits are the ones read
     positions, key_mask = rows.advance(mask)
-    h, dh = cfg.n_heads, cfg.head_dim
     feeds = {"tokens": rng.integers(0, cfg.vocab_size, (batch, chunk)).astype(np.int64),
              "positions": positions, "key_mask": key_mask}
-    for name in kv_names("past_key_values", cfg.n_layers):
-        feeds[name] = rng.normal(size=(batch, h, past, dh)).astype(np.float32)
-    for name in cross_kv_io(cfg.n_layers)[1]:
-        shape = (batch, h, dh, frames) if name.endswith(".key") else (batch, h, frames, dh)
-        feeds[name] = rng.normal(size=shape).astype(np.float32)
+    for prefix, length in (("past_key_values", past), ("cross", frames)):
+        for name in kv_names(prefix, cfg.n_layers):
+            shape = cache_shape(name, batch, cfg.n_heads, cfg.head_dim, length)
+            feeds[name] = rng.normal(size=shape).astype(np.float32)
     return feeds
 
 

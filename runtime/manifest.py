@@ -54,6 +54,20 @@ def kv_names(prefix: str, n_layers: int) -> tuple[str, ...]:
     return tuple(f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value"))
 
 
+def cache_length_axis(name: str) -> int:
+    """Where a per-layer cache tensor keeps its length: axis 2 of [batch, heads, length,
+    head_dim], axis 3 for a cross K, stored transposed [batch, heads, head_dim, frames]."""
+    return 3 if name.startswith("cross.") and name.endswith(".key") else 2
+
+
+def cache_shape(name: str, batch: int, heads: int, head_dim: int, length: int
+                ) -> tuple[int, int, int, int]:
+    """The shape of per-layer cache tensor `name` (kv_names) holding `length` positions."""
+    if cache_length_axis(name) == 3:
+        return batch, heads, head_dim, length
+    return batch, heads, length, head_dim
+
+
 def cross_kv_io(n_layers: int) -> IO:
     """embeddings [batch, frames, E] -> per layer cross.{i}.key [batch, heads, head_dim, frames]
     (transposed: q K^T reads it as it is) and cross.{i}.value [batch, heads, frames, head_dim]."""
@@ -447,10 +461,8 @@ def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
                    cross_kv_io(dec.n_layers), folder)
     step = _graph(f, f.get(raw, "step", dict, where), f"{where}.step", step_io(dec.n_layers),
                   folder)
-    kv = {1: dec.n_heads, 3: dec.head_dim}  # [batch, heads, length, head_dim]
-    fixed = {name: kv for name in dec.past_names + dec.present_names + dec.cross_names}
-    fixed.update({name: {1: dec.n_heads, 2: dec.head_dim}  # K^T: [batch, heads, head_dim, T]
-                  for name in dec.cross_names if name.endswith(".key")})
+    fixed = {name: {1: dec.n_heads, 2 if cache_length_axis(name) == 3 else 3: dec.head_dim}
+             for name in dec.past_names + dec.present_names + dec.cross_names}
     _expect_shape(f, cross, f"{where}.cross_kv", {"embeddings": {2: embed_dim}, **fixed})
     _expect_shape(f, step, f"{where}.step", {**fixed, "logits": {1: dec.vocab_size}})
     return StageSpec(name, task, dec, cross, step)

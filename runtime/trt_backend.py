@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 
 from .backend import BackendUnavailable, check_audio, check_embeddings
-from .manifest import DecoderSpec, GraphSpec, Manifest, ManifestError, load_manifest
+from .manifest import (
+    DecoderSpec,
+    GraphSpec,
+    Manifest,
+    ManifestError,
+    cache_shape,
+    load_manifest,
+)
 from .ort_backend import OrtStageSession
 
 Shape = tuple[int, ...]
@@ -108,20 +115,14 @@ def kv_shape(decoder: DecoderSpec, batch: int, length: int) -> Shape:
     return (batch, decoder.n_heads, length, decoder.head_dim)
 
 
-def cross_shapes(decoder: DecoderSpec, batch: int, frames: int) -> dict[str, Shape]:
-    """The cross-KV graph's outputs: per layer K^T [B, H, Dh, T] and V [B, H, T, Dh]."""
-    h, dh = decoder.n_heads, decoder.head_dim
-    return {name: (batch, h, dh, frames) if name.endswith(".key") else (batch, h, frames, dh)
-            for name in decoder.cross_names}
-
-
 def step_shapes(decoder: DecoderSpec, batch: int, chunk: int, past: int, frames: int
                 ) -> dict[str, Shape]:
     """The step graph's input shapes for a chunk of `chunk` tokens after `past` positions."""
     return {"tokens": (batch, chunk), "positions": (batch, chunk),
             "key_mask": (batch, past + chunk),
-            **{name: kv_shape(decoder, batch, past) for name in decoder.past_names},
-            **cross_shapes(decoder, batch, frames)}
+            **{name: cache_shape(name, batch, decoder.n_heads, decoder.head_dim, length)
+               for names, length in ((decoder.past_names, past), (decoder.cross_names, frames))
+               for name in names}}
 
 
 def cache_capacity(ranges: Mapping[str, ProfileRange], decoder: DecoderSpec) -> int:

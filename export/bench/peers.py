@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import datetime as dt
 import importlib
-import importlib.metadata
 import io
 import os
 import shlex
@@ -65,7 +64,14 @@ from pianolm.runtime.metrics import (
 )
 from pianolm.runtime.notes import Note
 
-from .runner import devset_folder, git_info, machine, write_json
+from .runner import (
+    devset_folder,
+    git_info,
+    machine,
+    package_version,
+    package_versions,
+    write_json,
+)
 
 SCHEMA = "pianolm.bench.peers/1"
 SYSTEMS = ("pianolm", "pianolm-lm", "transkun", "basic-pitch")  # the default run
@@ -102,13 +108,6 @@ def _import(module: str, hint: str) -> types.ModuleType:
         raise PeerUnavailable(f"{module} is not installed ({e}): {hint}") from None
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # The systems
 
@@ -134,7 +133,7 @@ class PianolmPeer:
             raise PeerUnavailable(str(e)) from None
         self._transcriber = t
         manifest = t.backend.manifest
-        return {"package": "pianolm", "version": _version("pianolm"),
+        return {"package": "pianolm", "version": package_version("pianolm"),
                 "model": str(self.model_dir or "engines/default"),
                 "manifest_sha256": file_sha256(Path(folder) / MANIFEST_FILE),
                 "encoder": manifest.encoder.name, "precision": t.precision,
@@ -214,7 +213,7 @@ class TranskunPeer:
         state = checkpoint.get("best_state_dict", checkpoint.get("state_dict"))
         model.load_state_dict(state, strict=False)  # as transkun's own command loads it
         self._model = model.eval()
-        return {"package": "transkun", "version": _version("transkun"),
+        return {"package": "transkun", "version": package_version("transkun"),
                 "model": "transkun/pretrained/2.0.pt (bundled)",
                 "settings": {"device": "cpu", "torch_threads": torch.get_num_threads(),
                              "segment_s": conf.config.segmentSizeInSecond,
@@ -272,7 +271,7 @@ class BasicPitchPeer:
         model.model = ort.InferenceSession(str(path), options,
                                            providers=["CPUExecutionProvider"])
         self._model, self._predict = model, inference.predict
-        return {"package": "basic-pitch", "version": _version("basic-pitch"),
+        return {"package": "basic-pitch", "version": package_version("basic-pitch"),
                 "model": f"basic_pitch/saved_models/icassp_2022/{path.name} (bundled)",
                 "settings": {"runtime": "onnxruntime cpu", "intra_op_threads": threads,
                              "predict": "defaults (onset 0.5, frame 0.3, min note 127.7 ms, "
@@ -405,7 +404,7 @@ def run_peers(data: Path, systems: Sequence[str] = SYSTEMS, threads: int = 2,
         "command": command,
         "machine": started,
         "git": git_info(),
-        "versions": {d: v for d in VERSION_DISTS if (v := _version(d)) is not None},
+        "versions": package_versions(VERSION_DISTS),
         "threads": threads,
         "data": str(data),
         "clips": [c.name for c in clips],

@@ -19,7 +19,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,14 +65,23 @@ def machine() -> dict:
     return out
 
 
+def package_version(dist: str) -> str | None:
+    """A distribution's installed version, None when it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions(dists: Sequence[str]) -> dict[str, str]:
+    """{dist: version} of those of `dists` that are installed."""
+    return {d: v for d in dists if (v := package_version(d)) is not None}
+
+
 def versions() -> dict:
-    out = {}
-    for dist in ("pianolm", "numpy", "onnxruntime", "onnxruntime-gpu", "torch", "onnx",
-                 "matplotlib"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
-    out["torch_threads"] = torch.get_num_threads()
-    return out
+    return {**package_versions(("pianolm", "numpy", "onnxruntime", "onnxruntime-gpu", "torch",
+                                "onnx", "matplotlib")),
+            "torch_threads": torch.get_num_threads()}
 
 
 def git_info() -> dict | None:
