@@ -30,7 +30,13 @@ from pathlib import Path
 
 import onnx
 
-from pianolm.runtime.manifest import GraphSpec, Manifest, TensorSpec, load_manifest
+from pianolm.runtime.manifest import (
+    INT8_IS_ORT_ONLY,
+    GraphSpec,
+    Manifest,
+    TensorSpec,
+    load_manifest,
+)
 
 # ---------------------------------------------------------------------------------------------
 # What TensorRT's ONNX parser supports: onnx-tensorrt docs/operators.md (TensorRT 10.x; opsets
@@ -191,6 +197,11 @@ def check_tensorrt_compat(onnx_path: str | Path, profile: Profile | None = None,
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError, OSError
         return [f"{path.name}: not a readable ONNX file ({type(e).__name__}: {e})"]
+    return [f"{path.name}: {p}" for p in _graph_problems(model, profile, int64_inputs)]
+
+
+def _graph_problems(model: onnx.ModelProto, profile: Profile | None,
+                    int64_inputs: Sequence[str]) -> list[str]:
     problems: list[str] = []
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and imp.version not in TRT_OPSETS:
@@ -209,6 +220,10 @@ def check_tensorrt_compat(onnx_path: str | Path, profile: Profile | None = None,
     problems += _summarise("op {op} is not supported by TensorRT's ONNX parser", unsupported)
     problems += _summarise("control flow {op}: build one graph without If/Loop/Scan (prefill "
                            "and step share the step graph)", control)
+    if any("::" in op for op in unsupported):
+        # ONNX shape inference stops at another domain's op: every tensor after it would be
+        # reported with an unknown type and rank, burying the one real problem.
+        return problems
 
     # Infer every type and shape afresh: converters (fp16) may leave stale value_info behind.
     del model.graph.value_info[:]
@@ -259,7 +274,7 @@ def check_tensorrt_compat(onnx_path: str | Path, profile: Profile | None = None,
             d.dim_param if d.HasField("dim_param") else int(d.dim_value)
             for d in v.type.tensor_type.shape.dim)) for v in model.graph.input]
         problems += check_profile(profile, specs)
-    return [f"{path.name}: {p}" for p in problems]
+    return problems
 
 
 def check_model(model_dir: str | Path, profile: Profile | None = None) -> list[str]:
@@ -370,9 +385,8 @@ def build_engines(model_dir: str | Path, profile: Profile | None = None, fp16: b
     trt = _import_tensorrt()
     manifest = load_manifest(model_dir)
     if manifest.precision == "int8":
-        raise ValueError(f"{model_dir}: int8 exports use ONNX Runtime's dynamic quantization "
-                         f"(MatMulInteger), which TensorRT cannot parse; build from the fp16 "
-                         f"or fp32 export")
+        raise ValueError(f"{model_dir}: {INT8_IS_ORT_ONLY}; build from the fp16 or fp32 "
+                         f"export")
     profile = profile or default_profile(manifest)
     problems = check_profile(profile, [t for g in manifest.graphs().values() for t in g.inputs])
     if problems:
@@ -461,8 +475,7 @@ def main_build_engines(argv: Sequence[str] | None = None) -> int:
         print(f"pianolm build-engines: error: {e}", file=sys.stderr)
         return 2
     if manifest.precision == "int8":
-        print(f"pianolm build-engines: error: {args.model_dir} is an int8 export (ONNX Runtime "
-              f"dynamic quantization: MatMulInteger), which TensorRT cannot parse; export "
+        print(f"pianolm build-engines: error: {args.model_dir}: {INT8_IS_ORT_ONLY}; export "
               f"fp16 or fp32 for TensorRT", file=sys.stderr)
         return 2
     profile = default_profile(manifest)

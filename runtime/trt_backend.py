@@ -35,6 +35,7 @@ import numpy as np
 
 from .backend import BackendUnavailable, check_audio, check_embeddings
 from .manifest import (
+    INT8_IS_ORT_ONLY,
     DecoderSpec,
     GraphSpec,
     Manifest,
@@ -454,9 +455,9 @@ class TensorRTBackend:
         self.segment_samples = self.manifest.segment_samples
         self.precision = self.manifest.precision
         if self.precision == "int8":
-            raise ManifestError(f"{model_dir}: int8 exports (ONNX Runtime dynamic "
-                                f"quantization) have no TensorRT engines: use an fp16 or fp32 "
-                                f"export, or the cpu backend")
+            raise ManifestError(f"{model_dir}: {INT8_IS_ORT_ONLY}, so int8 exports have no "
+                                f"TensorRT engines: use an fp16 or fp32 export, or the cpu "
+                                f"backend")
         trt, cudart = _import_gpu()
         self.cuda = Cuda(cudart, device_id)
         try:

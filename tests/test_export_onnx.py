@@ -276,9 +276,8 @@ def test_tensorrt_static_check(exported):
     for kind in ("hier", "flat"):
         assert check_model(exported.dirs[kind]) == []
     assert check_model(exported.precision("fp16")) == []
-    problems = check_model(exported.precision("int8"))  # ORT dynamic quantization: ORT only
-    assert problems and all("MatMulInteger" in p or "DynamicQuantizeLinear" in p
-                            for p in problems)
+    problems = check_model(exported.precision("int8"))  # ORT's MatMulNBits: ORT only
+    assert problems and all("MatMulNBits" in p for p in problems)
 
 
 def test_build_engines_command(exported, capsys):

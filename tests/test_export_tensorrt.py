@@ -269,7 +269,7 @@ def test_build_engines_fp16_flag_only_on_tensorrt_10(tmp_path, monkeypatch):
 def test_build_engines_refuses_int8(tmp_path, monkeypatch):
     _fake_trt(monkeypatch, tmp_path / "x")
     synthetic_model(tmp_path / "int8", precision="int8")
-    with pytest.raises(ValueError, match="MatMulInteger"):
+    with pytest.raises(ValueError, match="MatMulNBits"):
         build_engines(tmp_path / "int8")
     assert main_build_engines([str(tmp_path / "int8")]) == 2
 
