@@ -61,6 +61,18 @@ def _refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
         raise UserError(f"{existing[0]} exists{more}; pass --overwrite to replace it")
 
 
+def _schedule_option(parser: argparse.ArgumentParser) -> None:
+    # decode.SCHEDULES, spelled out: building the parser imports nothing (fast --help)
+    parser.add_argument("--schedule", choices=["auto", "concurrent", "sequential"],
+                        default="auto", help="velocity and offset stages side by side or one "
+                        "after the other (auto: side by side on a GPU, or on a CPU with "
+                        "--threads set and twice that many cores)")
+
+
+def _concurrent(schedule: str) -> bool | None:
+    return {"auto": None, "concurrent": True, "sequential": False}[schedule]
+
+
 def cmd_transcribe(args: argparse.Namespace) -> None:
     from .audio import AudioError, probe_audio
     from .backend import BackendUnavailable
@@ -77,7 +89,8 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
         extra = [Path(args.report_json)] if args.report_json else []
         _refuse_overwrite(midi_paths + note_paths + extra, args.overwrite)
         transcriber = Transcriber(args.model, backend=args.backend, batch=args.batch,
-                                  threads=args.threads, decoder=args.decoder)
+                                  threads=args.threads, decoder=args.decoder,
+                                  concurrent=_concurrent(args.schedule))
         from tqdm import tqdm
 
         total = sum(info.num_segments for info in infos)
@@ -119,6 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         with tqdm(unit="segment", disable=not sys.stderr.isatty(), desc="evaluating") as bar:
             result = evaluate_model(args.data, args.model, backend=args.backend,
                                     batch=args.batch, threads=args.threads,
+                                    concurrent=_concurrent(args.schedule),
                                     max_clips=args.max_clips, progress=bar.update)
         print(result.format())
         if args.json:
@@ -176,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=int, default=1, help="segments decoded together, across "
                     "files (throughput mode)")
     tr.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
+    _schedule_option(tr)
     tr.add_argument("--notes", choices=["tsv", "json"], help="also write the notes as a table")
     tr.add_argument("--report-json", help="write the latency report to this JSON file")
     tr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -193,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     ev.add_argument("--batch", type=int, default=1, help="segments decoded together")
     ev.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
+    _schedule_option(ev)
     ev.add_argument("--max-clips", type=int, help="score only the first N clips (by name)")
     ev.set_defaults(func=cmd_eval)
 

@@ -254,7 +254,7 @@ def _rolls_reason(manifest: Manifest, backend: object) -> str | None:
 
 def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                    backend: str = "cpu", batch: int = 1, threads: int | None = None,
-                   max_clips: int | None = None,
+                   max_clips: int | None = None, concurrent: bool | None = None,
                    progress: Callable[[int], None] | None = None) -> EvalResult:
     """Transcribe every clip of `data` with the model (None: the shipped default) and score
     its LM notes and, when the model has them, its roll-decoded notes.
@@ -274,7 +274,7 @@ def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None 
     raw = open_backend(backend, folder, threads)
     reason = _rolls_reason(manifest, raw)
     tap = RollTap(raw, backend, keep_rolls=reason is None)
-    transcriber = Transcriber(backend=tap, batch=batch, threads=threads)
+    transcriber = Transcriber(backend=tap, batch=batch, threads=threads, concurrent=concurrent)
 
     fps = manifest.encoder.frames_per_second
     lm_notes: list[list[Note]] = []

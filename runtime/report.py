@@ -141,6 +141,7 @@ class Report:
     stages: dict[str, dict[str, float | int | None]]
     peak_rss_mb: float
     decoder: str = "lm"  # "lm": the stage decoders; "rolls": the encoder's rolls
+    concurrent: bool = False  # velocity and offset stages side by side
 
     @property
     def real_time_factor(self) -> float:
@@ -158,7 +159,7 @@ class Report:
     def build(cls, timings: Timings, *, backend: str, precision: str, batch: int,
               threads: int | None, files: int, audio_s: float, wall_s: float,
               time_to_first_note_s: float | None, notes: int, decode_tokens: int,
-              decode_s: float, decoder: str = "lm") -> Report:
+              decode_s: float, decoder: str = "lm", concurrent: bool = False) -> Report:
         per_segment = [s / n for n, s in timings.encoder if n]
         stages = {name: {"cross_kv_ms": _ms(t.cross_kv), "prefill_ms": _ms(t.prefill),
                          "step_ms": _ms([s for _, _, s in t.steps]), "steps": len(t.steps)}
@@ -170,7 +171,8 @@ class Report:
                                          else round(time_to_first_note_s, 3)),
                    notes=notes, decode_tokens=decode_tokens, decode_s=round(decode_s, 3),
                    encoder_ms_per_segment=_ms(per_segment), stages=stages,
-                   peak_rss_mb=round(peak_rss_mb(), 1), decoder=decoder)
+                   peak_rss_mb=round(peak_rss_mb(), 1), decoder=decoder,
+                   concurrent=concurrent)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -186,8 +188,10 @@ class Report:
             f"{self.files} file(s), {self.audio_s:.1f} s of audio -> {self.notes} notes in "
             f"{self.wall_s:.2f} s (real-time factor {self.real_time_factor:.3f})",
             f"backend {self.backend} {self.precision}, batch {self.batch}{threads}, notes from "
-            f"{'the LM stages' if self.decoder == 'lm' else 'the encoder rolls'}; "
-            f"{self.machine}, {self.cores} cores; peak memory {self.peak_rss_mb:.0f} MB",
+            + (f"the LM stages (velocity and offset "
+               f"{'concurrent' if self.concurrent else 'sequential'}); "
+               if self.decoder == "lm" else "the encoder rolls; ")
+            + f"{self.machine}, {self.cores} cores; peak memory {self.peak_rss_mb:.0f} MB",
             f"encoder {_fmt(self.encoder_ms_per_segment)} ms/segment; time to first note "
             f"{_fmt(self.time_to_first_note_s, 's', 2)}; "
             + (f"decode {self.tokens_per_s:.0f} tokens/s, " if self.decoder == "lm" else "")

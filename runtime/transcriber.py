@@ -26,7 +26,15 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, prepare_audio, probe_audio, segment_audio, stream_segments
 from .backend import Backend
-from .decode import DEFAULT_MAX_NOTES, OpenNote, RowSpec, SegmentTokens, decode_batch, to_notes
+from .decode import (
+    DEFAULT_MAX_NOTES,
+    OpenNote,
+    RowSpec,
+    SegmentTokens,
+    concurrent_by_default,
+    decode_batch,
+    to_notes,
+)
 from .manifest import DECODERS, Manifest, ManifestError, RollsSpec
 from .midi import write_midi, write_notes_json, write_notes_tsv
 from .notes import Note
@@ -114,14 +122,15 @@ class Transcriber:
     backend: "cpu" (ONNX Runtime), "cuda" (ONNX Runtime CUDA, IO binding), "tensorrt", or any
         object implementing runtime/backend.py's Backend (e.g. the PyTorch reference).
     batch: segments decoded together (across files); larger = more throughput, more memory.
-    concurrent: run the velocity and offset stages side by side.
+    concurrent: run the velocity and offset stages side by side; None = where that helps
+        (runtime/decode.py concurrent_by_default: a GPU, or spare CPU cores).
     decoder: "lm" (the stage decoders) or "rolls" (the encoder's own piano rolls, decoded with
         the manifest's thresholds: runtime/rolls.py); None = the manifest's `default_decoder`.
     """
 
     def __init__(self, model_dir: str | os.PathLike | None = None,
                  backend: str | Backend = "cpu", batch: int = 1, threads: int | None = None,
-                 max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool = True,
+                 max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool | None = None,
                  decoder: str | None = None) -> None:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
@@ -144,7 +153,8 @@ class Transcriber:
         self.batch = batch
         self.threads = threads
         self.max_notes = max_notes
-        self.concurrent = concurrent
+        self.concurrent = (concurrent_by_default(self.backend_name, threads)
+                           if concurrent is None else concurrent)
         self.report: Report | None = None
 
     def transcribe(self, source: Source) -> Transcription:
@@ -236,7 +246,7 @@ class Transcriber:
                             audio_s=count["audio_s"], wall_s=time.perf_counter() - t0,
                             time_to_first_note_s=first_note, notes=count["notes"],
                             decode_tokens=count["tokens"], decode_s=count["decode_s"],
-                            decoder=self.decoder)
+                            decoder=self.decoder, concurrent=self.concurrent)
 
 
 def _row_specs(batch: list[tuple[_Input, int, np.ndarray]]) -> list[RowSpec]:

@@ -230,7 +230,10 @@ def test_quick_run_end_to_end(exported, tmp_path):
         assert backends[name]["status"] == "ok" or backends[name]["reason"]
     assert report["identity"][tag]["identical"] is True
     got = {(r["backend"], r["mode"], r["schedule"], r["batch"]) for r in report["results"]}
-    assert ("ort-fp32", "hierarchical", "concurrent", 4) in got
+    # batch 4 runs only the throughput decode, in the schedule the runtime picks here
+    assert report["schedules"]["ort-fp32"] == cfg.runtime_schedule("ort-fp32")
+    assert ("ort-fp32", "hierarchical", cfg.runtime_schedule("ort-fp32"), 4) in got
+    assert {("ort-fp32", "hierarchical", s, 1) for s in ("sequential", "concurrent")} <= got
     assert ("ort-int8", "flat", "sequential", 1) in got
     assert ("torch-nocache", "hierarchical", "sequential", 1) in got
     assert ("torch-nocache", "hierarchical", "sequential", 4) not in got  # --nocache-batches 1

@@ -53,6 +53,18 @@ def test_one_file_midi_notes_and_report(exported, tmp_path, capsys):
     assert report["files"] == 1 and report["notes"] == len(notes)
     assert report["audio_s"] == pytest.approx(12.0)
     assert set(report["stages"]) == {"onset", "velocity", "offset"}
+    assert report["concurrent"] is False  # auto, CPU, no --threads: sessions share every core
+
+
+def test_schedule_option_sets_the_velocity_offset_schedule(exported, tmp_path, capsys):
+    audio = _wav(tmp_path / "a.wav", 4.0, 0)
+    for schedule, concurrent in (("concurrent", True), ("sequential", False)):
+        report = tmp_path / f"{schedule}.json"
+        code, _, err = _run(capsys, audio, "-o", str(tmp_path / f"{schedule}.mid"), "--model",
+                            str(exported.dirs["hier"]), "--schedule", schedule,
+                            "--report-json", str(report))
+        assert code == 0, err
+        assert json.loads(report.read_text())["concurrent"] is concurrent
 
 
 def test_several_files_go_to_a_folder_or_beside_the_inputs(exported, tmp_path, capsys):

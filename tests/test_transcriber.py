@@ -41,6 +41,22 @@ def test_notes_do_not_depend_on_batching():
     assert _notes(4, droppable=True, concurrent=False) == reference
 
 
+def test_velocity_and_offset_run_side_by_side_only_with_spare_cores(monkeypatch):
+    from pianolm.runtime.decode import concurrent_by_default
+
+    assert concurrent_by_default("cuda", None) and concurrent_by_default("tensorrt", 8, cores=2)
+    assert not concurrent_by_default("cpu", None, cores=64)  # each session takes every core
+    assert concurrent_by_default("cpu", 2, cores=4)
+    assert not concurrent_by_default("cpu", 2, cores=3)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert not Transcriber(backend=FakeBackend()).concurrent
+    assert Transcriber(backend=FakeBackend(), threads=2).concurrent
+    assert not Transcriber(backend=FakeBackend(), threads=2, concurrent=False).concurrent
+    t = Transcriber(backend=FakeBackend(), threads=2, max_notes=12)
+    t.transcribe(CLIPS[1])
+    assert t.report.concurrent and "velocity and offset concurrent" in t.report.format()
+
+
 def test_results_come_in_input_order_with_durations():
     t = Transcriber(backend=FakeBackend(), batch=4, max_notes=12)
     results = list(t.transcribe_many(CLIPS))

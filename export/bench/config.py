@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pianolm.export.decoder import PRESETS
+from pianolm.runtime.decode import concurrent_by_default
 
 # In the order they are measured: the torch backends first (their systems are freed before the
 # ONNX Runtime sessions open), the KV-cache one before the authors' decode so torch is warm.
@@ -33,7 +34,7 @@ class BenchConfig:
     backends: tuple[str, ...] = BACKENDS
     batches: tuple[int, ...] = DEFAULTS["batches"]
     # Every mode and schedule is measured at these batches; at the others only the throughput
-    # decode (hierarchical with velocity+offset concurrent, else flat), the deployment case.
+    # decode (hierarchical in the runtime's schedule, else flat), the deployment case.
     full_batches: tuple[int, ...] = (1,)
     modes: tuple[str, ...] = MODES
     repeats: int = DEFAULTS["repeats"]
@@ -91,6 +92,14 @@ class BenchConfig:
 
     def ordered_backends(self) -> list[str]:
         return [b for b in BACKENDS if b in self.backends]
+
+    def runtime_schedule(self, backend: str) -> str:
+        """The velocity/offset schedule `pianolm transcribe` picks for this backend on this
+        machine at these threads (runtime/decode.py concurrent_by_default); throughput runs
+        and the headline ratios use it."""
+        device = {"ort-cuda": "cuda", "tensorrt": "tensorrt"}.get(
+            backend, self.torch_device if backend.startswith("torch") else "cpu")
+        return "concurrent" if concurrent_by_default(device, self.threads) else "sequential"
 
     def to_dict(self) -> dict:
         out = asdict(self)

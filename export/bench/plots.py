@@ -2,7 +2,8 @@
 
 - `<stem>_step_vs_past.png`: onset-stage step latency vs past length, per backend, batch 1, with
   the fp32 bandwidth floor;
-- `<stem>_throughput_vs_batch.png`: notes/s vs batch, per backend (hierarchical, concurrent);
+- `<stem>_throughput_vs_batch.png`: notes/s vs batch, per backend (hierarchical, in the
+  runtime's velocity/offset schedule);
 - `<stem>_hier_vs_flat.png`: decode time of the same notes, hierarchical (sequential and
   concurrent) vs flattened, per backend, batch 1.
 One panel per preset (first encoder of the run).
@@ -11,6 +12,8 @@ One panel per preset (first encoder of the run).
 from __future__ import annotations
 
 from pathlib import Path
+
+from .summary import runtime_schedule
 
 COLORS = {"torch-nocache": "tab:red", "torch-cache": "tab:orange", "ort-fp32": "tab:blue",
           "ort-int8": "tab:green", "ort-cuda": "tab:purple", "tensorrt": "tab:brown"}
@@ -54,7 +57,8 @@ def throughput_vs_batch(report: dict, plt, presets: list[str]) -> object:  # noq
     for preset, ax in axes.items():
         series: dict[str, list[tuple[int, float]]] = {}
         for r in _entries(report, preset=preset, mode="hierarchical"):
-            if r["schedule"] == "concurrent" or r["backend"] == "torch-nocache":
+            if r["schedule"] == runtime_schedule(report, r["backend"]) or (
+                    r["backend"] == "torch-nocache"):
                 series.setdefault(r["backend"], []).append((r["batch"],
                                                             r["notes_per_s"]["median"]))
         for backend, points in series.items():

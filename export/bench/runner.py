@@ -119,8 +119,9 @@ def _line(e: dict) -> str:
 
 def _schedules(cfg: BenchConfig, backend: str, mode: str, batch: int) -> list[str]:
     """What to run of `mode` at `batch`. The authors ran their stages one after another; the
-    runtime overlaps velocity and offset. Outside the full batches only the throughput decode
-    runs: hierarchical concurrent (flat where the run has no hierarchical mode)."""
+    runtime may overlap velocity and offset. Outside the full batches only the throughput
+    decode runs: hierarchical in the runtime's schedule (flat where the run has no
+    hierarchical mode)."""
     if mode == "flat" or backend == "torch-nocache":
         schedules = ["sequential"]
     else:
@@ -128,7 +129,9 @@ def _schedules(cfg: BenchConfig, backend: str, mode: str, batch: int) -> list[st
     if batch in cfg.full_batches:
         return schedules
     throughput = "hierarchical" if "hierarchical" in cfg.modes else "flat"
-    return [] if mode != throughput else schedules[-1:]
+    if mode != throughput:
+        return []
+    return [cfg.runtime_schedule(backend)] if len(schedules) > 1 else schedules
 
 
 @dataclass
@@ -241,6 +244,9 @@ def run_bench(cfg: BenchConfig, *, build: Callable[[ModelKey], torch.nn.Module] 
         "bandwidth": bandwidth, "workload": workload.describe(cfg.target_notes), "models": {},
         "analytic": {}, "encoder": {}, "backends": {}, "identity": {}, "results": [],
         "summary": {},
+        # velocity/offset schedule the runtime picks per backend here (throughput runs and the
+        # headline ratios use it; batch 1 measures both)
+        "schedules": {b: cfg.runtime_schedule(b) for b in cfg.ordered_backends()},
         "peak_rss_scope": "per result entry: the process's peak RSS while that entry's runs "
                           "ran (reset before each entry; the process's baseline included)"}
     t_start = time.perf_counter()
@@ -250,7 +256,8 @@ def run_bench(cfg: BenchConfig, *, build: Callable[[ModelKey], torch.nn.Module] 
             run = ModelRun(cfg, preset, encoder, workload, embeddings, report, log)
             _bench_model(run, store, build, out_path)
     first = cfg.encoders[0]
-    ctx = {"identity": {p: report["identity"].get(f"{p}/{first}", {}) for p in cfg.presets},
+    ctx = {"schedules": report["schedules"],
+           "identity": {p: report["identity"].get(f"{p}/{first}", {}) for p in cfg.presets},
            "analytic": {p: report["analytic"].get(f"{p}/{first}", {}) for p in cfg.presets}}
     report["summary"] = summarize([r for r in report["results"] if r["encoder"] == first],
                                   list(cfg.presets), ctx)
