@@ -6,10 +6,12 @@ weight is named by the module scope the exporter records on its node), rebuilds 
 the committed encoder weights (benchmarks/results/default_model/encoder/), checks the rebuilt
 PyTorch modules against the old graphs on random inputs, saves a checkpoint and exports it over
 engines/default/ with the same roll thresholds and default decoder (MODEL.md and LICENSE.md
-stay). Used once, for manifest format 2 -> 3 (per-layer caches); kept as the record of how the
-shipped graphs were made.
+stay). Used for manifest format 2 -> 3 (per-layer caches), and to ship a further-trained
+encoder beside the same stage decoders (`--encoder-dir`: its tune_rolls.json gives the roll
+thresholds); kept as the record of how the shipped graphs were made.
 
     python scripts/reexport_default_model.py [--checkpoint work/runs/default-system]
+        [--encoder-dir work/runs/hppnet-cpu2]
 """
 
 from __future__ import annotations
@@ -88,9 +90,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="work/runs/default-system",
                     help="where to save the rebuilt system checkpoint")
+    ap.add_argument("--encoder-dir", type=Path, default=ENCODER_RUN,
+                    help="encoder run to ship (default: the shipped encoder's committed record, "
+                         "checked against the shipped graph)")
     args = ap.parse_args()
     raw = json.loads((SHIPPED / MANIFEST_FILE).read_text())
-    encoder, _ = load_encoder(ENCODER_RUN)
+    encoder_dir = args.encoder_dir.resolve()
+    encoder, _ = load_encoder(encoder_dir)
     configs = {s["name"]: DecoderConfig.from_dict(s["decoder"]) for s in raw["stages"]}
     system = TranscriptionSystem(SystemConfig(encoder=raw["encoder"]["name"], decoder=configs),
                                  encoder=encoder).eval()
@@ -99,8 +105,9 @@ def main() -> int:
                                                                   {"waveform": wave})[0]
     with torch.inference_mode():
         err = float(np.abs(old - system.embed(torch.from_numpy(wave)).numpy()).max())
-    print(f"encoder: committed weights vs shipped graph, max |embeddings diff| {err:.2e}")
-    if err > 1e-2:  # fp32 CQT edge frames differ ~1e-3 between ORT and torch (test_encoders)
+    print(f"encoder: {encoder_dir.name} vs shipped graph, max |embeddings diff| {err:.2e}")
+    # fp32 CQT edge frames differ ~1e-3 between ORT and torch (test_encoders)
+    if err > 1e-2 and encoder_dir == ENCODER_RUN:
         raise SystemExit("the committed encoder weights are not the shipped encoder's")
     for stage, decoder in system.decoders.items():
         state = decoder_weights(SHIPPED / f"{stage}_cross_kv.onnx", SHIPPED / f"{stage}_step.onnx")
@@ -111,8 +118,12 @@ def main() -> int:
             if err > 1e-4:
                 raise SystemExit(f"{stage}: the rebuilt weights do not reproduce the old graph")
     rolls = raw["encoder"]["rolls"]["thresholds"]
-    origin = (f"engines/default graphs (manifest format {raw['format_version']}) + "
-              f"{ENCODER_RUN.relative_to(ROOT)}")
+    tuned = encoder_dir / "tune_rolls.json"
+    if encoder_dir != ENCODER_RUN:
+        rolls = json.loads(tuned.read_text())["rolls"]  # a new encoder needs its own thresholds
+    where = encoder_dir.relative_to(ROOT) if encoder_dir.is_relative_to(ROOT) else encoder_dir
+    origin = (f"engines/default stage graphs (manifest format {raw['format_version']}) + "
+              f"encoder {where}")
     checkpoint = save_system(system, args.checkpoint, metadata={"rolls": rolls,
                                                                 "rebuilt_from": origin})
     with tempfile.TemporaryDirectory(dir=SHIPPED.parent) as tmp:
