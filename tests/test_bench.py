@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 
 from pianolm.export.bench import analytic  # noqa: E402
 from pianolm.export.bench.config import QUICK, parse_config  # noqa: E402
+from pianolm.export.bench.identity import greedy_tokens  # noqa: E402
 from pianolm.export.bench.measure import run_once  # noqa: E402
 from pianolm.export.bench.models import ModelStore  # noqa: E402
 from pianolm.export.bench.workload import (  # noqa: E402
@@ -107,6 +108,21 @@ def test_forced_decode_returns_the_codecs_tokens(mode, droppable):
         assert len(times.prefill) == 1
         calls = max(len(r.targets[stage]) for r in rows) + (stage in ("velocity", "offset"))
         assert 1 + len(times.steps) == calls
+
+
+def test_precision_cost_scores_reduced_precision_notes_against_fp32():
+    from pianolm.export.bench.identity import precision_cost
+    from pianolm.runtime.decode import RowSpec
+
+    rng = np.random.default_rng(0)
+    audio = [(0.1 * rng.normal(size=160000)).astype(np.float32) for _ in range(2)]
+    tokens = [greedy_tokens(FakeBackend(), a, RowSpec(0), max_notes=12) for a in audio]
+    assert precision_cost({"ort-fp32": tokens[0]}) == {}  # nothing to score
+    same = precision_cost({"ort-fp32": tokens[0], "ort-int8": tokens[0]})["ort-int8"]
+    assert same["same_tokens"] and same["onset_offset_velocity_f"] == 1.0
+    assert same["n_pred"] == same["n_ref"] > 0
+    other = precision_cost({"ort-fp32": tokens[0], "ort-int8": tokens[1]})["ort-int8"]
+    assert not other["same_tokens"] and other["onset_f"] < 1.0
 
 
 def test_analytic_counts_match_a_hand_count():
@@ -199,6 +215,10 @@ def _devset_slice(folder: Path) -> Path:
     return folder
 
 
+def summary_f1(report: dict) -> dict:
+    return report["summary"]["int8_vs_fp32_step"]["f1_vs_fp32"]
+
+
 def test_quick_run_end_to_end(exported, tmp_path):
     from pianolm.export.bench.runner import run_bench
     from pianolm.export.bench.summary import TARGETS
@@ -229,6 +249,10 @@ def test_quick_run_end_to_end(exported, tmp_path):
     for name in ("ort-cuda", "tensorrt"):  # skipped here, with the reason; run where present
         assert backends[name]["status"] == "ok" or backends[name]["reason"]
     assert report["identity"][tag]["identical"] is True
+    cost = report["identity"][tag]["hierarchical"]["precision_cost"]["ort-int8"]
+    assert 0 <= cost["onset_f"] <= 1 and cost["against"] == "ort-fp32"
+    assert summary_f1(report) == {k: cost[k] for k in ("onset_f", "onset_offset_f",
+                                                       "onset_offset_velocity_f")}
     got = {(r["backend"], r["mode"], r["schedule"], r["batch"]) for r in report["results"]}
     # batch 4 runs only the throughput decode, in the schedule the runtime picks here
     assert report["schedules"]["ort-fp32"] == cfg.runtime_schedule("ort-fp32")

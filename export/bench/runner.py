@@ -212,7 +212,7 @@ class ModelRun:
                              "encoder_timed_at_batch": timed, **fig}
                     self.report["results"].append(entry)
                     self.log(_line(entry))
-            if name in identity.COMPARED:
+            if name in identity.COMPARED + identity.REDUCED:
                 row = self.workload.rows(1)[0]
                 greedy.setdefault(mode, {})[name] = identity.greedy_tokens(
                     o.backend, row.audio, row.spec, cfg.identity_notes)
@@ -316,7 +316,8 @@ def _bench_model(run: ModelRun, store: ModelStore,
         del opened
         gc.collect()
         write_json(report, out_path)
-    result = {mode: identity.compare_tokens(tokens, cfg.identity_notes)
+    result = {mode: {**identity.compare_tokens(tokens, cfg.identity_notes),
+                     "precision_cost": identity.precision_cost(tokens)}
               for mode, tokens in greedy.items()}
     verdicts = [v["identical"] for v in result.values()]
     result["identical"] = None if None in verdicts or not verdicts else all(verdicts)
