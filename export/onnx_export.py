@@ -373,15 +373,16 @@ def _to_fp16(src: Path, dst: Path, kind: str, external_data_bytes: int) -> None:
     _save_proto(converted, dst, external_data_bytes)
 
 
-# int8 = weight-only 8-bit blocks (MatMulNBits), int8 arithmetic (accuracy_level 4). Measured on
-# the small preset's onset step, batch 1, past 200, 2 cores: fp32 4.91 ms; MatMulNBits block 128
-# 2.35 ms (logits 2.9e-2 relative); block 32 2.62 ms (2.4e-2); ORT dynamic quantization
-# (MatMulInteger, the previous int8) 2.97 ms (3.8e-2); accuracy_level 0 (fp32 arithmetic) 21 ms.
+# int8 = 8-bit weight blocks (MatMulNBits) with int8 arithmetic (accuracy_level 4; level 0, fp32
+# arithmetic, ran 4x slower than fp32). Small preset onset step, batch 1, 2 cores: 1.7-2.1x fp32,
+# a few per cent faster than ORT dynamic quantization (MatMulInteger, the previous int8) with
+# less logit error; block 128 vs 32 / 256: no clear winner (benchmarks/int8_variants.py).
 INT8_BLOCK_SIZE = 128
 INT8_ACCURACY_LEVEL = 4
 
 
-def _to_int8(src: Path, dst: Path, external_data_bytes: int) -> None:
+def _to_int8(src: Path, dst: Path, external_data_bytes: int,
+             block_size: int = INT8_BLOCK_SIZE) -> None:
     """8-bit weights in blocks of INT8_BLOCK_SIZE along K (one fp32 scale each, symmetric), the
     MatMuls computed in int8 with activations quantized inside the kernel; attention's
     activation x activation MatMuls and the LM head stay fp32 (greedy decode reads its argmax)."""
@@ -390,7 +391,7 @@ def _to_int8(src: Path, dst: Path, external_data_bytes: int) -> None:
     model = onnx.load(str(src))
     head = [n.name for n in model.graph.node if _is_head(n)]
     config = nbits.DefaultWeightOnlyQuantConfig(
-        block_size=INT8_BLOCK_SIZE, is_symmetric=True, accuracy_level=INT8_ACCURACY_LEVEL,
+        block_size=block_size, is_symmetric=True, accuracy_level=INT8_ACCURACY_LEVEL,
         bits=8)
     log = logging.getLogger(nbits.__name__)
     level = log.level
