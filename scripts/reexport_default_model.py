@@ -7,8 +7,8 @@ the committed encoder weights (benchmarks/results/default_model/encoder/), check
 PyTorch modules against the old graphs on random inputs, saves a checkpoint and exports it over
 engines/default/ with the same roll thresholds and default decoder (MODEL.md and LICENSE.md
 stay). Used for manifest format 2 -> 3 (per-layer caches), and to ship a further-trained
-encoder beside the same stage decoders (`--encoder-dir`: its tune_rolls.json gives the roll
-thresholds); kept as the record of how the shipped graphs were made.
+encoder beside the same stage decoders (`--encoder-dir`: the roll thresholds `pianolm train
+tune-rolls` stored in its encoder.json); kept as the record of how the shipped graphs were made.
 
     python scripts/reexport_default_model.py [--checkpoint work/runs/default-system]
         [--encoder-dir work/runs/hppnet-cpu2]
@@ -96,7 +96,7 @@ def main() -> int:
     args = ap.parse_args()
     raw = json.loads((SHIPPED / MANIFEST_FILE).read_text())
     encoder_dir = args.encoder_dir.resolve()
-    encoder, _ = load_encoder(encoder_dir)
+    encoder, encoder_meta = load_encoder(encoder_dir)
     configs = {s["name"]: DecoderConfig.from_dict(s["decoder"]) for s in raw["stages"]}
     system = TranscriptionSystem(SystemConfig(encoder=raw["encoder"]["name"], decoder=configs),
                                  encoder=encoder).eval()
@@ -118,9 +118,11 @@ def main() -> int:
             if err > 1e-4:
                 raise SystemExit(f"{stage}: the rebuilt weights do not reproduce the old graph")
     rolls = raw["encoder"]["rolls"]["thresholds"]
-    tuned = encoder_dir / "tune_rolls.json"
-    if encoder_dir != ENCODER_RUN:
-        rolls = json.loads(tuned.read_text())["rolls"]  # a new encoder needs its own thresholds
+    if encoder_dir != ENCODER_RUN:  # a new encoder needs its own thresholds
+        if "rolls" not in encoder_meta:
+            raise SystemExit(f"{encoder_dir}: no tuned roll thresholds; run pianolm train "
+                             f"tune-rolls --encoder-dir {encoder_dir} first")
+        rolls = encoder_meta["rolls"]
     where = encoder_dir.relative_to(ROOT) if encoder_dir.is_relative_to(ROOT) else encoder_dir
     origin = (f"engines/default stage graphs (manifest format {raw['format_version']}) + "
               f"encoder {where}")
