@@ -55,6 +55,13 @@ def test_velocity_and_offset_run_side_by_side_only_with_spare_cores(monkeypatch)
     t = Transcriber(backend=FakeBackend(), threads=2, max_notes=12)
     t.transcribe(CLIPS[1])
     assert t.report.concurrent and "velocity and offset concurrent" in t.report.format()
+    from pianolm.runtime.cli import build_parser
+    from pianolm.runtime.decode import SCHEDULES
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("transcribe", "eval"):  # the CLI spells them out to stay import-free
+        (option,) = [a for a in commands[command]._actions if a.dest == "schedule"]
+        assert tuple(option.choices) == SCHEDULES and option.default == "auto"
 
 
 def test_results_come_in_input_order_with_durations():
