@@ -5,7 +5,7 @@ DynamicQuantizeLinear, per-channel U8U8: pianolm's int8 before). Onset-stage ste
 one-token and three-token chunks at several past lengths; rounds interleaved so every flavour
 sees the same moments of a shared machine. Logit error against fp32 on the same inputs.
 
-    pianolm bench --quick ...   # or any run that built work/bench-models/small-hppnet-hier-s0
+    pianolm bench --presets small ...   # any run of the small preset builds the fp32 folder
     python benchmarks/int8_variants.py [--model work/bench-models/small-hppnet-hier-s0/fp32] \
         [--out benchmarks/results/int8_variants_small.json]
 """
@@ -44,10 +44,15 @@ def median_seconds(fn: Callable[[], object], runs: int = 15, warmup: int = 3) ->
 def dynamic_int8(src: Path, dst: Path) -> None:
     head = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node
             if _is_head(n)]
-    logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing"
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QUInt8, nodes_to_exclude=head,
-                     extra_options={"MatMulConstBOnly": True})
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it warns "consider pre-processing" through the root logger
+    try:
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QUInt8, nodes_to_exclude=head,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
 
 
 def main() -> int:

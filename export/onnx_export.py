@@ -383,7 +383,7 @@ INT8_ACCURACY_LEVEL = 4
 
 def _to_int8(src: Path, dst: Path, external_data_bytes: int,
              block_size: int = INT8_BLOCK_SIZE) -> None:
-    """8-bit weights in blocks of INT8_BLOCK_SIZE along K (one fp32 scale each, symmetric), the
+    """8-bit weights in blocks of `block_size` along K (one fp32 scale each, symmetric), the
     MatMuls computed in int8 with activations quantized inside the kernel; attention's
     activation x activation MatMuls and the LM head stay fp32 (greedy decode reads its argmax)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits

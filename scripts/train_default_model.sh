@@ -74,11 +74,12 @@ cont=(--data "$data2" --encoder hppnet-cpu --batch 4 --crop-seconds 4 --lr 5e-4 
 [[ -f "$runs/hppnet-cpu2a/encoder.json" ]] || pianolm train encoder --init "$enc" \
   --out "$runs/hppnet-cpu2a" --steps 1800 --warmup-steps 50 --val-every 300 --until-step 161 \
   "${cont[@]}"
+# then a 1300-step schedule from those weights, stopped at step 1156 (lr near its floor)
 if [[ -f "$enc2/state.pt" ]]; then
-  pianolm train encoder --out "$enc2" --resume
+  pianolm train encoder --out "$enc2" --resume --until-step 1156
 else
   pianolm train encoder --init "$runs/hppnet-cpu2a" --out "$enc2" --steps 1300 \
-    --warmup-steps 10 --val-every 325 "${cont[@]}"
+    --warmup-steps 10 --val-every 325 --until-step 1156 "${cont[@]}"
 fi
 pianolm train tune-rolls --encoder-dir "$enc2" --data "$data2" --items 12 --last --threads 2
 
