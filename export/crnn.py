@@ -175,6 +175,7 @@ class CRNN(nn.Module):
         self.frame_gru = GRU(3 * cfg.classes, cfg.gru_hidden, batch_first=True, bidirectional=True)
         self.frame_fc = nn.Linear(gru_out, cfg.classes)
         self.embed_dim = 3 * gru_out
+        self.input_peak = None  # inputs as they are (see HPPNetConfig.input_peak)
         self.frames_per_segment = self.frontend.num_frames(cfg.segment_samples)
         self.reset_parameters()
 

@@ -6,6 +6,8 @@ Every encoder is an nn.Module taking a 16 kHz mono waveform [B, samples] with:
 - `embed(waveform) -> Tensor [B, T, embed_dim]`: what the language model attends to.
 - `embed_dim`, `frames_per_second`, `frames_per_segment` (frames for `segment_samples`), and
   `num_frames(num_samples)` (= num_samples // hop + 1, centred frames).
+- `input_peak`: None, or the peak every input file is scaled to before it is cut into
+  segments (runtime/audio.py normalise_peak); the manifest carries it to the runtime.
 
 | name   | front-end          | frames/s | frames per 10 s | embed_dim | parameters |
 |--------|--------------------|----------|-----------------|-----------|------------|
@@ -26,7 +28,7 @@ from torch import nn
 
 from .crnn import CRNN, CRNNConfig
 from .frontend import ROLL_KEYS, EncoderOutput
-from .hppnet import HPPNET_SP_CPU, HPPNet, HPPNetConfig
+from .hppnet import HPPNET_SP_CPU, HPPNET_SP_CPU_VL, HPPNet, HPPNetConfig
 
 __all__ = [
     "CRNN",
@@ -42,11 +44,13 @@ __all__ = [
 ]
 
 # name -> (class, config; None = the class's default). "hppnet-cpu" is HPPNet-sp at half width
-# after the harmonic conv (export/hppnet.py, HPPNET_SP_CPU): the size a CPU trains in hours.
+# after the harmonic conv (export/hppnet.py, HPPNET_SP_CPU): the size a CPU trains in hours;
+# "hppnet-cpu-vl" adds the level-aware velocity head (HPPNET_SP_CPU_VL).
 ENCODERS: dict[str, tuple[type[nn.Module], Any]] = {
     "crnn": (CRNN, None),
     "hppnet": (HPPNet, None),
     "hppnet-cpu": (HPPNet, HPPNET_SP_CPU),
+    "hppnet-cpu-vl": (HPPNet, HPPNET_SP_CPU_VL),
 }
 
 # Graph output order of `EncoderGraph`: the embedding, then the four rolls.

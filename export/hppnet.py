@@ -20,13 +20,21 @@ Variants, as in the authors' configurations (WX-Wei/HPPNet, `hpp_sp` / `hpp_base
 `HPPNET_SP_CPU` (ours, not the authors'): "sp" at half the width after the harmonic conv
 (model_size 64: 0.38 M parameters), ~2.2x cheaper to train and run on CPU.
 
+Level-aware velocity (ours, `velocity_level`): the InstanceNorm after every conv makes the
+trunk nearly blind to the input's level (the shipped "hppnet-cpu" gives velocities only ~3
+lower for a file played 12 dB quieter), so its velocity can only come from loudness relative
+to the rest of the segment, and each 10 s segment is its own reference. With `velocity_level`
+the velocity head also reads the CQT level itself (each key's loudest bin, at the key and at
+key offsets such as its octave), and `input_peak` fixes the reference: each file is scaled to
+that peak, in training and at inference (runtime/audio.py `normalise_peak`).
+
 The language model reads the four posterior maps concatenated: 4 x 88 = 352-d per frame.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -52,6 +60,8 @@ class HPPNetConfig:
     model_size: int = 128  # trunk output channels = LSTM width (64 per direction)
     harmonics: int = 8  # harmonics 2..9 in the harmonic dilated conv
     keys: int = 88
+    velocity_level: tuple[int, ...] = ()  # key offsets of the level inputs of the velocity head
+    input_peak: float | None = None  # the peak each input file is scaled to (None: as it is)
 
     @property
     def bins_per_key(self) -> int:
@@ -64,6 +74,23 @@ class HPPNetConfig:
 # training step at batch 4 x 4 s 8.0 s vs 17.4 s, inference 1.85 s vs 3.7 s per 10 s.
 # Its checkpoints are not interchangeable with "sp" ones (different shapes).
 HPPNET_SP_CPU = HPPNetConfig(model_size=64)
+# ... with a level-aware velocity head: the level at the key, the octave below (is the key
+# itself a harmonic of a louder note?) and the key's 2nd, 3rd and 4th harmonics.
+HPPNET_SP_CPU_VL = replace(HPPNET_SP_CPU, velocity_level=(-12, 0, 12, 19, 24), input_peak=0.7)
+
+# Level inputs: CQT dB (10 log10 |C|, about -70..+10 for a file at peak 0.7) -> about -6..2.
+LEVEL_OFFSET_DB, LEVEL_SCALE_DB = 10.0, 10.0
+LEVEL_FLOOR = -8.0  # what a key offset past either end of the keyboard reads
+
+
+def key_levels(cqt_db: torch.Tensor, bins_per_key: int, offsets: tuple[int, ...]) -> torch.Tensor:
+    """[B, 1, T, bins] CQT dB -> [B, len(offsets), T, keys]: channel j holds, at key k, the
+    scaled level of key k + offsets[j] (its loudest CQT bin)."""
+    level = (F.max_pool2d(cqt_db, (1, bins_per_key)) + LEVEL_OFFSET_DB) / LEVEL_SCALE_DB
+    reach = max(abs(o) for o in offsets)
+    padded = F.pad(level, (reach, reach), value=LEVEL_FLOOR)
+    keys = level.shape[-1]
+    return torch.cat([padded[..., reach + o: reach + o + keys] for o in offsets], dim=1)
 
 
 def conv_block(
@@ -238,11 +265,11 @@ def _iofc(weight: torch.Tensor, hidden: int) -> torch.Tensor:
 
 
 class FreqGroupLSTMHead(nn.Module):
-    """One BiLSTM shared by all pitches: [B, C, T, 88] -> posteriors [B, T, 88]."""
+    """One BiLSTM shared by all pitches: [B, size + extra, T, 88] -> posteriors [B, T, 88]."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, extra: int = 0) -> None:
         super().__init__()
-        self.lstm = LSTM(size, size // 2, batch_first=True, bidirectional=True)
+        self.lstm = LSTM(size + extra, size // 2, batch_first=True, bidirectional=True)
         self.linear = nn.Linear(size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,7 +286,12 @@ class SubNet(nn.Module):
     def __init__(self, cfg: HPPNetConfig, heads: tuple[str, ...], time_pooling: bool) -> None:
         super().__init__()
         self.trunk = Trunk(cfg)
-        self.heads = nn.ModuleDict({name: FreqGroupLSTMHead(cfg.model_size) for name in heads})
+        self.level_offsets = cfg.velocity_level if "velocity" in heads else ()
+        self.bins_per_key = cfg.bins_per_key
+        self.heads = nn.ModuleDict({
+            name: FreqGroupLSTMHead(cfg.model_size,
+                                    len(self.level_offsets) if name == "velocity" else 0)
+            for name in heads})
         self.time_pooling = time_pooling
 
     def forward(self, cqt_db: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -269,7 +301,11 @@ class SubNet(nn.Module):
         features = self.trunk(x)
         out = {}
         for name, head in self.heads.items():
-            y = head(features)
+            if name == "velocity" and self.level_offsets:
+                levels = key_levels(x, self.bins_per_key, self.level_offsets)
+                y = head(torch.cat((features, levels), dim=1))
+            else:
+                y = head(features)
             if self.time_pooling:  # back to the full frame rate
                 y = F.interpolate(
                     y.unsqueeze(1), size=(frames, y.shape[-1]), mode="bilinear", align_corners=False
@@ -301,6 +337,7 @@ class HPPNet(nn.Module):
         else:
             raise ValueError(f"unknown HPPNet variant {cfg.variant!r} (expected 'sp' or 'base')")
         self.embed_dim = len(ROLL_KEYS) * cfg.keys
+        self.input_peak = cfg.input_peak
         self.frames_per_segment = self.frontend.num_frames(cfg.segment_samples)
 
     def num_frames(self, num_samples: int) -> int:

@@ -554,7 +554,8 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
         source = SourceSpec(random_init=True, seed=seed, metadata=_jsonable(metadata or {}))
     manifest = Manifest(precision="fp32", opset=opset, sample_rate=16000,
                         segment_samples=SEGMENT_SAMPLES, encoder=encoder, stages=tuple(stages),
-                        source=source, versions=_versions())
+                        source=source, versions=_versions(),
+                        input_peak=getattr(system.encoder, "input_peak", None))
     write_manifest(manifest, out)
     return load_manifest(out)
 

@@ -76,6 +76,8 @@ class TorchBackend:
         self.use_cache = use_cache
         self.stages: tuple[str, ...] = system.stages
         self.device = next(system.decoders.parameters()).device
+        # what an export's manifest would say (audio.input_peak): the Transcriber scales by it
+        self.input_peak: float | None = getattr(system.encoder, "input_peak", None)
 
     @torch.inference_mode()
     def encode(self, audio: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ __all__ = [
     "SAMPLE_RATE", "SEGMENT_SAMPLES", "AudioError", "AudioInfo", "load_audio", "prepare_audio",
     "probe_audio", "stream_segments", "segments_from_array", "batch_segments",
     "num_segments", "resampled_length", "segment_audio", "iter_segment_batches",
+    "normalise_peak", "file_peak",
 ]
 
 
@@ -277,8 +278,15 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0
-                    ) -> Iterator[np.ndarray]:
+def file_peak(path: str | os.PathLike) -> float:
+    """The largest |sample| of load_audio(path), read block by block (a pass over the file)."""
+    name = _checked_path(path)
+    return max((float(np.max(np.abs(c))) for c in _iter_file_16k(name, _READ_BLOCK_FRAMES)
+                if len(c)), default=0.0)
+
+
+def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
+                    peak: float | None = None) -> Iterator[np.ndarray]:
     """Yield the file's 10 s segments (fresh float32 [160000], mono 16 kHz) in order.
 
     Exactly the rows of segment_audio(load_audio(path)) (the last one zero-padded, at least
@@ -286,13 +294,21 @@ def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0
     stays bounded by one block plus a segment or two, however long the recording. The path
     and header are checked now (AudioError, as probe_audio); NaN/inf samples raise AudioError
     when the iteration reaches them, after the segments before them were yielded.
+
+    peak: scale the audio to this peak first, exactly as normalise_peak(load_audio(path),
+    peak) (one more pass over the file to find its peak).
     """
     if (isinstance(block_seconds, bool) or not isinstance(block_seconds, (int, float))
             or not math.isfinite(block_seconds) or block_seconds <= 0):
         raise ValueError(f"block_seconds must be a positive number, got {block_seconds!r}")
     info = probe_audio(path)
     block_frames = max(1, math.ceil(block_seconds * info.sample_rate))
-    return _segments_from_chunks(_iter_file_16k(info.path, block_frames))
+    chunks = _iter_file_16k(info.path, block_frames)
+    top = file_peak(info.path) if peak is not None else 0.0
+    if top > 0:
+        gain = np.float32(peak / top)
+        chunks = (c * gain for c in chunks)
+    return _segments_from_chunks(chunks)
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -373,6 +389,18 @@ def segment_audio(samples: np.ndarray) -> np.ndarray:
     out = np.zeros((num_segments(x.shape[0]), SEGMENT_SAMPLES), dtype=np.float32)
     out.reshape(-1)[: x.shape[0]] = x
     return out
+
+
+def normalise_peak(samples: np.ndarray, peak: float | None) -> np.ndarray:
+    """Scale audio so its largest |sample| is `peak` (float32; as it is when peak is None or
+    the audio is silent). A model whose velocity reads absolute level (manifest
+    `audio.input_peak`) was trained on files scaled this way: one gain per file, so the
+    dynamics within a piece are kept and any recording level maps to the same velocities."""
+    x = np.asarray(samples, dtype=np.float32)
+    top = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak is None or top == 0.0:
+        return x
+    return x * np.float32(peak / top)
 
 
 def segments_from_array(samples: np.ndarray) -> Iterator[np.ndarray]:

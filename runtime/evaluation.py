@@ -48,7 +48,7 @@ from .midi import atomic_write, read_midi, read_notes_tsv
 from .notes import Note
 from .report import Report
 from .rolls import ROLL_KEYS, decode_rolls, join_segments
-from .transcriber import Transcriber, default_model_dir, open_backend
+from .transcriber import Transcriber, default_model_dir, input_peak_of, open_backend
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
 REFERENCE_SUFFIXES = (".tsv", ".mid", ".midi")  # in order of preference
@@ -124,6 +124,7 @@ class RollTap:
         self.sample_rate = backend.sample_rate
         self.segment_samples = backend.segment_samples
         self.precision: str = getattr(backend, "precision", "fp32")
+        self.input_peak = input_peak_of(backend)
         self._queue: deque[dict[str, np.ndarray]] = deque()
 
     def encode(self, audio: np.ndarray) -> np.ndarray:

@@ -26,7 +26,9 @@ FORMAT = "pianolm-model"
 # 3: the decoder graphs take and give their caches per layer (see `step_io`), the cross K
 #    transposed. Folders of versions 1 and 2 (one stacked [layers, ...] cache tensor) are
 #    refused with a re-export hint: their step graphs copy the whole cache every step.
-FORMAT_VERSION = 3
+# 4: optional `audio.input_peak`: the runtime scales each input file to this peak before
+#    cutting it into segments (an encoder whose velocity reads absolute level was trained so).
+FORMAT_VERSION = 4
 MIN_FORMAT_VERSION = 3
 DECODERS = ("lm", "rolls")  # how notes are read: the stage decoders, or the encoder's rolls
 MANIFEST_FILE = "manifest.json"
@@ -254,6 +256,9 @@ class Manifest:
     # How `pianolm transcribe` turns audio into notes unless told: "lm" (the stage decoders)
     # or "rolls" (the encoder's own rolls, runtime/rolls.py). Optional, default "lm".
     default_decoder: str = "lm"
+    # The peak each input file is scaled to before segmenting (runtime/audio.py
+    # normalise_peak); None: audio as it is. Optional (format 4).
+    input_peak: float | None = None
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -282,7 +287,8 @@ class Manifest:
         return {"format": FORMAT, "format_version": self.format_version,
                 "precision": self.precision, "opset": self.opset,
                 "audio": {"sample_rate": self.sample_rate,
-                          "segment_samples": self.segment_samples},
+                          "segment_samples": self.segment_samples,
+                          **({"input_peak": self.input_peak} if self.input_peak else {})},
                 "encoder": self.encoder.to_dict(), "vocab": dict(self.vocab),
                 "stages": [s.to_dict() for s in self.stages], "source": self.source.to_dict(),
                 "versions": dict(self.versions), "default_decoder": self.default_decoder}
@@ -540,9 +546,12 @@ def load_manifest(folder: str | Path) -> Manifest:
         raise f.fail("opset", f"is {opset}; at least {MIN_OPSET} is required")
 
     audio = f.get(raw, "audio", dict, "")
-    f.only(audio, {"sample_rate", "segment_samples"}, "audio")
+    f.only(audio, {"sample_rate", "segment_samples", "input_peak"}, "audio")
     sample_rate = f.positive(audio, "sample_rate", "audio")
     segment_samples = f.positive(audio, "segment_samples", "audio")
+    input_peak = f.get(audio, "input_peak", (int, float), "audio", optional=True)
+    if input_peak is not None and not 0 < input_peak <= 1:
+        raise f.fail("audio.input_peak", f"must be in (0, 1], got {input_peak}")
 
     vocab_raw = f.get(raw, "vocab", dict, "")
     expected = vocab.as_dict()
@@ -602,7 +611,8 @@ def load_manifest(folder: str | Path) -> Manifest:
         raise f.fail("default_decoder", "is 'rolls', but the encoder graph has no roll outputs")
 
     return Manifest(precision, opset, sample_rate, segment_samples, encoder, stages, source,
-                    dict(versions), dict(vocab_raw), version, folder, default_decoder)
+                    dict(versions), dict(vocab_raw), version, folder, default_decoder,
+                    None if input_peak is None else float(input_peak))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, prepare_audio, probe_audio, segment_audio, stream_segments
+from .audio import (
+    SAMPLE_RATE,
+    normalise_peak,
+    prepare_audio,
+    probe_audio,
+    segment_audio,
+    stream_segments,
+)
 from .backend import Backend
 from .decode import (
     DEFAULT_MAX_NOTES,
@@ -104,15 +111,23 @@ class _Input:
     rolls: list[dict[str, np.ndarray]] = field(default_factory=list)  # decoder="rolls"
 
 
-def _open_source(source: Source) -> tuple[_Input, Iterator[np.ndarray]]:
+def input_peak_of(backend: Backend) -> float | None:
+    """The peak each input file is scaled to before segmenting: the manifest's
+    audio.input_peak, or a backend's own `input_peak` (the PyTorch reference, wrappers)."""
+    manifest: Manifest | None = getattr(backend, "manifest", None)
+    return manifest.input_peak if manifest else getattr(backend, "input_peak", None)
+
+
+def _open_source(source: Source, peak: float | None) -> tuple[_Input, Iterator[np.ndarray]]:
+    """peak: the manifest's input_peak (each input scaled to it), or None."""
     if isinstance(source, tuple):
         samples, rate = source
-        audio = prepare_audio(samples, rate)
+        audio = normalise_peak(prepare_audio(samples, rate), peak)
         segments = segment_audio(audio)
         return (_Input("<array>", len(segments), len(audio) / SAMPLE_RATE), iter(segments))
     info = probe_audio(source)
     return (_Input(str(source), info.num_segments, info.duration_s),
-            stream_segments(source))
+            stream_segments(source, peak=peak))
 
 
 class Transcriber:
@@ -146,6 +161,7 @@ class Transcriber:
             raise ValueError(f"unknown decoder {self.decoder!r}: choose one of "
                              f"{', '.join(DECODERS)}")
         self.rolls: RollsSpec | None = manifest.encoder.rolls if manifest else None
+        self.input_peak = input_peak_of(self.backend)
         if self.decoder == "rolls" and self.rolls is None:
             raise ManifestError("decoder 'rolls' needs a model whose encoder graph outputs "
                                 "piano rolls (manifest encoder.rolls); this one has none")
@@ -230,7 +246,7 @@ class Transcriber:
         """Every source's segments, in order, in batches of self.batch rows."""
         batch: list[tuple[_Input, int, np.ndarray]] = []
         for source in sources:
-            item, segments = _open_source(source)
+            item, segments = _open_source(source, self.input_peak)
             for index, segment in enumerate(segments):
                 batch.append((item, index, segment))
                 if len(batch) == self.batch:

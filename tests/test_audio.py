@@ -546,3 +546,32 @@ def test_audio_and_midi_do_not_import_torch():
     code = ("import sys, pianolm.runtime.audio, pianolm.runtime.midi; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_normalise_peak_scales_to_the_peak_and_leaves_silence_alone():
+    from pianolm.runtime.audio import normalise_peak
+
+    x = np.array([0.1, -0.4, 0.2], np.float32)
+    y = normalise_peak(x, 0.7)
+    assert y.dtype == np.float32 and np.isclose(np.max(np.abs(y)), 0.7)
+    assert np.allclose(y / x, y[0] / x[0])  # one gain for the whole input
+    assert normalise_peak(x, None) is not None and np.array_equal(normalise_peak(x, None), x)
+    assert np.array_equal(normalise_peak(np.zeros(5, np.float32), 0.7), np.zeros(5))
+
+
+def test_streamed_segments_with_a_peak_equal_normalising_the_whole_file(tmp_path):
+    """stream_segments(path, peak=p) finds the file's peak first, then streams: its rows are
+    exactly segment_audio(normalise_peak(load_audio(path), p)), at 16 kHz and resampled."""
+    from pianolm.runtime.audio import file_peak, normalise_peak
+
+    rng = np.random.default_rng(5)
+    for rate in (16000, 44100):
+        x = (0.3 * rng.normal(size=int(12.5 * rate))).astype(np.float32)
+        path = tmp_path / f"clip{rate}.wav"
+        sf.write(path, x, rate, subtype="FLOAT")
+        whole = load_audio(path)
+        assert file_peak(path) == float(np.max(np.abs(whole)))
+        want = segment_audio(normalise_peak(whole, 0.7))
+        got = np.stack(list(stream_segments(path, block_seconds=3.0, peak=0.7)))
+        assert np.array_equal(got, want)
+        assert np.isclose(np.max(np.abs(got)), 0.7)

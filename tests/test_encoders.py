@@ -30,6 +30,8 @@ EXPECTED = {
     # name: (embed_dim, frames/s, frames per 10 s, parameter range)
     "crnn": (1536, 100, 1001, (19.5e6, 21e6)),
     "hppnet": (352, 50, 501, (1.1e6, 1.4e6)),
+    # HPPNet-sp at half width with the level-aware velocity head (the shipped encoder)
+    "hppnet-cpu-vl": (352, 50, 501, (0.37e6, 0.39e6)),
 }
 EDGE_FRAMES = 8  # frames at each end of a waveform that see the front-end's reflect padding
 FORBIDDEN_OPS = {"DFT", "STFT", "If", "Loop", "Scan"}  # no TensorRT DFT; no control flow
@@ -79,7 +81,7 @@ def run(request) -> _Run:
 
 
 def test_registry():
-    assert set(ENCODERS) == {"crnn", "hppnet", "hppnet-cpu"}
+    assert set(ENCODERS) == {"crnn", "hppnet", "hppnet-cpu", "hppnet-cpu-vl"}
     with pytest.raises(ValueError, match="unknown encoder 'nope'.*crnn, hppnet"):
         build_encoder("nope")
 
@@ -124,7 +126,7 @@ def test_batch_shapes_determinism_and_independence(run: _Run):
 def test_onnx_export_and_ort_parity(run: _Run, tmp_path, monkeypatch):
     path = tmp_path / f"{run.name}.onnx"
     out2, full = run.out2, run.full
-    if run.name == "hppnet":
+    if run.name.startswith("hppnet"):
         # The export traces the authors' form of the harmonic conv (`forward_separate`); the
         # eager fast path regroups the same sums (checked on its own below). Compare the graph
         # with the formulation it holds, so the float32 rounding of the two orders of summation

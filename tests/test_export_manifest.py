@@ -5,6 +5,7 @@ types, shapes and files, not ONNX content, so no export is needed here."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,18 @@ def test_round_trip(folder: Path):
         m.stage("flat")
 
 
+def test_input_peak_round_trip_and_format_3_without_it(folder: Path):
+    """Format 4 adds the optional audio.input_peak; a format-3 folder (none) still loads."""
+    m = load_manifest(folder)
+    assert m.input_peak is None and "input_peak" not in json.loads(
+        (folder / MANIFEST_FILE).read_text())["audio"]
+    write_manifest(replace(m, input_peak=0.7), folder)
+    assert load_manifest(folder).input_peak == 0.7
+    _edit(folder, lambda r: (r.update(format_version=3), r["audio"].pop("input_peak")))
+    old = load_manifest(folder)
+    assert old.format_version == 3 and old.input_peak is None
+
+
 def test_flat_model_is_valid(tmp_path: Path):
     assert synthetic_model(tmp_path, stages=("flat",)).stage_names == ("flat",)
 
@@ -132,6 +145,9 @@ def test_flat_model_is_valid(tmp_path: Path):
     (lambda r: r.update(precision="int4"), "precision", "known"),
     (lambda r: r.update(extra=1), "(top level)", "unknown field"),
     (lambda r: r["audio"].pop("segment_samples"), "audio.segment_samples", "missing"),
+    (lambda r: r["audio"].update(input_peak=0), "audio.input_peak", "(0, 1]"),
+    (lambda r: r["audio"].update(input_peak=1.5), "audio.input_peak", "(0, 1]"),
+    (lambda r: r["audio"].update(input_peak="0.7"), "audio.input_peak", "must be"),
     (lambda r: r["vocab"].update(eos=3), "vocab.eos", "runtime/vocab.py"),
     (lambda r: r["vocab"].pop("pitch_base"), "vocab.pitch_base", "runtime/vocab.py"),
     (lambda r: r["encoder"].update(embed_dim=0), "encoder.embed_dim", "> 0"),
@@ -210,7 +226,7 @@ def with_rolls(tmp_path: Path) -> Path:
 
 def test_rolls_round_trip(with_rolls: Path):
     m = load_manifest(with_rolls)
-    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 3
+    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 4
     assert [t.name for t in m.encoder.graph.outputs] == ["embeddings", *ROLL_KEYS]
     raw = json.loads((with_rolls / MANIFEST_FILE).read_text())["encoder"]["rolls"]
     assert raw["outputs"] == list(ROLL_KEYS) and raw["thresholds"]["onset_threshold"] == 0.4

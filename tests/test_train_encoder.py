@@ -143,3 +143,52 @@ def test_fine_tuning_one_head_moves_that_head_only(dataset, tmp_path):
         head_parameters(base, ["pedal"])
     with pytest.raises(ValueError, match="no separate parameters"):
         head_parameters(_stub(), ["velocity"])  # one Linear makes all four rolls
+
+
+def test_key_levels_read_each_key_and_its_offsets():
+    """The level-aware velocity head's extra inputs: channel j at key k is the scaled level
+    (loudest of the key's CQT bins) of key k + offsets[j]; past the keyboard, LEVEL_FLOOR."""
+    from pianolm.export.hppnet import LEVEL_FLOOR, LEVEL_OFFSET_DB, LEVEL_SCALE_DB, key_levels
+
+    db = torch.randn(2, 1, 7, 352) * 20
+    levels = key_levels(db, 4, (-12, 0, 19))
+    assert levels.shape == (2, 3, 7, 88)
+    own = (db.reshape(2, 1, 7, 88, 4).amax(-1)[:, 0] + LEVEL_OFFSET_DB) / LEVEL_SCALE_DB
+    assert torch.allclose(levels[:, 1], own)
+    assert torch.allclose(levels[:, 0, :, 12:], own[..., :-12])
+    assert torch.allclose(levels[:, 2, :, :-19], own[..., 19:])
+    assert (levels[:, 0, :, :12] == LEVEL_FLOOR).all()
+    assert (levels[:, 2, :, -19:] == LEVEL_FLOOR).all()
+
+
+def test_level_aware_encoder_starts_from_a_plain_run(tmp_path):
+    """--init from an "hppnet-cpu" run into "hppnet-cpu-vl": the velocity head's new input
+    weights start at zero, so every roll equals the plain run's; those weights then train."""
+    from pianolm.export.encoders import build_encoder
+    from pianolm.export.train.encoder import load_init_weights, save_encoder
+
+    torch.manual_seed(0)
+    base = build_encoder("hppnet-cpu").eval()
+    save_encoder(base, "hppnet-cpu", tmp_path / "base")
+    vl = build_encoder("hppnet-cpu-vl").eval()
+    load_init_weights(vl, tmp_path / "base")
+    wave = 0.1 * torch.randn(1, 24000)
+    with torch.inference_mode():
+        a, b = base(wave).rolls, vl(wave).rolls
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    w = vl.state_dict()["subnets.1.heads.velocity.lstm.weight_ih_l0"]
+    assert w.shape[1] == 64 + 5 and not w[:, 64:].any()
+
+
+def test_crops_are_scaled_as_the_runtime_scales_their_whole_file(dataset):
+    """CropSource(input_peak=p): a crop gets the gain that brings its whole item to peak p."""
+    from pianolm.export.train.encoder import CropSource
+
+    plain, scaled = CropSource(dataset, "train"), CropSource(dataset, "train", input_peak=0.5)
+    for seed in range(3):
+        x, _, start = plain.sample(np.random.default_rng(seed), 16000)
+        y, _, start2 = scaled.sample(np.random.default_rng(seed), 16000)
+        i = int(np.random.default_rng(seed).integers(len(plain)))
+        whole = plain.read(i, 0, plain._length(i)[0])
+        assert start == start2 and plain.peak(i) == np.max(np.abs(whole)) > 0
+        assert np.allclose(y, x * (0.5 / plain.peak(i)), atol=1e-7)

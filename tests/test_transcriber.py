@@ -195,3 +195,24 @@ def test_rolls_decoder_equals_decoding_the_encoders_rolls(exported, tmp_path):
                                                     "default_decoder": "rolls"}))
     with pytest.raises(ManifestError, match="default_decoder.*no roll outputs"):
         load_manifest(copy)
+
+
+def test_input_peak_makes_the_notes_independent_of_the_recording_level(tmp_path):
+    """A model trained on peak-normalised files (manifest audio.input_peak) must give the same
+    notes for a file and the same file 12 dB quieter; without input_peak the fake model sees
+    the level (so the check can fail), and a file gives the array's notes either way."""
+    samples, rate = CLIPS[0]
+    quiet = (samples * np.float32(0.25), rate)  # a power of two: the gains are exact
+
+    def notes(source, peak):
+        backend = FakeBackend()
+        backend.input_peak = peak
+        t = Transcriber(backend=backend, batch=2, max_notes=12)
+        assert t.input_peak == peak
+        return t.transcribe(source).notes
+
+    assert notes((samples, rate), 0.5) == notes(quiet, 0.5)
+    assert notes((samples, rate), None) != notes(quiet, None)
+    path = tmp_path / "quiet.wav"
+    sf.write(path, quiet[0], rate, subtype="FLOAT")
+    assert notes(path, 0.5) == notes(quiet, 0.5)

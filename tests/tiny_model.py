@@ -27,6 +27,8 @@ class TinyEncoder(nn.Module):
     Rolls: a fixed (parameter-free, RNG-free: the decoders' random init stays as it was)
     projection of the embeddings, squashed to 0..1."""
 
+    input_peak = None  # audio as it is (see export/encoders.py)
+
     def __init__(self, embed_dim: int = 24, hop: int = 3200) -> None:
         super().__init__()
         self.embed_dim = embed_dim

@@ -23,6 +23,8 @@ class StubEncoder(nn.Module):
     """Strided conv "front-end" + linear heads: waveform [B, n] -> rolls [B, n // hop + 1, 88]
     and an embedding, like CRNN / HPPNet but tiny and fast."""
 
+    input_peak = None  # audio as it is (see export/encoders.py)
+
     def __init__(self, frames_per_second: int = 100, embed_dim: int = 16, channels: int = 32):
         super().__init__()
         self.frames_per_second = frames_per_second

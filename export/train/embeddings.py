@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from pianolm.export.checkpoint import checkpoint_hash
-from pianolm.runtime.audio import segment_audio
+from pianolm.runtime.audio import normalise_peak, segment_audio
 from pianolm.runtime.midi import read_notes_tsv, write_notes_tsv
 from pianolm.runtime.notes import Note
 
@@ -127,6 +127,7 @@ def embed_dataset(data_root: str | os.PathLike, encoder_dir: str | os.PathLike |
         audio = None
         if not done:
             audio, _, _ = load_item(data_root, entry)
+            audio = normalise_peak(audio, encoder.input_peak)  # as the runtime scales a file
             audio_s += len(audio) / SAMPLE_RATE
             for shift, path in files.items():
                 start = int(round(shift * SAMPLE_RATE))

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pianolm.export.encoders import ENCODERS
-from pianolm.runtime.audio import segment_audio
+from pianolm.runtime.audio import normalise_peak, segment_audio
 from pianolm.runtime.notes import Note
 from pianolm.runtime.rolls import RollDecodeConfig, decode_rolls, join_segments
 from pianolm.runtime.tokens import extend_by_pedal
@@ -156,10 +156,16 @@ def piece_notes(root: str | os.PathLike, entry: Mapping) -> list[Note]:
 
 
 class CropSource:
-    """Random fixed-length crops (audio + notes) from one split of a rendered dataset."""
+    """Random fixed-length crops (audio + notes) from one split of a rendered dataset.
 
-    def __init__(self, root: str | os.PathLike, split: str = "train") -> None:
+    input_peak: scale each crop by the gain that brings its whole item to this peak, as the
+    runtime scales a whole file (the encoder's `input_peak`); None: crops as rendered."""
+
+    def __init__(self, root: str | os.PathLike, split: str = "train",
+                 input_peak: float | None = None) -> None:
         self.root = Path(root)
+        self.input_peak = input_peak
+        self._peak: dict[int, float] = {}
         self.entries = dataset_entries(root, split)
         if not self.entries:
             raise ValueError(f"{root}: no items in split {split!r}")
@@ -199,13 +205,23 @@ class CropSource:
         out[: len(x)] = x
         return out
 
+    def peak(self, i: int) -> float:
+        """The largest |sample| of item i (read once)."""
+        if i not in self._peak:
+            total, _ = self._length(i)
+            self._peak[i] = float(np.max(np.abs(self.read(i, 0, total)))) if total else 0.0
+        return self._peak[i]
+
     def sample(self, rng: np.random.Generator, n_samples: int
                ) -> tuple[np.ndarray, list[Note], float]:
         """A random crop: (audio [n_samples], the piece's notes, crop start in seconds)."""
         i = int(rng.integers(len(self.entries)))
         total, _ = self._length(i)
         start = int(rng.integers(max(total - n_samples, 0) + 1))
-        return self.read(i, start, n_samples), self.notes[i], start / SAMPLE_RATE
+        x = self.read(i, start, n_samples)
+        if self.input_peak is not None and self.peak(i) > 0:
+            x = x * np.float32(self.input_peak / self.peak(i))
+        return x, self.notes[i], start / SAMPLE_RATE
 
 
 def make_batch(source: CropSource, rng: np.random.Generator, batch: int, n_samples: int,
@@ -296,6 +312,22 @@ def load_encoder(folder: str | os.PathLike, best: bool = False,
     return module.eval(), meta
 
 
+def load_init_weights(model: nn.Module, folder: str | os.PathLike) -> None:
+    """`--init`: another run's weights into `model`. A velocity head that now also reads level
+    inputs (HPPNetConfig.velocity_level, appended after the trunk's channels) keeps the old
+    weights of its first LSTM layer and gets zero weights for the new inputs: training starts
+    from the old run's exact outputs."""
+    state = load_file(str(Path(folder) / ENCODER_FILE))
+    own = model.state_dict()
+    for key, old in state.items():
+        new = own.get(key)
+        if (new is not None and ".heads.velocity.lstm.weight_ih_l0" in key
+                and new.shape[0] == old.shape[0] and new.shape[1] > old.shape[1]):
+            state[key] = torch.cat((old, old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])),
+                                   dim=1)
+    model.load_state_dict(state, strict=True)
+
+
 def roll_config(meta: Mapping[str, Any]) -> RollDecodeConfig:
     """The tuned roll-decoding thresholds stored with an encoder (defaults if not tuned)."""
     return RollDecodeConfig.from_dict(meta.get("rolls") or {})
@@ -309,7 +341,7 @@ def roll_config(meta: Mapping[str, Any]) -> RollDecodeConfig:
 def transcribe_rolls(encoder: nn.Module, audio: np.ndarray, batch: int = 4
                      ) -> dict[str, np.ndarray]:
     """Whole-piece rolls [T, 88] from 10 s segments (as at inference), joined in time."""
-    segments = segment_audio(audio)
+    segments = segment_audio(normalise_peak(audio, encoder.input_peak))
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ROLL_LOSS_KEYS}
     for i in range(0, len(segments), batch):
         out = encoder(torch.from_numpy(segments[i:i + batch]))
@@ -474,7 +506,7 @@ def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
     n_samples = int(round(cfg.crop_seconds * SAMPLE_RATE))
     n_frames = int(model.num_frames(n_samples))
     if cfg.init_from and saved is None:
-        load_encoder(cfg.init_from, encoder=model)
+        load_init_weights(model, cfg.init_from)
     heads = [h for h in cfg.train_only.split(",") if h]
     params = head_parameters(model, heads) if heads else list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -486,7 +518,7 @@ def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
         restore_rng(saved["rng"], rng)
         step, best_f = int(saved["step"]), float(saved.get("best_f", -1.0))
     log = JsonlLog(out, resume_step=step if saved is not None else None, quiet=quiet)
-    source = CropSource(cfg.data_root, "train")
+    source = CropSource(cfg.data_root, "train", model.input_peak)
     last_val: dict[str, float] = dict(saved.get("last_val", {})) if saved else {}
 
     def save() -> None:
