@@ -98,7 +98,7 @@ def main() -> int:
     encoder_dir = args.encoder_dir.resolve()
     encoder, encoder_meta = load_encoder(encoder_dir)
     configs = {s["name"]: DecoderConfig.from_dict(s["decoder"]) for s in raw["stages"]}
-    system = TranscriptionSystem(SystemConfig(encoder=raw["encoder"]["name"], decoder=configs),
+    system = TranscriptionSystem(SystemConfig(encoder=encoder_meta["encoder"], decoder=configs),
                                  encoder=encoder).eval()
     wave = (0.1 * np.random.default_rng(1).normal(size=(1, 160000))).astype(np.float32)
     old = ort.InferenceSession(str(SHIPPED / "encoder.onnx")).run(["embeddings"],

@@ -83,8 +83,21 @@ else
 fi
 pianolm train tune-rolls --encoder-dir "$enc2" --data "$data2" --items 12 --last --threads 2
 
+step "encoder with the level-aware velocity head (hppnet-cpu-vl; ~60 min): the shipped encoder"
+# Same data; files scaled to peak 0.7 (the runtime does the same), +-2 dB jitter per crop; the
+# velocity head's new level inputs start at zero weight, so step 0 is the encoder above.
+enc3="$runs/hppnet-vl"
+if [[ -f "$enc3/state.pt" ]]; then
+  pianolm train encoder --out "$enc3" --resume
+else
+  pianolm train encoder --data "$data2" --encoder hppnet-cpu-vl --init "$enc2" --out "$enc3" \
+    --steps 1100 --batch 4 --crop-seconds 4 --lr 3e-4 --warmup-steps 10 --gain-db 2 \
+    --val-every 275 --val-items 4 --save-every 50
+fi
+pianolm train tune-rolls --encoder-dir "$enc3" --data "$data2" --items 12 --last --threads 2
+
 step "assemble, export, evaluate"
-pianolm train assemble --encoder-dir "$enc2" --onset "$runs/lm2-onset" \
+pianolm train assemble --encoder-dir "$enc3" --onset "$runs/lm2-onset" \
   --velocity "$runs/lm2-velocity" --offset "$runs/lm2-offset" --out "$runs/system"
 pianolm export --checkpoint "$runs/system" --out "$out" --verify
 pianolm eval --data "$devset" --model "$out" --json benchmarks/results/eval_default_devset.json
