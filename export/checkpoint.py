@@ -4,7 +4,7 @@ config.json:
     format           "pianolm-checkpoint"
     format_version   1 (a loader refuses newer versions)
     pianolm_version  the package version that wrote it
-    encoder          "crnn" | "hppnet" | "hppnet-cpu" (export/encoders.py ENCODERS)
+    encoder          a name in export/encoders.py ENCODERS ("crnn", "hppnet", "hppnet-cpu", ...)
     hierarchical     true (stages onset/velocity/offset) | false (stage "flat")
     stages           the stage names, in decode order
     decoders         {stage: DecoderConfig fields}

@@ -21,7 +21,7 @@ Variants, as in the authors' configurations (WX-Wei/HPPNet, `hpp_sp` / `hpp_base
 (model_size 64: 0.38 M parameters), ~2.2x cheaper to train and run on CPU.
 
 Level-aware velocity (ours, `velocity_level`): the InstanceNorm after every conv makes the
-trunk nearly blind to the input's level (the shipped "hppnet-cpu" gives velocities only ~3
+trunk nearly blind to the input's level (the plain "hppnet-cpu" gives velocities only ~3
 lower for a file played 12 dB quieter), so its velocity can only come from loudness relative
 to the rest of the segment, and each 10 s segment is its own reference. With `velocity_level`
 the velocity head also reads the CQT level itself (each key's loudest bin, at the key and at

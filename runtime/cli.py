@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameter counts of a model preset, per part")
     info.add_argument("--preset", default="small", choices=["mini", "tiny", "small", "base"])
-    info.add_argument("--encoder", default="hppnet", choices=["crnn", "hppnet", "hppnet-cpu"])
+    info.add_argument("--encoder", default="hppnet",
+                      choices=["crnn", "hppnet", "hppnet-cpu", "hppnet-cpu-vl"])
     info.set_defaults(func=cmd_info)
 
     tr = sub.add_parser("transcribe", help="audio files -> MIDI, with a latency report",

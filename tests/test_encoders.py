@@ -82,6 +82,12 @@ def run(request) -> _Run:
 
 def test_registry():
     assert set(ENCODERS) == {"crnn", "hppnet", "hppnet-cpu", "hppnet-cpu-vl"}
+    from pianolm.runtime.cli import build_parser
+
+    # `pianolm info --encoder` spells the names out (the CLI module stays torch-free)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    (option,) = [a for a in commands["info"]._actions if a.dest == "encoder"]
+    assert set(option.choices) == set(ENCODERS)
     with pytest.raises(ValueError, match="unknown encoder 'nope'.*crnn, hppnet"):
         build_encoder("nope")
 
