@@ -27,7 +27,8 @@ FORMAT = "pianolm-model"
 #    transposed. Folders of versions 1 and 2 (one stacked [layers, ...] cache tensor) are
 #    refused with a re-export hint: their step graphs copy the whole cache every step.
 # 4: optional `audio.input_peak`: the runtime scales each input file to this peak before
-#    cutting it into segments (an encoder whose velocity reads absolute level was trained so).
+#    cutting it into segments (an encoder whose velocity reads absolute level was trained so);
+#    optional `encoder.rolls.thresholds.velocity_curve` (runtime/rolls.py).
 FORMAT_VERSION = 4
 MIN_FORMAT_VERSION = 3
 DECODERS = ("lm", "rolls")  # how notes are read: the stage decoders, or the encoder's rolls
@@ -501,6 +502,12 @@ def _rolls(f: _Fields, enc: dict[str, Any]) -> RollsSpec | None:
     values = {}
     for key in set(thresholds) & set(defaults):
         d = defaults[key]
+        if isinstance(d, list):  # velocity_curve: a list of numbers
+            items = f.get(thresholds, key, list, f"{where}.thresholds")
+            if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in items):
+                raise f.fail(f"{where}.thresholds.{key}", f"must be a list of numbers, got {items}")
+            values[key] = items
+            continue
         kind = bool if isinstance(d, bool) else int if isinstance(d, int) else (int, float)
         values[key] = f.get(thresholds, key, kind, f"{where}.thresholds", optional=d is None)
     return RollsSpec(RollDecodeConfig.from_dict(values), f.get(raw, "tuned", bool, where),

@@ -115,3 +115,20 @@ def mean_scores(scores: Iterable[Mapping[str, float]]) -> dict[str, float]:
     if not rows:
         return {}
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def matched_pairs(notes_pred: Sequence[Note], notes_ref: Sequence[Note],
+                  onset_tolerance: float = ONSET_TOLERANCE) -> list[tuple[Note, Note]]:
+    """(predicted, reference) pairs that mir_eval matches on onset and pitch alone (the
+    onset F1's matching), e.g. to study or calibrate velocities."""
+    require_mir_eval()
+    import mir_eval.transcription
+
+    pred, ref = list(notes_pred), list(notes_ref)
+    if not pred or not ref:
+        return []
+    ri, rp, _ = _arrays(ref)
+    ei, ep, _ = _arrays(pred)
+    matching = mir_eval.transcription.match_notes(ri, rp, ei, ep, onset_tolerance=onset_tolerance,
+                                                  offset_ratio=None)
+    return [(pred[j], ref[i]) for i, j in matching]

@@ -4,7 +4,9 @@ Kong et al. (2021) / onsets-and-frames style: an onset is a local maximum of the
 above `onset_threshold`; the note lasts while its frame roll stays above `frame_threshold`; it
 ends at an offset peak (when that comes well before the frame disappears, as Kong decides), at
 the frame's disappearance, or at the next onset of the same key, whichever comes first.
-Velocity is read from the velocity roll at the onset frame (x 127). With Kong's triangular
+Velocity is read from the velocity roll at the onset frame (x 127), then mapped through
+`velocity_curve` when the config has one (a polynomial fitted on validation pieces: the roll
+regresses toward the mean, so loud notes read soft). With Kong's triangular
 regression targets (export/train/targets.py) the onset and offset times are refined to a
 fraction of a frame from the peak's neighbours.
 
@@ -37,14 +39,27 @@ class RollDecodeConfig:
     peak_radius: int = 2  # a peak is the maximum within +-radius frames
     subframe: bool = True  # refine onset / offset times from the peak's neighbours
     max_note_seconds: float | None = None  # safety net against a stuck frame roll
+    # numpy.polyval coefficients (highest power first) from the roll's velocity x 127 to the
+    # MIDI velocity written; () = the roll's own value
+    velocity_curve: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "velocity_curve": list(self.velocity_curve)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> RollDecodeConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        if "velocity_curve" in values:  # JSON gives a list
+            values["velocity_curve"] = tuple(float(c) for c in values["velocity_curve"])
+        return cls(**values)
+
+    def velocity(self, roll_value: float) -> int:
+        """The MIDI velocity (1..127) of a note whose velocity roll reads `roll_value` (0..1)."""
+        v = roll_value * 127
+        if self.velocity_curve:
+            v = float(np.polyval(self.velocity_curve, v))
+        return int(np.clip(round(v), 1, 127))
 
 
 def find_peaks(roll: np.ndarray, threshold: float, radius: int = 2) -> np.ndarray:
@@ -131,7 +146,7 @@ def decode_rolls(rolls: Mapping[str, np.ndarray], frames_per_second: float,
             else:
                 t_off = limit / fps if limit > bgn else (bgn + 1) / fps
             t_off = max(t_off, t_on + 1.0 / fps / 2)
-            vel = int(np.clip(round(float(velocity[bgn, k]) * 127), 1, 127))
+            vel = cfg.velocity(float(velocity[bgn, k]))
             notes.append(Note(start + t_on, start + t_off, int(k) + MIN_PITCH, vel))
     notes.sort(key=lambda x: (x.onset, x.pitch, x.offset, x.velocity))
     return notes

@@ -214,7 +214,8 @@ def test_verify_files_catches_a_changed_graph(folder: Path):
 # ---------------------------------------------------------------------------------------------
 # Format version 2: optional roll outputs on the encoder (`encoder.rolls`)
 
-TUNED = RollsSpec(RollDecodeConfig(onset_threshold=0.4, max_note_seconds=8.0), tuned=True,
+TUNED = RollsSpec(RollDecodeConfig(onset_threshold=0.4, max_note_seconds=8.0,
+                                   velocity_curve=(0.004, 0.5, 12.0)), tuned=True,
                   thresholds_from="checkpoint metadata (runs/x)")
 
 
@@ -230,6 +231,7 @@ def test_rolls_round_trip(with_rolls: Path):
     assert [t.name for t in m.encoder.graph.outputs] == ["embeddings", *ROLL_KEYS]
     raw = json.loads((with_rolls / MANIFEST_FILE).read_text())["encoder"]["rolls"]
     assert raw["outputs"] == list(ROLL_KEYS) and raw["thresholds"]["onset_threshold"] == 0.4
+    assert raw["thresholds"]["velocity_curve"] == [0.004, 0.5, 12.0]  # format 4
     assert raw["min_pitch"] == 21 and raw["num_pitches"] == 88 and raw["tuned"] is True
 
 
@@ -242,6 +244,10 @@ def test_rolls_are_optional(folder: Path):
      "decodes"),
     (lambda r: r["encoder"]["rolls"].update(min_pitch=0), "encoder.rolls.min_pitch", "21"),
     (lambda r: r["encoder"]["rolls"].pop("tuned"), "encoder.rolls.tuned", "missing"),
+    (lambda r: r["encoder"]["rolls"]["thresholds"].update(velocity_curve=[1, "a"]),
+     "encoder.rolls.thresholds.velocity_curve", "list of numbers"),
+    (lambda r: r["encoder"]["rolls"]["thresholds"].update(velocity_curve=2.0),
+     "encoder.rolls.thresholds.velocity_curve", "must be list"),
     (lambda r: r["encoder"]["rolls"]["thresholds"].update(onset_threshold="high"),
      "encoder.rolls.thresholds.onset_threshold", "must be int/float"),
     (lambda r: r["encoder"]["rolls"]["thresholds"].update(peak_radius=2.5),

@@ -1,5 +1,7 @@
 """Roll decoding (runtime/rolls.py) recovers notes from rolls made from those notes."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,51 @@ def test_join_segments_drops_the_shared_frame():
 def test_empty_rolls():
     z = np.zeros((100, 88), np.float32)
     assert decode_rolls({"onset": z, "offset": z, "frame": z, "velocity": z}, 100) == []
+
+
+def test_velocity_curve_maps_the_roll_and_survives_json():
+    cfg = RollDecodeConfig(velocity_curve=(0.01, 0.0, 10.0))
+    assert cfg.velocity(0.5) == round(0.01 * 63.5**2 + 10) and cfg.velocity(1.0) == 127
+    assert RollDecodeConfig().velocity(0.5) == 64 and RollDecodeConfig().velocity(0.0) == 1
+    assert RollDecodeConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["velocity_curve"] == [0.01, 0.0, 10.0]  # a JSON list
+    notes = _grid_notes(4)
+    rolls = _rolls(notes, 50)
+    plain, curved = decode_rolls(rolls, 50), decode_rolls(rolls, 50, cfg)
+    assert [(n.onset, n.pitch) for n in plain] == [(n.onset, n.pitch) for n in curved]
+    assert [cfg.velocity(n.velocity / 127) for n in plain] == [n.velocity for n in curved]
+
+
+def test_tuning_fits_a_velocity_curve_that_undoes_a_bent_roll():
+    """A velocity roll that reads v as sqrt(127 v) + noise: loud notes squeezed together, which
+    mir_eval's own per-piece line cannot undo. Tuning fits the bend back (~v^2 / 127) and keeps
+    it because onset+offset+velocity F1 rises; a linear squeeze gains nothing there, so it gets
+    no curve; nor does a roll whose velocity falls as the reference rises."""
+    from pianolm.export.train.encoder import ScoredPiece, fit_velocity_curve, tune_roll_thresholds
+
+    rng = np.random.default_rng(0)
+    grids = dict(onset_grid=(0.5,), frame_grid=(0.5,), offset_grid=(0.5,))
+
+    def pieces(squash):
+        out = []
+        for seed in range(3):
+            notes = _grid_notes(10 + seed)
+            rolls = _rolls(notes, 50)
+            v = rolls["velocity"] * 127
+            bent = np.where(v > 0, squash(v) + rng.normal(0, 0.5, v.shape), 0) / 127
+            out.append(ScoredPiece(str(seed), {**rolls, "velocity": bent.astype(np.float32)},
+                                   notes))
+        return out
+
+    bent = pieces(lambda v: np.sqrt(127 * v))
+    cfg, scores = tune_roll_thresholds(bent, 50, **grids)
+    a, b, c = cfg.velocity_curve
+    assert 0.6 / 127 < a < 1.4 / 127, cfg.velocity_curve
+    plain = [evaluate(decode_rolls(p.rolls, 50, replace(cfg, velocity_curve=())), p.reference)
+             for p in bent]
+    assert scores["onset_offset_velocity_f"] > np.mean(
+        [s["onset_offset_velocity_f"] for s in plain]) + 0.05
+    assert tune_roll_thresholds(pieces(lambda v: 40 + 0.3 * v), 50, **grids)[0].velocity_curve == ()
+    falling = [ScoredPiece(p.name, {**p.rolls, "velocity": (1.0 - p.rolls["velocity"])},
+                           p.reference) for p in bent]
+    assert fit_velocity_curve(falling, 50, cfg) == ()

@@ -425,7 +425,8 @@ def tune_roll_thresholds(pieces: Sequence[ScoredPiece], fps: float,
                          offset_grid: Iterable[float] = (0.2, 0.3, 0.4, 0.5, 1.01),
                          ) -> tuple[RollDecodeConfig, dict[str, float]]:
     """Coordinate search on validation pieces: the onset threshold for onset F1, then frame and
-    offset thresholds together for onset+offset F1 (offset 1.01 = ignore offset peaks).
+    offset thresholds together for onset+offset F1 (offset 1.01 = ignore offset peaks), then a
+    velocity curve (`fit_velocity_curve`) if it raises onset+offset+velocity F1.
     Returns the best config and its mean scores."""
     cfg = base or RollDecodeConfig()
 
@@ -438,7 +439,33 @@ def tune_roll_thresholds(pieces: Sequence[ScoredPiece], fps: float,
     best = max((replace(best, frame_threshold=f, offset_threshold=o)
                 for f in frame_grid for o in offset_grid),
                key=lambda c: score(c)["onset_offset_f"])
-    return best, score(best)
+    scores = score(best)
+    curved = replace(best, velocity_curve=fit_velocity_curve(pieces, fps, best))
+    if curved.velocity_curve:  # kept only where it helps on these pieces
+        curved_scores = score(curved)
+        if curved_scores["onset_offset_velocity_f"] > scores["onset_offset_velocity_f"]:
+            return curved, curved_scores
+    return best, scores
+
+
+def fit_velocity_curve(pieces: Sequence[ScoredPiece], fps: float, cfg: RollDecodeConfig,
+                       degree: int = 2) -> tuple[float, ...]:
+    """A least-squares polynomial from the velocity roll (x 127) to the reference velocity,
+    over the notes `cfg` decodes that match a reference onset (50 ms, same pitch). mir_eval
+    fits a line per piece anyway, so what a curve adds is its bend: the roll regresses toward
+    the mean. () where it would not rise over 1..127, or with too few notes to fit."""
+    from pianolm.runtime.metrics import matched_pairs
+
+    plain = replace(cfg, velocity_curve=())
+    pairs = [(p_.velocity, r.velocity) for p in pieces
+             for p_, r in matched_pairs(decode_rolls(p.rolls, fps, plain), p.reference)]
+    if len(pairs) < 10 * (degree + 1):
+        return ()
+    x, y = np.array(pairs, np.float64).T
+    coef = np.polyfit(x, y, degree)
+    if np.any(np.diff(np.polyval(coef, np.arange(1, 128))) <= 0):
+        return ()
+    return tuple(float(c) for c in coef)
 
 
 # ---------------------------------------------------------------------------------------------
