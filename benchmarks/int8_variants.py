@@ -26,7 +26,13 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from pianolm.export.onnx_export import EXTERNAL_DATA_BYTES, _is_head, _to_int8, random_step_inputs
+from pianolm.export.onnx_export import (
+    EXTERNAL_DATA_BYTES,
+    _is_head,
+    _to_int8,
+    logger_at,
+    random_step_inputs,
+)
 from pianolm.runtime.manifest import load_manifest
 
 
@@ -44,15 +50,10 @@ def median_seconds(fn: Callable[[], object], runs: int = 15, warmup: int = 3) ->
 def dynamic_int8(src: Path, dst: Path) -> None:
     head = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node
             if _is_head(n)]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # it warns "consider pre-processing" through the root logger
-    try:
+    with logger_at(None, logging.ERROR):  # it warns "consider pre-processing" via the root
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
                          weight_type=QuantType.QUInt8, nodes_to_exclude=head,
                          extra_options={"MatMulConstBOnly": True})
-    finally:
-        root.setLevel(level)
 
 
 def main() -> int:

@@ -373,6 +373,19 @@ def _to_fp16(src: Path, dst: Path, kind: str, external_data_bytes: int) -> None:
     _save_proto(converted, dst, external_data_bytes)
 
 
+@contextlib.contextmanager
+def logger_at(name: str | None, level: int) -> Iterator[None]:
+    """Set a chatty library logger's level (None: the root logger) for a block, then restore
+    it."""
+    log = logging.getLogger(name)
+    before = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 # int8 = 8-bit weight blocks (MatMulNBits) with int8 arithmetic (accuracy_level 4; level 0, fp32
 # arithmetic, ran 4x slower than fp32). Small preset onset step, batch 1, 2 cores: 1.7-2.1x fp32,
 # a few per cent faster than ORT dynamic quantization (MatMulInteger, the previous int8) with
@@ -393,14 +406,9 @@ def _to_int8(src: Path, dst: Path, external_data_bytes: int,
     config = nbits.DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, accuracy_level=INT8_ACCURACY_LEVEL,
         bits=8)
-    log = logging.getLogger(nbits.__name__)
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs every node it skips at INFO
-    try:
+    with logger_at(nbits.__name__, logging.WARNING):  # it logs every node it skips at INFO
         quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=head, algo_config=config)
         quantizer.process()
-    finally:
-        log.setLevel(level)
     _save_proto(quantizer.model.model, dst, external_data_bytes)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped default model (engines/default/) from nothing, on a CPU: render the
 # training data, pre-train the encoder, embed, train the three LM stages, assemble, export,
-# evaluate on the dev set. About 3 hours on a 2-core machine.
+# evaluate on the dev set. About 4 hours on a 2-core machine.
 #
 #   bash scripts/install_renderers.sh && bash scripts/train_default_model.sh
 #
@@ -63,7 +63,7 @@ for stage in onset velocity offset; do
 done
 wait
 
-step "encoder, continued on 1000 fresh pieces (seed 2; ~60 min): the shipped encoder"
+step "encoder, continued on 1000 fresh pieces (seed 2; ~60 min)"
 # The LM stages above stay as they were, trained on the first encoder's embeddings.
 data2="$work/data/synth2"
 enc2="$runs/hppnet-cpu2"

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from pianolm.export.encoders import ENCODERS
 from pianolm.runtime.audio import normalise_peak, segment_audio
+from pianolm.runtime.metrics import matched_pairs
 from pianolm.runtime.notes import Note
 from pianolm.runtime.rolls import RollDecodeConfig, decode_rolls, join_segments
 from pianolm.runtime.tokens import extend_by_pedal
@@ -317,6 +318,7 @@ def load_init_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     inputs (HPPNetConfig.velocity_level, appended after the trunk's channels) keeps the old
     weights of its first LSTM layer and gets zero weights for the new inputs: training starts
     from the old run's exact outputs."""
+    read_encoder_meta(folder)  # a clear error for a folder that is no encoder run
     state = load_file(str(Path(folder) / ENCODER_FILE))
     own = model.state_dict()
     for key, old in state.items():
@@ -454,8 +456,6 @@ def fit_velocity_curve(pieces: Sequence[ScoredPiece], fps: float, cfg: RollDecod
     over the notes `cfg` decodes that match a reference onset (50 ms, same pitch). mir_eval
     fits a line per piece anyway, so what a curve adds is its bend: the roll regresses toward
     the mean. () where it would not rise over 1..127, or with too few notes to fit."""
-    from pianolm.runtime.metrics import matched_pairs
-
     plain = replace(cfg, velocity_curve=())
     pairs = [(p_.velocity, r.velocity) for p in pieces
              for p_, r in matched_pairs(decode_rolls(p.rolls, fps, plain), p.reference)]
