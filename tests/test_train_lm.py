@@ -130,8 +130,8 @@ def test_resume_equals_uninterrupted(emb_dir, tmp_path):
 
 
 def test_init_from_another_run(emb_dir, tmp_path):
-    """--init starts a new run (step 0, fresh optimizer) from another run's best weights;
-    a run of another stage or size is refused."""
+    """--init starts a new run (step 0, fresh optimizer) from another run's best weights, of
+    the same stage or another; a run of another size is refused."""
     src = tmp_path / "src"
     train_lm("offset", str(emb_dir), src, steps=3, **_opts())
     want, _ = load_decoder(src)
@@ -140,9 +140,12 @@ def test_init_from_another_run(emb_dir, tmp_path):
     got, meta = load_decoder(dst, best=False)
     assert meta["step"] == 0 and meta["train_config"]["init_from"] == str(src)
     assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
-    with pytest.raises(ValueError, match="--init .*a offset decoder of another size"):
-        train_lm("onset", str(emb_dir), tmp_path / "x", steps=0, init_from=str(src), **_opts())
-    with pytest.raises(ValueError, match="--init"):
+    other = tmp_path / "other-stage"
+    train_lm("velocity", str(emb_dir), other, steps=0, init_from=str(src), **_opts())
+    got, meta = load_decoder(other, best=False)
+    assert meta["stage"] == "velocity"
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
+    with pytest.raises(ValueError, match="--init .*a decoder of another size"):
         train_lm("offset", str(emb_dir), tmp_path / "y", steps=0, init_from=str(src),
                  **_opts(preset="mini"))
 

@@ -120,7 +120,8 @@ class LMTrainConfig:
     threads: int | None = None
     until_step: int | None = None  # stop (and save) after this step, as if interrupted
     # Start a new run from another run's weights (its best), e.g. an LM pre-trained on oracle
-    # embeddings (`embed --oracle`) fine-tuned on the real encoder's: same stage and sizes.
+    # embeddings (`embed --oracle`) fine-tuned on the real encoder's, or the velocity stage
+    # from the onset stage, which has learned to find a time token's frames: same sizes.
     init_from: str | None = None
     # New runs: time-token embeddings start as the audio memory's position vectors of their
     # frames (align_time_embeddings), so aligning tokens with frames is one shared smooth map
@@ -507,9 +508,9 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     last_val: dict[str, float] = {}
     if saved is None and cfg.init_from:
         init, init_meta = load_decoder(cfg.init_from)
-        if init_meta["stage"] != cfg.stage or init.cfg != dcfg:
-            raise ValueError(f"--init {cfg.init_from}: a {init_meta['stage']} decoder of another "
-                             f"size or embedding width, not a {cfg.stage} {cfg.preset} one")
+        if init.cfg != dcfg:  # any stage: the vocabulary and graph are the same
+            raise ValueError(f"--init {cfg.init_from}: a decoder of another size or embedding "
+                             f"width, not a {cfg.preset} one for {cfg.embeddings_dir}")
         decoder.load_state_dict(init.state_dict())
     if saved is not None:
         decoder.load_state_dict(saved["model"])
@@ -676,7 +677,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-align-time-init", dest="align_time_init", action="store_false",
                    help="random time-token embeddings (see align_time_embeddings)")
     p.add_argument("--init", dest="init_from", metavar="RUN",
-                   help="start from another run's best weights (same stage and preset)")
+                   help="start from another run's best weights (same preset and embedding "
+                        "width; any stage)")
     p.set_defaults(func=_run_train)
 
     a = sub.add_parser("assemble", help="encoder + stage decoders -> a system checkpoint")
