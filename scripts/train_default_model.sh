@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped default model (engines/default/) from nothing, on a CPU: render the
 # training data, pre-train the encoder, embed, train the three LM stages, assemble, export,
-# evaluate on the dev set. About 4 hours on a 2-core machine.
+# evaluate on the dev set. About 6 hours on a 2-core machine.
 #
 #   bash scripts/install_renderers.sh && bash scripts/train_default_model.sh
 #
@@ -31,40 +31,7 @@ enc="$runs/hppnet-cpu"
 pianolm train encoder --out "$enc" --resume --steps 1400  # then the shipped run's shorter schedule
 pianolm train tune-rolls --encoder-dir "$enc" --data "$data" --items 12 --last --threads 2
 
-step "embeddings: the encoder's (100 train, 12 validation pieces) and oracle rolls (all)"
-pianolm train embed --data "$data" --encoder-dir "$enc" --out "$emb/real-train" --limit 100 \
-  --splits train
-pianolm train embed --data "$data" --encoder-dir "$enc" --out "$emb/real-val" --limit 12 \
-  --splits validation
-pianolm train embed --data "$data" --oracle --out "$emb/oracle" --shifts 0 5
-pianolm train mix --out "$emb/mixed" --train "$emb/oracle:1" "$emb/real-train:4" \
-  --validation "$emb/real-val"
-pianolm train mix --out "$emb/real" --train "$emb/real-train:1" --validation "$emb/real-val"
-
-step "LM stages (mini): a short start on the encoder's embeddings, then the mix (~45 min)"
-lm=(--preset mini --batch 8 --lr 1e-3 --val-segments 36 --decode-segments 6 --threads 1)
-# onset: 170 steps on oracle rolls first (the shipped run's first attempt)
-[[ -f "$runs/lm-onset-oracle/decoder.json" ]] || pianolm train lm --stage onset \
-  --embeddings "$emb/oracle" --out "$runs/lm-onset-oracle" --steps 3000 --warmup-steps 100 \
-  --val-every 500 --until-step 170 "${lm[@]}"
-declare -A stop=([onset]=745 [velocity]=506 [offset]=489)  # memorising 300 segments: stopped
-for stage in onset velocity offset; do
-  init=(); [[ $stage == onset ]] && init=(--init "$runs/lm-onset-oracle")
-  [[ -f "$runs/lm-$stage/decoder.json" ]] || pianolm train lm --stage "$stage" \
-    --embeddings "$emb/real" --out "$runs/lm-$stage" --steps 1600 --warmup-steps 80 \
-    --val-every 300 --until-step "${stop[$stage]}" "${init[@]}" "${lm[@]}" &
-done
-wait
-for stage in onset velocity offset; do
-  resume=(); [[ -f "$runs/lm2-$stage/state.pt" ]] && resume=(--resume)
-  pianolm train lm --stage "$stage" --embeddings "$emb/mixed" --out "$runs/lm2-$stage" \
-    --init "$runs/lm-$stage" --steps 1500 --warmup-steps 50 --val-every 300 "${lm[@]}" \
-    "${resume[@]}" &
-done
-wait
-
 step "encoder, continued on 1000 fresh pieces (seed 2; ~60 min)"
-# The LM stages above stay as they were, trained on the first encoder's embeddings.
 data2="$work/data/synth2"
 enc2="$runs/hppnet-cpu2"
 pianolm data render --out "$data2" --pieces 1000 --seconds 30 --seed 2 --workers 2
@@ -96,8 +63,44 @@ else
 fi
 pianolm train tune-rolls --encoder-dir "$enc3" --data "$data2" --items 12 --last --threads 2
 
+step "embeddings: the shipped encoder's (200 train, 12 validation pieces), oracle rolls (all)"
+pianolm train embed --data "$data2" --encoder-dir "$enc3" --out "$emb/vl-train" --limit 200 \
+  --splits train --shifts 0
+pianolm train embed --data "$data2" --encoder-dir "$enc3" --out "$emb/vl-val" --limit 12 \
+  --splits validation --shifts 0
+pianolm train embed --data "$data2" --oracle --out "$emb/oracle2" --shifts 0 5
+pianolm train mix --out "$emb/mix-vl" --train "$emb/oracle2:1" "$emb/vl-train:4" \
+  --validation "$emb/vl-val"
+
+step "LM stages (mini), runs side by side, one thread each (~110 min)"
+lm=(--preset mini --batch 8 --lr 1e-3 --val-segments 36 --decode-segments 6 --threads 1
+    --log-every 50 --save-every 250)
+mix=(--embeddings "$emb/mix-vl" --val-every 500)
+run_lm() {  # run folder, then a new run's arguments; resumes the run if it has a state
+  local out="$1"; shift
+  if [[ -f "$out/state.pt" ]]; then pianolm train lm --out "$out" --resume
+  else pianolm train lm --out "$out" "$@"; fi
+}
+# onset: 600 steps on oracle rolls alone first (schedule of 3000, stopped), then the mix
+[[ -f "$runs/lm-onset-oracle2/decoder.json" ]] || pianolm train lm --stage onset \
+  --embeddings "$emb/oracle2" --out "$runs/lm-onset-oracle2" --steps 3000 \
+  --warmup-steps 100 --val-every 300 --until-step 600 "${lm[@]}"
+# (The shipped onset and offset runs were started with 3000 / 2800-step schedules and
+# lengthened to these at steps 242 / 64 by --resume --steps.)
+run_lm "$runs/lm3-offset" --stage offset --steps 3500 --warmup-steps 100 "${mix[@]}" \
+  "${lm[@]}" &
+[[ -f "$runs/lm3-onset/decoder.json" ]] || pianolm train lm --stage onset \
+  --out "$runs/lm3-onset" --init "$runs/lm-onset-oracle2" --steps 5000 --warmup-steps 50 \
+  --until-step 2000 "${mix[@]}" "${lm[@]}"
+pianolm train lm --out "$runs/lm3-onset" --resume &
+# velocity: from scratch its validation loss stayed flat (3.87 from step 500 to 1300), so it
+# starts from the onset stage at step 2000, which has learned to find a time token's frames
+run_lm "$runs/lm3-velocity" --stage velocity --init "$runs/lm3-onset" --steps 3000 \
+  --warmup-steps 50 "${mix[@]}" "${lm[@]}" &
+wait
+
 step "assemble, export, evaluate"
-pianolm train assemble --encoder-dir "$enc3" --onset "$runs/lm2-onset" \
-  --velocity "$runs/lm2-velocity" --offset "$runs/lm2-offset" --out "$runs/system"
-pianolm export --checkpoint "$runs/system" --out "$out" --verify
-pianolm eval --data "$devset" --model "$out" --json benchmarks/results/eval_default_devset.json
+pianolm train assemble --encoder-dir "$enc3" --onset "$runs/lm3-onset" \
+  --velocity "$runs/lm3-velocity" --offset "$runs/lm3-offset" --out "$runs/system"
+pianolm export --checkpoint "$runs/system" --out "$out" --default-decoder rolls --verify
+pianolm eval --data "$devset" --model "$out" --json benchmarks/results/default_model/eval_devset.json
