@@ -32,6 +32,7 @@ pianolm train encoder --out "$enc" --resume --steps 1400  # then the shipped run
 pianolm train tune-rolls --encoder-dir "$enc" --data "$data" --items 12 --last --threads 2
 
 step "encoder, continued on 1000 fresh pieces (seed 2; ~60 min)"
+# (The LM stages once trained on the first encoder's embeddings: this script at 77a2a25.)
 data2="$work/data/synth2"
 enc2="$runs/hppnet-cpu2"
 pianolm data render --out "$data2" --pieces 1000 --seconds 30 --seed 2 --workers 2
@@ -94,13 +95,15 @@ run_lm "$runs/lm3-offset" --stage offset --steps 3500 --warmup-steps 100 "${mix[
   --until-step 2000 "${mix[@]}" "${lm[@]}"
 pianolm train lm --out "$runs/lm3-onset" --resume &
 # velocity: from scratch its validation loss stayed flat (3.87 from step 500 to 1300), so it
-# starts from the onset stage at step 2000, which has learned to find a time token's frames
+# starts from the onset stage at step 2000, which has learned to find a time token's frames;
+# the shipped run was stopped at step 2304 when the other two had finished
 run_lm "$runs/lm3-velocity" --stage velocity --init "$runs/lm3-onset" --steps 3000 \
-  --warmup-steps 50 "${mix[@]}" "${lm[@]}" &
+  --warmup-steps 50 --until-step 2304 "${mix[@]}" "${lm[@]}" &
 wait
 
 step "assemble, export, evaluate"
+# each run's final weights (--last), a fixed rule: the dev set chooses nothing
 pianolm train assemble --encoder-dir "$enc3" --onset "$runs/lm3-onset" \
-  --velocity "$runs/lm3-velocity" --offset "$runs/lm3-offset" --out "$runs/system"
+  --velocity "$runs/lm3-velocity" --offset "$runs/lm3-offset" --out "$runs/system" --last
 pianolm export --checkpoint "$runs/system" --out "$out" --default-decoder rolls --verify
 pianolm eval --data "$devset" --model "$out" --json benchmarks/results/default_model/eval_devset.json
