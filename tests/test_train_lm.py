@@ -3,6 +3,8 @@ the token / loss-mask plumbing (a tiny decoder overfits two segments and greedy 
 reproduces their tokens exactly, for every stage), exact resume, and system assembly."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,6 +191,19 @@ def test_mix_embeddings(emb_dir, tmp_path):
     assert len(val[0].notes) == len(NOTES) and len(train[0].notes) == 6
     out = train_lm("onset", str(mixed), tmp_path / "run", steps=2, **_opts())
     assert out["step"] == 2
+
+    # the encoder's weights are kept for assemble's check when the real sources agree on them
+    def real_copy(name: str, sha: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(emb_dir, folder)
+        index = json.loads((folder / "index.json").read_text())
+        index["source"] = {"encoder_dir": name, "sha256": sha}
+        (folder / "index.json").write_text(json.dumps(index))
+        return folder
+
+    a, b, c = real_copy("real-a", "abc"), real_copy("real-b", "abc"), real_copy("real-c", "def")
+    assert mix_embeddings(tmp_path / "m1", [(oracle, 1), (a, 2)], [b])["source"]["sha256"] == "abc"
+    assert mix_embeddings(tmp_path / "m2", [(a, 1), (c, 1)], [b])["source"] == {}
 
     write_index(oracle, entries, "oracle", embed_dim=8, frames_per_segment=51,
                 frames_per_second=5.0)

@@ -323,11 +323,14 @@ def mix_embeddings(out_dir: str | os.PathLike, train: Sequence[tuple[str | os.Pa
             items += entries(d, "train", f"{links[d]}.{k}")
     for d in val_dirs:
         items += entries(d, "validation", links[d])
-    real = [idx for idx in indexes if idx.get("encoder") != "oracle"]
+    # the real encoder's weights, so `assemble` can check them (see assemble_system): kept when
+    # there is one real source, or all name the same weights (train and validation embedded apart)
+    real = [idx.get("source") or {} for idx in indexes if idx.get("encoder") != "oracle"]
+    shas = {src.get("sha256") for src in real}
+    source = real[0] if len(real) == 1 or (len(shas) == 1 and None not in shas) else {}
     index = {**{k: indexes[0][k] for k in ("format", "version", "dtype", "roll_keys", *layout)},
              "encoder": "+".join(dict.fromkeys(idx.get("encoder", "?") for idx in indexes)),
-             # the real encoder's weights, so `assemble` can check them (see assemble_system)
-             "source": real[0].get("source", {}) if len(real) == 1 else {},
+             "source": source,
              "shifts": sorted({float(s) for idx in indexes for s in idx.get("shifts", [0.0])}),
              "mixed_from": {links[d]: {"dir": str(d), "encoder": idx.get("encoder")}
                             for d, idx in zip(sources, indexes)},
