@@ -13,14 +13,12 @@ offset, frame, velocity rolls of 88 keys), raw and through the encoder's velocit
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from pianolm.export.train.embeddings import load_embeddings_index, load_items
-from pianolm.export.train.encoder import roll_config
+from pianolm.export.train.encoder import read_encoder_meta, roll_config
 from pianolm.export.train.evaluate import evaluate, mean_scores
 from pianolm.export.train.lm import (
     EmbeddingStore,
@@ -59,11 +57,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     index = load_embeddings_index(args.embeddings)
+    if index["embed_dim"] != len(ROLL_KEYS) * NUM_PITCHES:
+        raise SystemExit(f"{args.embeddings}: {index['embed_dim']}-d embeddings are not rolls "
+                         f"(HPPNet's {len(ROLL_KEYS) * NUM_PITCHES}-d layout)")
     items = load_items(args.embeddings, "validation", index)
     examples, _ = build_examples(items, "velocity", (0.0,), 2048)
     store = EmbeddingStore(items)
-    meta = json.loads((Path(args.encoder_dir) / "encoder.json").read_text())
-    cfg = roll_config(meta)
+    cfg = roll_config(read_encoder_meta(args.encoder_dir))
     fps = float(index["frames_per_second"])
     decoder, dmeta = load_decoder(args.lm_dir, best=not args.last)
     if not args.last:  # decoder.json describes the latest weights

@@ -507,7 +507,7 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     step, best_loss = 0, float("inf")
     last_val: dict[str, float] = {}
     if saved is None and cfg.init_from:
-        init, init_meta = load_decoder(cfg.init_from)
+        init, _ = load_decoder(cfg.init_from)
         if init.cfg != dcfg:  # any stage: the vocabulary and graph are the same
             raise ValueError(f"--init {cfg.init_from}: a decoder of another size or embedding "
                              f"width, not a {cfg.preset} one for {cfg.embeddings_dir}")
