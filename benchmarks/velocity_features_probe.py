@@ -8,9 +8,9 @@ validation pieces; mir_eval onset+offset+velocity F1 is compared with the roll's
 
 Feature sets (each note read at its onset frame b):
   roll            the velocity roll x 127 (a learned calibration: what the curve can do)
-  levels          pitch, notes struck within 30 ms, and the CQT level (each key's loudest bin)
-                  of the key, the octave below and above, the 12th and the double octave, at
-                  frames b-3..b+5
+  levels          pitch, notes struck within 30 ms, and the velocity head's own level inputs
+                  (hppnet.key_levels: each key's loudest CQT bin, at the key, the octave below
+                  and above, the 12th and the double octave) at frames b-3..b+5
   roll+levels     both, plus the onset roll
   +piece-relative the same with each feature's median over the piece's notes subtracted too
                   (mir_eval fits a line per piece, so a note's level relative to the piece's is
@@ -25,10 +25,10 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.ensemble import HistGradientBoostingRegressor
 
 from pianolm.export.data.dataset import load_item
+from pianolm.export.hppnet import HPPNET_SP_CPU_VL, key_levels
 from pianolm.export.train.encoder import (
     dataset_entries,
     load_encoder,
@@ -41,23 +41,22 @@ from pianolm.export.train.evaluate import score_notes
 from pianolm.runtime.audio import normalise_peak, segment_audio
 from pianolm.runtime.notes import Note
 from pianolm.runtime.rolls import decode_rolls, join_segments
-from pianolm.runtime.vocab import MIN_PITCH, NUM_PITCHES
+from pianolm.runtime.vocab import MIN_PITCH
 
-KEY_OFFSETS = (-12, 0, 12, 19, 24)
+KEY_OFFSETS = HPPNET_SP_CPU_VL.velocity_level
 FRAMES = range(-3, 6)
-FLOOR_DB = -80.0
 METRIC = "onset_offset_velocity_f"
 
 
 @torch.no_grad()
 def piece_inputs(encoder, audio: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Rolls [T, 88] and the CQT level of each key [T, 88] (dB, its loudest bin)."""
-    fps = encoder.frames_per_second
+    """Rolls [T, 88] and the level inputs [T, 88, len(KEY_OFFSETS)] at each key. The encoder's
+    forward pass does not return its CQT, so the front-end runs once more here."""
     segments = segment_audio(normalise_peak(audio, encoder.input_peak))
-    cqt = encoder.frontend(torch.from_numpy(segments))  # [S, T, keys * bins]
-    bins = cqt.shape[-1] // NUM_PITCHES
-    level = F.max_pool1d(cqt, bins).numpy()  # [S, T, 88]
-    level = join_segments({"level": level}, fps, n_samples=len(audio))["level"]
+    cqt = encoder.frontend(torch.from_numpy(segments)).unsqueeze(1)  # [S, 1, T, bins]
+    level = key_levels(cqt, encoder.config.bins_per_key, KEY_OFFSETS)  # [S, offsets, T, 88]
+    level = join_segments({"level": level.permute(0, 2, 3, 1).numpy()},
+                          encoder.frames_per_second, n_samples=len(audio))["level"]
     return transcribe_rolls(encoder, audio), level
 
 
@@ -70,10 +69,8 @@ def note_features(notes: list[Note], rolls: dict[str, np.ndarray], level: np.nda
         b, k = min(int(round(n.onset * fps)), n_frames - 1), n.pitch - MIN_PITCH
         row = [rolls["velocity"][b, k] * 127, rolls["onset"][b, k], n.pitch,
                np.sum(np.abs(onsets - n.onset) < 0.03)]
-        for o in KEY_OFFSETS:
-            for dt in FRAMES:
-                t = min(max(b + dt, 0), n_frames - 1)
-                row.append(level[t, k + o] if 0 <= k + o < NUM_PITCHES else FLOOR_DB)
+        frames = [min(max(b + dt, 0), n_frames - 1) for dt in FRAMES]
+        row.extend(level[frames, k].T.ravel())  # each level input over the frames
         rows.append(row)
     return np.array(rows, np.float32).reshape(len(rows), -1)
 

@@ -113,7 +113,8 @@ lm2=(--preset mini --batch 8 --val-segments 36 --decode-segments 6 --threads 2 -
 # (the shipped run was stopped at step 1072 to embed the rest of the second render)
 run_lm "$runs/lm4-onset-a" --stage onset --init "$runs/lm3-onset" --embeddings "$emb/mix-vl2" \
   --steps 2000 --lr 5e-4 --until-step 1072 "${lm2[@]}"
-# the second render's other 750 train pieces (the 200 embedded already are kept)
+# the second render's other 750 train pieces (the 200 embedded already are kept); --init below
+# takes lm4-onset-a's best weights (step 1000, its last validation)
 pianolm train embed --data "$data2" --encoder-dir "$enc3" --out "$emb/vl-train" --limit 950 \
   --splits train --shifts 0
 pianolm train mix --out "$emb/mix-vl3" --train "$emb/oracle2:1" "$emb/vl-train:2" \
