@@ -4,11 +4,21 @@ One file, nanoGPT / lit-llama style. Each block is
 
     x = x + SelfAttn(RMSNorm(x))    causal, RoPE on q and k
     x = x + SwiGLU(RMSNorm(x))
-    x = x + CrossAttn(RMSNorm(x))   to the audio frames, RoPE on the queries only (as the authors)
+    x = x + CrossAttn(RMSNorm(x))   to the audio frames
     x = x + SwiGLU(RMSNorm(x))
 
 then a final RMSNorm and an untied LM head. The audio side is
 `Linear(enc_dim -> d)(emb) + Linear(64 -> d)(sinusoidal absolute PE)`.
+
+Cross-attention positions (`DecoderConfig.cross_positions`, docs/decoder.md):
+- "token", the authors' layout: queries rotated by the token's index, keys carry only the
+  absolute frame PE, so which frame a time token means must be learned from data.
+- "time": queries AND keys rotated in 10 ms ticks: a key at its frame's tick, a query at the
+  tick of the latest time token at or before it (`vocab.query_ticks`), so q.k peaks where
+  the token's time and the frame's time agree from the first step. Two priors build on it:
+  `look_ahead` (a query at tick q sees frames from q - 2 ticks on, each head with a decay
+  ahead) and `time_head="pointer"` (the time-token logits are scores of a pointer query
+  against time-rotated pointer keys of the frames; the LM head keeps the other tokens).
 
 Two ways in:
 - `forward(tokens, audio_emb)`: training / the authors' full-prefix decode.
@@ -34,6 +44,15 @@ from torch import Tensor, nn
 from pianolm.runtime import vocab
 
 KV = tuple[Tensor, Tensor]  # one layer's cache: (K, V)
+
+CROSS_POSITIONS = ("token", "time")
+TIME_HEADS = ("lm", "pointer")
+# look-ahead prior (docs/decoder.md): frames more than this many ticks before the query's tick
+# are masked, and head h's score falls by slope_h per 100 ticks ahead (initial slopes, cycled
+# over the heads; learnable per layer and head)
+LOOK_AHEAD_MARGIN = 2
+LOOK_AHEAD_SLOPES = (0.0, 5.0, 25.0)
+MASKED = -1e4  # an additive score that removes a frame (finite: fp16-safe, never NaN)
 
 # name -> (n_layers, d_model, n_heads)
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -61,12 +80,32 @@ class DecoderConfig:
     max_frames: int = 1024  # size of the audio PE table: the most frames per segment
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    cross_positions: str = "token"  # "token" (the authors') | "time" (see the module doc)
+    look_ahead: bool = False  # time only
+    time_head: str = "lm"  # "lm" | "pointer" (time only)
+    ticks_per_frame: int = 2  # 10 ms ticks per encoder frame: hppnet (50 fps) 2, crnn 1
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
         if self.head_dim % 2 or self.audio_pe_dim % 2:
             raise ValueError("head_dim and audio_pe_dim must be even (RoPE / sin-cos pairs)")
+        if self.cross_positions not in CROSS_POSITIONS:
+            raise ValueError(f"cross_positions {self.cross_positions!r}: choose from "
+                             f"{list(CROSS_POSITIONS)}")
+        if self.time_head not in TIME_HEADS:
+            raise ValueError(f"time_head {self.time_head!r}: choose from {list(TIME_HEADS)}")
+        if (self.look_ahead or self.time_head == "pointer") and not self.time_aligned:
+            raise ValueError("look_ahead and time_head='pointer' need cross_positions='time'")
+        if self.ticks_per_frame < 1:
+            raise ValueError(f"ticks_per_frame must be >= 1, got {self.ticks_per_frame}")
+        if self.time_aligned and self.max_seq_len <= vocab.SEGMENT_TICKS:
+            raise ValueError(f"cross_positions='time' rotates by tick: max_seq_len (the RoPE "
+                             f"table) must exceed {vocab.SEGMENT_TICKS}")
+
+    @property
+    def time_aligned(self) -> bool:
+        return self.cross_positions == "time"
 
     @property
     def head_dim(self) -> int:
@@ -96,11 +135,12 @@ class DecoderConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown decoder config field(s) {unknown}")
+        wanted = {"float": (int, float), "int": int, "str": str, "bool": bool}
         for f in fields(cls):  # JSON gives no types: 512.0 or "512" must not slip through
             if f.name not in d:
                 continue
-            v, want = d[f.name], (int, float) if f.type == "float" else int
-            if isinstance(v, bool) or not isinstance(v, want):
+            v = d[f.name]
+            if (isinstance(v, bool) and f.type != "bool") or not isinstance(v, wanted[f.type]):
                 raise ValueError(f"field {f.name!r} must be {f.type}, got {v!r}")
         return cls(**d)  # type: ignore[arg-type]
 
@@ -187,17 +227,81 @@ class SelfAttention(Attention):
 
 
 class CrossAttention(Attention):
-    def kv(self, audio: Tensor) -> KV:
-        """audio [B, T, d] -> (K^T [B, H, Dh, T], V [B, H, T, Dh]); once per segment."""
-        return self._heads(self.wk(audio)).transpose(2, 3), self._heads(self.wv(audio))
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__(cfg)
+        # look-ahead decay per head (1-D: train_lm puts it in the no-weight-decay group)
+        self.slope = nn.Parameter(torch.tensor(
+            [LOOK_AHEAD_SLOPES[h % len(LOOK_AHEAD_SLOPES)] for h in range(cfg.n_heads)])
+        ) if cfg.look_ahead else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_t: Tensor, v: Tensor) -> Tensor:
-        # RoPE on the queries only (the audio carries its own absolute PE), as the authors do.
+    def kv(self, audio: Tensor, rope: tuple[Tensor, Tensor] | None) -> KV:
+        """audio [B, T, d] -> (K^T [B, H, Dh, T], V [B, H, T, Dh]); once per segment. rope:
+        each frame's cos/sin [1, 1, T, Dh] ("time" positions), None for the authors' layout."""
+        k = self._heads(self.wk(audio))
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        return k.transpose(2, 3), self._heads(self.wv(audio))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_t: Tensor, v: Tensor,
+                ahead: LookAhead | None) -> Tensor:
+        # "token": RoPE on the queries only (the audio carries its own absolute PE), as the
+        # authors do; "time": cos/sin are at each query's tick, K^T was rotated at the frames'.
         q = apply_rope(self._heads(self.wq(x)), cos, sin)
         # Written out rather than SDPA: the exporter lowers SDPA with a Transpose of K, which
-        # would copy K^T back every step. No mask: every frame of a segment is real audio.
-        att = torch.softmax((q * self.head_dim ** -0.5) @ k_t, dim=-1)
-        return self.wo((att @ v).transpose(1, 2).flatten(2))
+        # would copy K^T back every step. No padding mask: every frame is real audio.
+        scores = (q * self.head_dim ** -0.5) @ k_t
+        if self.slope is not None and ahead is not None:
+            scores = scores + ahead.bias(self.slope)
+        return self.wo((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).flatten(2))
+
+
+class LookAhead:
+    """The look-ahead prior's frame geometry for one chunk, shared by every layer: a query at
+    tick q sees the frames from tick q - LOOK_AHEAD_MARGIN on (never fewer than the last frame,
+    so no row is fully masked) and scores frame tick k down by slope * max(0, k - q) / 100.
+    Built from the query ticks and the frame count alone, so the step graph computes it."""
+
+    def __init__(self, query_ticks: Tensor, frames: int, ticks_per_frame: int) -> None:
+        kt = torch.arange(frames, device=query_ticks.device) * ticks_per_frame  # [T]
+        rel = kt[None, None, :] - query_ticks[:, :, None]  # [B, n, T]
+        first = torch.minimum(query_ticks - LOOK_AHEAD_MARGIN, kt[-1])
+        self.masked = (kt[None, None, :] < first[:, :, None])[:, None]  # [B, 1, n, T]
+        self.ahead = (rel.float().clamp(min=0) / 100.0)[:, None]  # [B, 1, n, T]
+
+    def bias(self, slope: Tensor) -> Tensor:
+        """[B, H, n, T] additive scores for one layer's per-head slopes [H]."""
+        decay = -slope[None, :, None, None] * self.ahead
+        return decay.masked_fill(self.masked, MASKED)
+
+
+class PointerTimeHead(nn.Module):
+    """Time-token logits as scores of the frames (time_head="pointer"): a pointer query from
+    the final hidden state, rotated at the query's tick, against a pointer key per frame,
+    rotated at the frame's tick. Tick t reads frame t // ticks_per_frame, plus a learned
+    sub-frame offset (t % ticks_per_frame) * sub(h); ticks past the last frame are masked."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.q = nn.Linear(cfg.d_model, cfg.head_dim, bias=False)
+        self.k = nn.Linear(cfg.d_model, cfg.head_dim, bias=False)
+        self.sub = nn.Linear(cfg.d_model, 1)
+        ticks = torch.arange(vocab.SEGMENT_TICKS + 1)
+        self.register_buffer("tick_frame", ticks // cfg.ticks_per_frame, persistent=False)
+        self.register_buffer("tick_rest", (ticks % cfg.ticks_per_frame).float(),
+                             persistent=False)
+
+    def keys(self, memory: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """memory [B, T, d] -> pointer keys^T [B, 1, Dh, T]; once per segment."""
+        return apply_rope(self.k(memory)[:, None], *rope).transpose(2, 3)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, keys_t: Tensor) -> Tensor:
+        """h [B, n, d] normed hidden states, cos/sin at their ticks -> [B, n, ticks] logits."""
+        q = apply_rope(self.q(h)[:, None], cos, sin)  # [B, 1, n, Dh]
+        scores = ((q * q.shape[-1] ** -0.5) @ keys_t)[:, 0]  # [B, n, T]
+        frames = scores.shape[-1]
+        frame = torch.minimum(self.tick_frame, torch.full_like(self.tick_frame, frames - 1))
+        logits = scores[..., frame] + self.sub(h) * self.tick_rest
+        return logits.masked_fill(self.tick_frame >= frames, MASKED)
 
 
 class SwiGLU(nn.Module):
@@ -223,15 +327,47 @@ class Block(nn.Module):
         self.mlp2_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp2 = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                past_k: Tensor | None, past_v: Tensor | None, cross_k: Tensor, cross_v: Tensor
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, past_k: Tensor | None,
+                past_v: Tensor | None, cross_k: Tensor, cross_v: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        h, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past_k, past_v)
+        h, k, v = self.attn(self.attn_norm(x), rope.cos, rope.sin, mask, past_k, past_v)
         x = x + h
         x = x + self.mlp1(self.mlp1_norm(x))
-        x = x + self.cross(self.cross_norm(x), cos, sin, cross_k, cross_v)
+        x = x + self.cross(self.cross_norm(x), rope.query_cos, rope.query_sin, cross_k, cross_v,
+                           rope.ahead)
         x = x + self.mlp2(self.mlp2_norm(x))
         return x, k, v
+
+
+@dataclass
+class Rope:
+    """A chunk's rotations: self-attention at token positions; cross-attention queries at token
+    positions ("token") or at their ticks ("time"), with the look-ahead geometry if any."""
+
+    cos: Tensor
+    sin: Tensor
+    query_cos: Tensor
+    query_sin: Tensor
+    ahead: LookAhead | None = None
+
+
+@dataclass
+class CrossCache:
+    """A segment's audio side, computed once (`Decoder.cross_kv`): per layer (K^T, V), and the
+    pointer keys^T [B, 1, Dh, T] of a pointer time head."""
+
+    layers: list[KV]
+    pointer: Tensor | None = None
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Flat, in the graphs' order (manifest.DecoderSpec.cross_names)."""
+        flat = tuple(t for kv in self.layers for t in kv)
+        return flat if self.pointer is None else (*flat, self.pointer)
+
+    @classmethod
+    def from_tensors(cls, flat: Sequence[Tensor], n_layers: int) -> CrossCache:
+        layers = [(flat[i], flat[i + 1]) for i in range(0, 2 * n_layers, 2)]
+        return cls(layers, flat[2 * n_layers] if len(flat) > 2 * n_layers else None)
 
 
 class Decoder(nn.Module):
@@ -244,6 +380,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
+        self.pointer = PointerTimeHead(cfg) if cfg.time_head == "pointer" else None
         # Tables are derived, not learned: non-persistent, so checkpoints hold weights only.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -276,6 +413,10 @@ class Decoder(nn.Module):
         self.rope_cos = cos.to(device)
         self.rope_sin = sin.to(device)
         self.audio_pe = sinusoidal_table(self.cfg.max_frames, self.cfg.audio_pe_dim).to(device)
+        if self.pointer is not None:
+            ticks = torch.arange(vocab.SEGMENT_TICKS + 1, device=device)
+            self.pointer.tick_frame = ticks // self.cfg.ticks_per_frame
+            self.pointer.tick_rest = (ticks % self.cfg.ticks_per_frame).float()
 
     # -- shared pieces ----------------------------------------------------------------------
 
@@ -283,57 +424,91 @@ class Decoder(nn.Module):
         """positions [B, n] int64 -> cos, sin [B, 1, n, Dh]; per row, so rows may differ."""
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
+    def _chunk_rope(self, positions: Tensor, query_ticks: Tensor | None, frames: int) -> Rope:
+        cos, sin = self._rope(positions)
+        if not self.cfg.time_aligned:
+            return Rope(cos, sin, cos, sin)
+        if query_ticks is None:
+            raise ValueError("a time-aligned decoder needs query_ticks (vocab.query_ticks)")
+        qcos, qsin = self._rope(query_ticks)
+        ahead = (LookAhead(query_ticks, frames, self.cfg.ticks_per_frame)
+                 if self.cfg.look_ahead else None)
+        return Rope(cos, sin, qcos, qsin, ahead)
+
     def audio_memory(self, audio_emb: Tensor) -> Tensor:
         """[B, T, enc_dim] -> [B, T, d]: projected embeddings plus projected absolute PE."""
         t = audio_emb.shape[1]
         return self.audio_proj(audio_emb) + self.audio_pe_proj(self.audio_pe[:t])[None]
 
-    def cross_kv(self, audio_emb: Tensor) -> list[KV]:
-        """[B, T, enc_dim] -> per layer (K^T [B, H, Dh, T], V [B, H, T, Dh]); once per
-        segment."""
+    def cross_kv(self, audio_emb: Tensor) -> CrossCache:
+        """[B, T, enc_dim] -> per layer (K^T [B, H, Dh, T], V [B, H, T, Dh]) and, with a
+        pointer head, its keys; once per segment. "time": keys rotated at their frames' ticks."""
         mem = self.audio_memory(audio_emb)
-        return [blk.cross.kv(mem) for blk in self.blocks]
+        rope = None
+        if self.cfg.time_aligned:
+            ticks = torch.arange(mem.shape[1], device=mem.device) * self.cfg.ticks_per_frame
+            rope = (self.rope_cos[ticks][None, None], self.rope_sin[ticks][None, None])
+        layers = [blk.cross.kv(mem, rope) for blk in self.blocks]
+        pointer = None if self.pointer is None else self.pointer.keys(mem, rope)  # rope: time
+        return CrossCache(layers, pointer)
+
+    def _logits(self, h: Tensor, rope: Rope, cross: CrossCache) -> Tensor:
+        """h [B, n, d] final normed states -> [B, n, V]; a pointer head writes the time slots."""
+        if self.pointer is None or cross.pointer is None:
+            return self.head(h)
+        w = self.head.weight  # the time rows go unused (kept so every stage has one layout)
+        times = self.pointer(h, rope.query_cos, rope.query_sin, cross.pointer)
+        return torch.cat([F.linear(h, w[:vocab.TIME_BASE]), times.to(h.dtype),
+                          F.linear(h, w[vocab.PITCH_BASE:])], dim=-1)
 
     # -- training / full-prefix pass --------------------------------------------------------
 
     def forward(self, tokens: Tensor, audio_emb: Tensor, positions: Tensor | None = None,
-                key_mask: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, query_ticks: Tensor | None = None) -> Tensor:
         """tokens [B, S], audio_emb [B, T, E] -> logits [B, S, V].
 
         Without positions/key_mask: plain causal LM (training; right padding needs no mask).
         With them: the same masking and position semantics as `step` on an empty cache, used by
         the authors'-style uncached decode (re-run the whole prefix every step).
+        query_ticks [B, S] (vocab.query_ticks of the tokens): required by "time" decoders.
         """
         b, s = tokens.shape
         if positions is None:
             positions = torch.arange(s, device=tokens.device).expand(b, s)
         mask = None if key_mask is None else self_attention_mask(key_mask, s)
-        cos, sin = self._rope(positions)
+        rope = self._chunk_rope(positions, query_ticks, audio_emb.shape[1])
+        cross = self.cross_kv(audio_emb)
         x = self.tok_emb(tokens)
-        for blk, (cross_k, cross_v) in zip(self.blocks, self.cross_kv(audio_emb)):
-            x, _, _ = blk(x, cos, sin, mask, None, None, cross_k, cross_v)
-        return self.head(self.norm(x))
+        for blk, (cross_k, cross_v) in zip(self.blocks, cross.layers):
+            x, _, _ = blk(x, rope, mask, None, None, cross_k, cross_v)
+        return self._logits(self.norm(x), rope, cross)
 
     # -- incremental, export-friendly -------------------------------------------------------
 
     def step(self, tokens: Tensor, positions: Tensor, key_mask: Tensor, past: Sequence[KV],
-             cross: Sequence[KV]) -> tuple[Tensor, list[KV]]:
+             cross: CrossCache, query_ticks: Tensor | None = None) -> tuple[Tensor, list[KV]]:
         """Feed a chunk of n tokens after P cached ones.
 
         tokens, positions: int64 [B, n]; key_mask: bool [B, P+n] (False = padding, invisible
-        to later queries); past: per layer (K, V), each [B, H, P, Dh] (P may be 0); cross: per
-        layer from `cross_kv`.
+        to later queries); past: per layer (K, V), each [B, H, P, Dh] (P may be 0); cross: from
+        `cross_kv`; query_ticks: int64 [B, n], "time" decoders only (the runtime tracks them,
+        backend.RowPositions).
         Returns logits [B, V] of the chunk's last position and present: per layer (K, V), each
         [B, H, P+n, Dh].
         """
         mask = self_attention_mask(key_mask, tokens.shape[1])
-        cos, sin = self._rope(positions)
+        rope = self._chunk_rope(positions, query_ticks, cross.layers[0][1].shape[2])
         x = self.tok_emb(tokens)
         present = []
-        for blk, (past_k, past_v), (cross_k, cross_v) in zip(self.blocks, past, cross):
-            x, k, v = blk(x, cos, sin, mask, past_k, past_v, cross_k, cross_v)
+        for blk, (past_k, past_v), (cross_k, cross_v) in zip(self.blocks, past, cross.layers):
+            x, k, v = blk(x, rope, mask, past_k, past_v, cross_k, cross_v)
             present.append((k, v))
-        return self.head(self.norm(x[:, -1])), present
+        h = self.norm(x[:, -1])
+        if self.pointer is None:  # [B, d] @ head: one Gemm in the graph, as it always was
+            return self.head(h), present
+        last = Rope(rope.cos[:, :, -1:], rope.sin[:, :, -1:], rope.query_cos[:, :, -1:],
+                    rope.query_sin[:, :, -1:])
+        return self._logits(h[:, None], last, cross)[:, 0], present
 
     def empty_cache(self, batch: int) -> list[KV]:
         """Per layer a past K and V of length 0, [B, H, 0, Dh] each."""

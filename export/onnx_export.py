@@ -7,8 +7,10 @@ named (sherpa-onnx's Whisper export style):
                             rolls onset, offset, frame, velocity [batch, frames, 88]
     {stage}_cross_kv.onnx   embeddings -> per layer i: cross.{i}.key [batch, heads, head_dim,
                             frames] (transposed), cross.{i}.value [batch, heads, frames, head_dim]
-    {stage}_step.onnx       tokens, positions, key_mask, past_key_values.{i}.key/value,
-                            cross.{i}.key/value -> logits [batch, vocab], present.{i}.key/value
+                            (+ cross.pointer.key with a pointer time head)
+    {stage}_step.onnx       tokens, positions, key_mask (+ query_ticks, time-aligned),
+                            past_key_values.{i}.key/value, the cross-KV outputs -> logits
+                            [batch, vocab], present.{i}.key/value
 
 (runtime/manifest.py step_io). One step graph serves prefill (chunk > 1, past 0) and steps:
 there is no If/Loop, every length comes from an input shape, past length 0 works. Dynamic axes
@@ -45,7 +47,7 @@ import onnx_ir as ir
 import torch
 from torch import Tensor, nn
 
-from pianolm.export.decoder import KV, Decoder
+from pianolm.export.decoder import CROSS_POSITIONS, KV, TIME_HEADS, CrossCache, Decoder
 from pianolm.export.encoders import EncoderGraph
 from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
 from pianolm.runtime import vocab
@@ -66,6 +68,7 @@ from pianolm.runtime.manifest import (
     cache_length_axis,
     cache_shape,
     cross_kv_io,
+    cross_names,
     file_sha256,
     kv_names,
     load_manifest,
@@ -110,34 +113,39 @@ def _pairs(flat: Sequence[Tensor]) -> list[KV]:
 
 class CrossKVGraph(nn.Module):
     """embeddings [batch, frames, enc_dim] -> every layer's cross-attention K^T [batch, heads,
-    head_dim, frames] and V [batch, heads, frames, head_dim], once per segment."""
+    head_dim, frames] and V [batch, heads, frames, head_dim] (then a pointer head's keys^T
+    [batch, 1, head_dim, frames]), once per segment."""
 
     def __init__(self, decoder: Decoder) -> None:
         super().__init__()
         self.decoder = decoder
 
     def forward(self, embeddings: Tensor) -> tuple[Tensor, ...]:
-        return _flat(self.decoder.cross_kv(embeddings))
+        return self.decoder.cross_kv(embeddings).tensors()
 
 
 class DecoderStepGraph(nn.Module):
     """One decoder step over a chunk of tokens (Decoder.step):
 
-    tokens, positions [batch, chunk] int64; key_mask [batch, past_plus_chunk] bool; then the
-    caches, flat: per layer past K, V [batch, heads, past, head_dim], then per layer cross K^T,
-    V from CrossKVGraph -> logits [batch, vocab] (after the chunk's last token), per layer
-    present K, V [batch, heads, past_plus_chunk, head_dim] (past ++ the chunk).
+    tokens, positions [batch, chunk] int64; key_mask [batch, past_plus_chunk] bool; a
+    time-aligned decoder's query_ticks [batch, chunk] int64; then the caches, flat: per layer
+    past K, V [batch, heads, past, head_dim], then CrossKVGraph's outputs -> logits [batch,
+    vocab] (after the chunk's last token), per layer present K, V [batch, heads,
+    past_plus_chunk, head_dim] (past ++ the chunk).
     """
 
     def __init__(self, decoder: Decoder) -> None:
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, tokens: Tensor, positions: Tensor, key_mask: Tensor, *caches: Tensor
+    def forward(self, tokens: Tensor, positions: Tensor, key_mask: Tensor, *rest: Tensor
                 ) -> tuple[Tensor, ...]:
-        n = 2 * self.decoder.cfg.n_layers
-        logits, present = self.decoder.step(tokens, positions, key_mask, _pairs(caches[:n]),
-                                            _pairs(caches[n:]))
+        cfg = self.decoder.cfg
+        ticks, caches = (rest[0], rest[1:]) if cfg.time_aligned else (None, rest)
+        n = 2 * cfg.n_layers
+        logits, present = self.decoder.step(
+            tokens, positions, key_mask, _pairs(caches[:n]),
+            CrossCache.from_tensors(caches[n:], cfg.n_layers), ticks)
         return (logits, *_flat(present))
 
 
@@ -169,7 +177,7 @@ def _cache_axes(names: Sequence[str], length: str) -> dict[str, dict[int, str]]:
 def _cross_plan(decoder: Decoder) -> _Plan:
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(EX_BATCH, EX_FRAMES, decoder.cfg.enc_dim, generator=g)
-    io = cross_kv_io(decoder.cfg.n_layers)
+    io = cross_kv_io(decoder.cfg.n_layers, decoder.pointer is not None)
     return _Plan(CrossKVGraph(decoder), (emb,), io,
                  {"embeddings": {0: "batch", 1: "frames"}, **_cache_axes(io[1], "frames")})
 
@@ -178,17 +186,22 @@ def _step_plan(decoder: Decoder) -> _Plan:
     c = decoder.cfg
     g = torch.Generator().manual_seed(0)
     b, n, p, t = EX_BATCH, EX_CHUNK, EX_PAST, EX_FRAMES
-    past, cross = kv_names("past_key_values", c.n_layers), kv_names("cross", c.n_layers)
+    pointer = decoder.pointer is not None
+    past, cross = kv_names("past_key_values", c.n_layers), cross_names(c.n_layers, pointer)
     caches = [torch.randn(cache_shape(name, b, c.n_heads, c.head_dim, length), generator=g)
               for names, length in ((past, p), (cross, t)) for name in names]
+    ticks = (torch.randint(0, t * c.ticks_per_frame, (b, n), generator=g),) if c.time_aligned \
+        else ()
     example = (torch.randint(0, c.vocab_size, (b, n), generator=g),
                torch.arange(p, p + n).expand(b, n).contiguous(),
-               torch.ones(b, p + n, dtype=torch.bool), *caches)
-    return _Plan(DecoderStepGraph(decoder), example, step_io(c.n_layers), {
+               torch.ones(b, p + n, dtype=torch.bool), *ticks, *caches)
+    return _Plan(DecoderStepGraph(decoder), example, step_io(c.n_layers, c.time_aligned, pointer), {
         "tokens": {0: "batch", 1: "chunk"}, "positions": {0: "batch", 1: "chunk"},
+        "query_ticks": {0: "batch", 1: "chunk"},
         "key_mask": {0: "batch", 1: "past_plus_chunk"}, "logits": {0: "batch"},
         **_cache_axes(past, "past"), **_cache_axes(cross, "frames"),
-        **_cache_axes(kv_names("present", c.n_layers), "past_plus_chunk")}, named_args=3)
+        **_cache_axes(kv_names("present", c.n_layers), "past_plus_chunk")},
+        named_args=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,10 +609,13 @@ def random_step_inputs(cfg: Any, batch: int, chunk: int, past: int, frames: int,
     mask = rng.random((batch, chunk)) > 0.3
     mask[:, -1] = True  # the last position's logits are the ones read
     positions, key_mask = rows.advance(mask)
-    feeds = {"tokens": rng.integers(0, cfg.vocab_size, (batch, chunk)).astype(np.int64),
-             "positions": positions, "key_mask": key_mask}
-    for prefix, length in (("past_key_values", past), ("cross", frames)):
-        for name in kv_names(prefix, cfg.n_layers):
+    tokens = rng.integers(0, cfg.vocab_size, (batch, chunk)).astype(np.int64)
+    feeds = {"tokens": tokens, "positions": positions, "key_mask": key_mask}
+    if cfg.time_aligned:
+        rows.ticks = rng.integers(0, frames * cfg.ticks_per_frame, batch)
+        feeds["query_ticks"] = rows.advance_ticks(tokens, mask)
+    for names, length in ((cfg.past_names, past), (cfg.cross_names, frames)):
+        for name in names:
             shape = cache_shape(name, batch, cfg.n_heads, cfg.head_dim, length)
             feeds[name] = rng.normal(size=shape).astype(np.float32)
     return feeds
@@ -652,12 +668,14 @@ def graph_parity(system: TranscriptionSystem, model_dir: str | Path, batch: int,
 # `pianolm export`
 
 
-def _build_random(preset: str, encoder: str, flattened: bool, seed: int) -> TranscriptionSystem:
+def _build_random(preset: str, encoder: str, flattened: bool, seed: int,
+                  options: dict[str, Any]) -> TranscriptionSystem:
     from pianolm.export.system import SystemConfig
 
     torch.manual_seed(seed)
     return TranscriptionSystem(SystemConfig(encoder=encoder, decoder=preset,
-                                            hierarchical=not flattened)).eval()
+                                            hierarchical=not flattened,
+                                            decoder_options=options)).eval()
 
 
 def main_export(argv: Sequence[str] | None = None) -> int:
@@ -679,6 +697,12 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     ap.add_argument("--flattened", action="store_true",
                     help="the flattened baseline (one 'flat' stage) instead of three stages")
+    ap.add_argument("--cross-positions", choices=CROSS_POSITIONS, default="token",
+                    help="with --random-init: cross-attention positions (docs/decoder.md)")
+    ap.add_argument("--look-ahead", action="store_true", help="with --random-init: the "
+                    "look-ahead prior (time positions)")
+    ap.add_argument("--time-head", choices=TIME_HEADS, default="lm",
+                    help="with --random-init: 'pointer' time head (time positions)")
     ap.add_argument("--out", required=True, help="output folder, e.g. engines/NAME")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--opset", type=int, default=OPSET)
@@ -709,7 +733,9 @@ def main_export(argv: Sequence[str] | None = None) -> int:
             manifest = export_model(system, args.out, args.precision, args.checkpoint,
                                     args.opset)
         else:
-            system = _build_random(args.preset, args.encoder, args.flattened, args.seed)
+            options = {"cross_positions": args.cross_positions, "look_ahead": args.look_ahead,
+                       "time_head": args.time_head}
+            system = _build_random(args.preset, args.encoder, args.flattened, args.seed, options)
             manifest = export_model(system, args.out, args.precision, None, args.opset,
                                     seed=args.seed, metadata={"preset": args.preset})
     except (CheckpointError, ValueError, OSError) as e:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -32,15 +32,21 @@ class SystemConfig:
     # a preset name, one DecoderConfig for every stage, or {stage: DecoderConfig}
     decoder: str | DecoderConfig | Mapping[str, DecoderConfig] = "small"
     hierarchical: bool = True  # False: the flattened baseline, one "flat" decoder
+    # DecoderConfig fields for a preset, e.g. {"cross_positions": "time", "look_ahead": True}
+    decoder_options: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def stages(self) -> tuple[str, ...]:
         return vocab.STAGES if self.hierarchical else ("flat",)
 
-    def decoder_configs(self, enc_dim: int, frames_per_segment: int) -> dict[str, DecoderConfig]:
+    def decoder_configs(self, enc_dim: int, frames_per_segment: int,
+                        frames_per_second: float) -> dict[str, DecoderConfig]:
         """Resolve `decoder` into one checked DecoderConfig per stage."""
+        ticks_per_frame = round(vocab.TICKS_PER_SECOND / frames_per_second)
         if isinstance(self.decoder, str):
-            cfgs = {s: DecoderConfig.from_preset(self.decoder, enc_dim) for s in self.stages}
+            options = {"ticks_per_frame": ticks_per_frame, **self.decoder_options}
+            cfgs = {s: DecoderConfig.from_preset(self.decoder, enc_dim, **options)
+                    for s in self.stages}
         elif isinstance(self.decoder, DecoderConfig):
             cfgs = {s: self.decoder for s in self.stages}
         else:
@@ -56,6 +62,9 @@ class SystemConfig:
             if c.max_frames < frames_per_segment:
                 raise ValueError(f"{stage} decoder max_frames {c.max_frames} < the encoder's "
                                  f"{frames_per_segment} frames per segment")
+            if c.time_aligned and c.ticks_per_frame * frames_per_second != vocab.TICKS_PER_SECOND:
+                raise ValueError(f"{stage} decoder ticks_per_frame {c.ticks_per_frame} does not "
+                                 f"fit the encoder's {frames_per_second:g} frames/s")
         return cfgs
 
 
@@ -71,7 +80,8 @@ class TranscriptionSystem(nn.Module):
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         self.decoder_configs = config.decoder_configs(
-            int(self.encoder.embed_dim), int(self.encoder.frames_per_segment))
+            int(self.encoder.embed_dim), int(self.encoder.frames_per_segment),
+            float(self.encoder.frames_per_second))
         ctx = torch.device(decoder_device) if decoder_device is not None else nullcontext()
         with ctx:
             self.decoders = nn.ModuleDict(
@@ -108,13 +118,13 @@ def _decoder_groups(decoder: nn.Module) -> dict[str, int]:
             key = "embeddings"
         elif name.startswith(("audio_proj.", "audio_pe_proj.")):
             key = "audio_in"
-        elif ".attn." in name or ".cross." in name:
+        elif ".attn." in name or ".cross." in name:  # look-ahead slopes included
             key = "attention"
         elif ".mlp1." in name or ".mlp2." in name:
             key = "mlp"
         elif "norm" in name:
             key = "norms"
-        elif name.startswith("head."):
+        elif name.startswith(("head.", "pointer.")):
             key = "head"
         else:  # a new parameter nobody classified: count it visibly rather than drop it
             key = "norms"

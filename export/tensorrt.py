@@ -78,7 +78,8 @@ CONSTANT_INPUTS = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "Pad": 3, "CumSum":
 # Which input carries the data whose type the table constrains (default: input 0).
 _DATA_INPUT = {"Where": 1, "ConstantOfShape": None}
 IO_TYPES = frozenset({"float32", "float16", "bfloat16", "int32", "int64", "bool", "uint8"})
-INT64_INPUTS = ("tokens", "positions")  # the only int64 graph inputs a model should have
+# the only int64 graph inputs a model should have
+INT64_INPUTS = ("tokens", "positions", "query_ticks")
 
 _NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
           onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64",
@@ -268,7 +269,7 @@ def _graph_problems(model: onnx.ModelProto, profile: Profile | None,
                 problems.append(f"graph {kind} {v.name}: unknown rank")
             if kind == "input" and dtype == "int64" and v.name not in int64_inputs:
                 problems.append(f"graph input {v.name} is int64; only {list(int64_inputs)} "
-                                f"should be (tokens and positions)")
+                                f"should be (tokens, positions, query_ticks)")
     if profile is not None:
         specs = [TensorSpec(v.name, "", tuple(
             d.dim_param if d.HasField("dim_param") else int(d.dim_value)
@@ -331,7 +332,8 @@ def write_trtexec_commands(model_dir: str | Path, profile: Profile | None = None
             [f"--optShapes={_trtexec_shapes(shapes, 1)}"],
             [f"--maxShapes={_trtexec_shapes(shapes, 2)}"]]))
         ranges = {"tokens": f"tokens:[0,{manifest.vocab['vocab_size'] - 1}]",
-                  "positions": f"positions:[0,{max_pos}]"}
+                  "positions": f"positions:[0,{max_pos}]",
+                  "query_ticks": f"query_ticks:[0,{manifest.vocab['segment_ticks']}]"}
         pcmd = [["polygraphy", "run", graph.file, "--onnxrt", "--trt",
                  "--fp16" if weak_fp16 else "--strongly-typed"],
                 ["--trt-min-shapes", *_polygraphy_shapes(shapes, 0)],

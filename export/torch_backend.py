@@ -34,11 +34,20 @@ class CachedSession:
 
     @torch.inference_mode()
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        tok = torch.from_numpy(check_chunk(tokens, mask, self.batch)[0]).to(self.device)
-        positions, key_mask = (torch.from_numpy(a).to(self.device)
-                               for a in self.rows.advance(np.asarray(mask)))
-        logits, self.past = self.decoder.step(tok, positions, key_mask, self.past, self.cross)
+        tokens, mask = check_chunk(tokens, mask, self.batch)
+        positions, key_mask = self.rows.advance(mask)
+        ticks = _query_ticks(self.decoder, self.rows, tokens, mask)
+        logits, self.past = self.decoder.step(
+            *(torch.from_numpy(a).to(self.device) for a in (tokens, positions, key_mask)),
+            self.past, self.cross,
+            None if ticks is None else torch.from_numpy(ticks).to(self.device))
         return logits.float().cpu().numpy()
+
+
+def _query_ticks(decoder: Decoder, rows: RowPositions, tokens: np.ndarray, mask: np.ndarray
+                 ) -> np.ndarray | None:
+    """The chunk's query ticks for a time-aligned decoder (the runtime's rule), else None."""
+    return rows.advance_ticks(tokens, mask) if decoder.cfg.time_aligned else None
 
 
 class UncachedSession:
@@ -51,17 +60,24 @@ class UncachedSession:
         self.device = embeddings.device
         self.tokens = torch.zeros(self.batch, 0, dtype=torch.int64, device=self.device)
         self.positions = torch.zeros(self.batch, 0, dtype=torch.int64, device=self.device)
+        self.ticks = torch.zeros(self.batch, 0, dtype=torch.int64, device=self.device)
         self.rows = RowPositions.empty(self.batch)
 
     @torch.inference_mode()
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        tok = torch.from_numpy(check_chunk(tokens, mask, self.batch)[0])
-        positions, key_mask = self.rows.advance(np.asarray(mask))
-        self.tokens = torch.cat([self.tokens, tok.to(self.device)], dim=1)
-        self.positions = torch.cat([self.positions, torch.from_numpy(positions).to(self.device)],
-                                   dim=1)
+        tokens, mask = check_chunk(tokens, mask, self.batch)
+        positions, key_mask = self.rows.advance(mask)
+        ticks = _query_ticks(self.decoder, self.rows, tokens, mask)
+
+        def grow(history: Tensor, chunk: np.ndarray) -> Tensor:
+            return torch.cat([history, torch.from_numpy(chunk).to(self.device)], dim=1)
+
+        self.tokens, self.positions = grow(self.tokens, tokens), grow(self.positions, positions)
+        if ticks is not None:
+            self.ticks = grow(self.ticks, ticks)
         logits = self.decoder(self.tokens, self.embeddings, positions=self.positions,
-                              key_mask=torch.from_numpy(key_mask).to(self.device))
+                              key_mask=torch.from_numpy(key_mask).to(self.device),
+                              query_ticks=self.ticks if ticks is not None else None)
         return logits[:, -1].float().cpu().numpy()
 
 

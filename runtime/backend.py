@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from . import vocab
+
 if TYPE_CHECKING:
     from .manifest import Manifest, StageSpec
 
@@ -71,14 +73,17 @@ class RowPositions:
 
     counts: int64 [B], real (unmasked) tokens fed so far per row.
     key_mask: bool [B, P], every position fed so far (False = padding).
+    ticks: int64 [B], each row's latest query tick (time-aligned decoders, vocab.query_ticks).
     """
 
     counts: np.ndarray
     key_mask: np.ndarray
+    ticks: np.ndarray
 
     @classmethod
     def empty(cls, batch: int) -> RowPositions:
-        return cls(np.zeros(batch, dtype=np.int64), np.zeros((batch, 0), dtype=bool))
+        return cls(np.zeros(batch, dtype=np.int64), np.zeros((batch, 0), dtype=bool),
+                   np.zeros(batch, dtype=np.int64))
 
     def advance(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Record a chunk's mask [B, n]; returns its positions [B, n] int64 and the key mask
@@ -95,10 +100,18 @@ class RowPositions:
         self.counts = self.counts + m.sum(axis=1)
         return positions, self.key_mask
 
+    def advance_ticks(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """A chunk's query ticks [B, n] int64 (the `query_ticks` input of a time-aligned step
+        graph); padding never moves a row's tick."""
+        ticks = vocab.query_ticks(tokens, mask, self.ticks)
+        self.ticks = ticks[:, -1].copy()
+        return ticks
+
     def select(self, rows: np.ndarray) -> None:
         """Keep only batch rows `rows` (StageSession.keep)."""
         self.counts = self.counts[rows]
         self.key_mask = self.key_mask[rows]
+        self.ticks = self.ticks[rows]
 
 
 class BackendUnavailable(ValueError):

@@ -2,8 +2,10 @@
 
 Masks are boolean arrays [B, vocab]; the decode loop sets disallowed logits to -inf before argmax.
 - onset stage: after a pitch (or at the start) a time >= the previous time, or eos; after a time,
-  a pitch, strictly above the previous pitch when the time is unchanged (no duplicate notes).
-  Onset times lie in 0..999 (tick 1000 is the segment's end).
+  a pitch, strictly above the previous pitch when the time is unchanged (no duplicate notes),
+  and not a key struck less than REPEAT_TICKS ago (a key cannot start again within 50 ms,
+  as Whisper's timestamp rules forbid impossible timings); a time is allowed only if some
+  pitch may follow it. Onset times lie in 0..999 (tick 1000 is the segment's end).
 - velocity stage: a velocity token.
 - offset stage: a time after the onset and no later than the next onset of the same key in the
   segment (a key cannot sound twice), or note_sustain when no later onset of that key exists.
@@ -18,6 +20,10 @@ from . import vocab as V
 _TICKS = np.arange(V.SEGMENT_TICKS + 1)  # 0..1000
 _PITCHES = np.arange(V.MIN_PITCH, V.MAX_PITCH + 1)
 _LAST_ONSET_TICK = V.SEGMENT_TICKS - 1
+# The shortest gap between two onsets of one key (docs/tokens.md): 5 ticks = 50 ms, the onset
+# tolerance, below which a second onset can only be a duplicate of the first.
+REPEAT_TICKS = 5
+_NEVER = -(10**6)  # "last onset" of a key not struck in this segment
 
 
 class OnsetGrammar:
@@ -29,25 +35,31 @@ class OnsetGrammar:
         self.last_pitch = np.full(batch, V.MIN_PITCH - 1)
         self.pending_tick = np.full(batch, -1)  # a time was emitted, its pitch is due
         self.n_notes = np.zeros(batch, dtype=np.int64)
+        self.key_tick = np.full((batch, V.NUM_PITCHES), _NEVER)  # each key's latest onset
         self.done = np.zeros(batch, dtype=bool)
 
     def mask(self) -> np.ndarray:
         batch = len(self.done)
         allowed = np.zeros((batch, V.VOCAB_SIZE), dtype=bool)
         want_pitch = self.pending_tick >= 0
-        # Time (or eos) next: times never go back; the same time again needs room for a
-        # higher pitch; no time at all once the note limit is reached.
+        # Time (or eos) next: times never go back; no time at all once the note limit is
+        # reached; a time needs a key that may start then: the same time again a free key
+        # above the previous pitch, a later time any key struck REPEAT_TICKS before it.
         room = (self.n_notes < self.max_notes)[:, None]
-        later = _TICKS[None, :] > self.last_tick[:, None]
-        top = (self.last_pitch < V.MAX_PITCH)[:, None]
-        same = (_TICKS[None, :] == self.last_tick[:, None]) & top
+        above = _PITCHES[None, :] > self.last_pitch[:, None]
+        free_above = np.where(above, self.key_tick, -_NEVER).min(axis=1)
+        same = ((_TICKS[None, :] == self.last_tick[:, None])
+                & (free_above <= self.last_tick - REPEAT_TICKS)[:, None])
+        later = ((_TICKS[None, :] > self.last_tick[:, None])
+                 & (_TICKS[None, :] >= self.key_tick.min(axis=1)[:, None] + REPEAT_TICKS))
         time_ok = room & (later | same) & (_TICKS <= _LAST_ONSET_TICK)[None, :]
         rows = ~want_pitch & ~self.done
         allowed[:, V.TIME_BASE:V.PITCH_BASE] = time_ok & rows[:, None]
         allowed[:, V.EOS] = rows
-        # Pitch next: above the previous pitch when the time did not move.
+        # Pitch next: above the previous pitch when the time did not move; a free key.
         floor = np.where(self.pending_tick == self.last_tick, self.last_pitch, V.MIN_PITCH - 1)
-        pitch_ok = _PITCHES[None, :] > floor[:, None]
+        pitch_ok = ((_PITCHES[None, :] > floor[:, None])
+                    & (self.key_tick <= self.pending_tick[:, None] - REPEAT_TICKS))
         allowed[:, V.PITCH_BASE:V.VELOCITY_BASE] = pitch_ok & (want_pitch & ~self.done)[:, None]
         # A finished row is fed padding; keep argmax well defined.
         allowed[self.done, V.PAD] = True
@@ -64,6 +76,8 @@ class OnsetGrammar:
         pitch = tokens - V.PITCH_BASE + V.MIN_PITCH
         self.last_tick = np.where(is_pitch, self.pending_tick, self.last_tick)
         self.last_pitch = np.where(is_pitch, pitch, self.last_pitch)
+        rows = np.flatnonzero(is_pitch)
+        self.key_tick[rows, pitch[rows] - V.MIN_PITCH] = self.pending_tick[rows]
         self.n_notes += is_pitch
         self.pending_tick = np.where(is_pitch, -1, self.pending_tick)
 

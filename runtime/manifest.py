@@ -29,7 +29,10 @@ FORMAT = "pianolm-model"
 # 4: optional `audio.input_peak`: the runtime scales each input file to this peak before
 #    cutting it into segments (an encoder whose velocity reads absolute level was trained so);
 #    optional `encoder.rolls.thresholds.velocity_curve` (runtime/rolls.py).
-FORMAT_VERSION = 4
+# 5: decoder options `cross_positions`, `look_ahead`, `time_head`, `ticks_per_frame`
+#    (docs/decoder.md; absent: the authors' layout). A time-aligned step graph also takes
+#    `query_ticks`; a pointer time head's cross-KV graph also gives `cross.pointer.key`.
+FORMAT_VERSION = 5
 MIN_FORMAT_VERSION = 3
 DECODERS = ("lm", "rolls")  # how notes are read: the stage decoders, or the encoder's rolls
 MANIFEST_FILE = "manifest.json"
@@ -60,6 +63,9 @@ def kv_names(prefix: str, n_layers: int) -> tuple[str, ...]:
     return tuple(f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value"))
 
 
+POINTER_KEY = "cross.pointer.key"  # a pointer time head's keys^T [batch, 1, head_dim, frames]
+
+
 def cache_length_axis(name: str) -> int:
     """Where a per-layer cache tensor keeps its length: axis 2 of [batch, heads, length,
     head_dim], axis 3 for a cross K, stored transposed [batch, heads, head_dim, frames]."""
@@ -68,28 +74,47 @@ def cache_length_axis(name: str) -> int:
 
 def cache_shape(name: str, batch: int, heads: int, head_dim: int, length: int
                 ) -> tuple[int, int, int, int]:
-    """The shape of per-layer cache tensor `name` (kv_names) holding `length` positions."""
+    """The shape of per-layer cache tensor `name` (kv_names, or POINTER_KEY: one head) holding
+    `length` positions."""
+    heads = 1 if name == POINTER_KEY else heads
     if cache_length_axis(name) == 3:
         return batch, heads, head_dim, length
     return batch, heads, length, head_dim
 
 
-def cross_kv_io(n_layers: int) -> IO:
+def cross_names(n_layers: int, pointer: bool = False) -> tuple[str, ...]:
+    """The cross-KV graph's outputs, which the step graph takes: per layer K^T and V, then a
+    pointer time head's keys."""
+    return (*kv_names("cross", n_layers), *((POINTER_KEY,) if pointer else ()))
+
+
+def step_inputs(time_aligned: bool = False) -> tuple[str, ...]:
+    """The step graph's host-side inputs, fed fresh every step (the caches follow them)."""
+    return ("tokens", "positions", "key_mask", *(("query_ticks",) if time_aligned else ()))
+
+
+def cross_kv_io(n_layers: int, pointer: bool = False) -> IO:
     """embeddings [batch, frames, E] -> per layer cross.{i}.key [batch, heads, head_dim, frames]
-    (transposed: q K^T reads it as it is) and cross.{i}.value [batch, heads, frames, head_dim]."""
-    return ("embeddings",), kv_names("cross", n_layers)
+    (transposed: q K^T reads it as it is) and cross.{i}.value [batch, heads, frames, head_dim];
+    with a pointer time head, cross.pointer.key [batch, 1, head_dim, frames]."""
+    return ("embeddings",), cross_names(n_layers, pointer)
 
 
-def step_io(n_layers: int) -> IO:
-    """tokens, positions [batch, chunk]; key_mask [batch, past_plus_chunk];
-    past_key_values.{i}.key/value [batch, heads, past, head_dim]; cross.{i}.key/value
-    -> logits [batch, vocab]; present.{i}.key/value [batch, heads, past_plus_chunk, head_dim]."""
-    return (("tokens", "positions", "key_mask", *kv_names("past_key_values", n_layers),
-             *kv_names("cross", n_layers)), ("logits", *kv_names("present", n_layers)))
+def step_io(n_layers: int, time_aligned: bool = False, pointer: bool = False) -> IO:
+    """tokens, positions [batch, chunk]; key_mask [batch, past_plus_chunk]; time-aligned:
+    query_ticks [batch, chunk]; past_key_values.{i}.key/value [batch, heads, past, head_dim];
+    the cross-KV graph's outputs -> logits [batch, vocab]; present.{i}.key/value [batch, heads,
+    past_plus_chunk, head_dim]."""
+    return ((*step_inputs(time_aligned), *kv_names("past_key_values", n_layers),
+             *cross_names(n_layers, pointer)), ("logits", *kv_names("present", n_layers)))
 
 _DECODER_INT_FIELDS = ("n_layers", "d_model", "n_heads", "enc_dim", "vocab_size", "max_seq_len",
                        "audio_pe_dim", "max_frames")
 _DECODER_FLOAT_FIELDS = ("rope_base", "norm_eps")
+# format 5, optional: name -> (allowed values, default: the authors' layout)
+_DECODER_OPTIONS: dict[str, tuple[tuple[Any, ...], Any]] = {
+    "cross_positions": (("token", "time"), "token"), "look_ahead": ((False, True), False),
+    "time_head": (("lm", "pointer"), "lm")}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -152,10 +177,27 @@ class DecoderSpec:
     max_frames: int  # frames per segment must not exceed this
     rope_base: float
     norm_eps: float
+    cross_positions: str = "token"  # "token" (the authors') | "time" (docs/decoder.md)
+    look_ahead: bool = False
+    time_head: str = "lm"  # "lm" | "pointer"
+    ticks_per_frame: int = 2  # 10 ms ticks per encoder frame
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def time_aligned(self) -> bool:
+        """The step graph takes `query_ticks` (backend.RowPositions.advance_ticks)."""
+        return self.cross_positions == "time"
+
+    @property
+    def pointer(self) -> bool:
+        return self.time_head == "pointer"
+
+    @property
+    def step_inputs(self) -> tuple[str, ...]:
+        return step_inputs(self.time_aligned)
 
     @property
     def past_names(self) -> tuple[str, ...]:
@@ -167,7 +209,7 @@ class DecoderSpec:
 
     @property
     def cross_names(self) -> tuple[str, ...]:
-        return kv_names("cross", self.n_layers)
+        return cross_names(self.n_layers, self.pointer)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -435,10 +477,22 @@ def _expect_shape(f: _Fields, graph: GraphSpec, where: str, fixed: dict[str, dic
 def _decoder(f: _Fields, raw: Any, where: str) -> DecoderSpec:
     if not isinstance(raw, dict):
         raise f.fail(where, f"must be an object, got {raw!r}")
-    f.only(raw, set(_DECODER_INT_FIELDS + _DECODER_FLOAT_FIELDS), where)
+    f.only(raw, {*_DECODER_INT_FIELDS, *_DECODER_FLOAT_FIELDS, *_DECODER_OPTIONS,
+                 "ticks_per_frame"}, where)
     ints = {k: f.positive(raw, k, where) for k in _DECODER_INT_FIELDS}
     floats = {k: float(f.get(raw, k, (int, float), where)) for k in _DECODER_FLOAT_FIELDS}
-    spec = DecoderSpec(**ints, **floats)
+    options = {}
+    for key, (allowed, default) in _DECODER_OPTIONS.items():
+        value = f.get(raw, key, type(default), where, optional=True)
+        if value is not None and value not in allowed:
+            raise f.fail(f"{where}.{key}", f"is {value!r}; known: {list(allowed)}")
+        options[key] = default if value is None else value
+    if "ticks_per_frame" in raw:
+        options["ticks_per_frame"] = f.positive(raw, "ticks_per_frame", where)
+    spec = DecoderSpec(**ints, **floats, **options)
+    if (spec.look_ahead or spec.pointer) and not spec.time_aligned:
+        raise f.fail(f"{where}.cross_positions", "must be 'time' for look_ahead or a pointer "
+                     "time_head")
     if spec.d_model % spec.n_heads:
         raise f.fail(f"{where}.d_model", f"{spec.d_model} is not a multiple of n_heads "
                      f"{spec.n_heads}")
@@ -449,7 +503,7 @@ def _decoder(f: _Fields, raw: Any, where: str) -> DecoderSpec:
 
 
 def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
-           frames: int) -> StageSpec:
+           frames: int, fps: float) -> StageSpec:
     if not isinstance(raw, dict):
         raise f.fail(where, f"must be an object, got {raw!r}")
     f.only(raw, {"name", "task_token", "decoder", "cross_kv", "step"}, where)
@@ -467,11 +521,15 @@ def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
     if dec.max_frames < frames:
         raise f.fail(f"{where}.decoder.max_frames", f"is {dec.max_frames} < the encoder's "
                      f"{frames} frames per segment")
+    if dec.time_aligned and abs(dec.ticks_per_frame * fps - vocab.TICKS_PER_SECOND) > 1e-6:
+        raise f.fail(f"{where}.decoder.ticks_per_frame", f"is {dec.ticks_per_frame}; the "
+                     f"encoder's {fps:g} frames/s need {vocab.TICKS_PER_SECOND / fps:g}")
     cross = _graph(f, f.get(raw, "cross_kv", dict, where), f"{where}.cross_kv",
-                   cross_kv_io(dec.n_layers), folder)
-    step = _graph(f, f.get(raw, "step", dict, where), f"{where}.step", step_io(dec.n_layers),
-                  folder)
-    fixed = {name: {1: dec.n_heads, 2 if cache_length_axis(name) == 3 else 3: dec.head_dim}
+                   cross_kv_io(dec.n_layers, dec.pointer), folder)
+    step = _graph(f, f.get(raw, "step", dict, where), f"{where}.step",
+                  step_io(dec.n_layers, dec.time_aligned, dec.pointer), folder)
+    fixed = {name: {1: 1 if name == POINTER_KEY else dec.n_heads,
+                    2 if cache_length_axis(name) == 3 else 3: dec.head_dim}
              for name in dec.past_names + dec.present_names + dec.cross_names}
     _expect_shape(f, cross, f"{where}.cross_kv", {"embeddings": {2: embed_dim}, **fixed})
     _expect_shape(f, step, f"{where}.step", {**fixed, "logits": {1: dec.vocab_size}})
@@ -587,7 +645,7 @@ def load_manifest(folder: str | Path) -> Manifest:
                           f.get(enc, "config", dict, "encoder"), enc_graph, rolls)
 
     stages_raw = f.get(raw, "stages", list, "")
-    stages = tuple(_stage(f, s, f"stages[{i}]", folder, embed_dim, frames)
+    stages = tuple(_stage(f, s, f"stages[{i}]", folder, embed_dim, frames, float(fps))
                    for i, s in enumerate(stages_raw))
     names = tuple(s.name for s in stages)
     if names not in STAGE_SETS:

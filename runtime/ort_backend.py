@@ -59,7 +59,7 @@ class KVCache:
     """One session's attention state, as step-graph inputs: host arrays for the CPU backend."""
 
     past: list[np.ndarray]  # per layer K, V [B, H, P, Dh] (decoder.past_names order)
-    cross: list[np.ndarray]  # per layer K^T [B, H, Dh, T], V [B, H, T, Dh]; fixed per segment
+    cross: list[np.ndarray]  # decoder.cross_names: per layer K^T, V (+ pointer keys); fixed
 
     @property
     def batch(self) -> int:
@@ -89,7 +89,10 @@ class OrtStageSession:
         if self.rows.counts.max(initial=0) > self.decoder.max_seq_len:
             raise ValueError(f"a row passed {self.decoder.max_seq_len} tokens, the longest "
                              f"sequence this model serves (decoder max_seq_len)")
-        logits = self._run(tokens, positions, key_mask)
+        feeds = {"tokens": tokens, "positions": positions, "key_mask": key_mask}
+        if self.decoder.time_aligned:
+            feeds["query_ticks"] = self.rows.advance_ticks(tokens, mask)
+        logits = self._run(feeds)
         return logits.astype(np.float32, copy=False)
 
     def keep(self, rows: np.ndarray) -> None:
@@ -99,13 +102,12 @@ class OrtStageSession:
         self.cache = self.cache.select(rows)
         self.batch = len(rows)
 
-    def _run(self, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray
-             ) -> np.ndarray:
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """feeds: the host inputs (DecoderSpec.step_inputs) -> logits; the cache moves on."""
         c, d = self.cache, self.decoder
         logits, *c.past = self.session.run(
             ["logits", *d.present_names],
-            {"tokens": tokens, "positions": positions, "key_mask": key_mask,
-             **dict(zip(d.past_names, c.past)), **dict(zip(d.cross_names, c.cross))})
+            {**feeds, **dict(zip(d.past_names, c.past)), **dict(zip(d.cross_names, c.cross))})
         return logits
 
 

@@ -65,11 +65,9 @@ class IoBindingStageSession(OrtStageSession):
         super().__init__(session, decoder, cache)
         self.binding = session.io_binding()
 
-    def _run(self, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray
-             ) -> np.ndarray:
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         c, b, d = self.cache, self.binding, self.decoder
-        for name, array in (("tokens", tokens), ("positions", positions),
-                            ("key_mask", key_mask)):
+        for name, array in feeds.items():
             b.bind_cpu_input(name, np.ascontiguousarray(array))  # copied up by ORT
         for name, value in zip(d.past_names + d.cross_names, c.past + c.cross):
             b.bind_ortvalue_input(name, value)

@@ -119,8 +119,9 @@ def kv_shape(decoder: DecoderSpec, batch: int, length: int) -> Shape:
 def step_shapes(decoder: DecoderSpec, batch: int, chunk: int, past: int, frames: int
                 ) -> dict[str, Shape]:
     """The step graph's input shapes for a chunk of `chunk` tokens after `past` positions."""
-    return {"tokens": (batch, chunk), "positions": (batch, chunk),
-            "key_mask": (batch, past + chunk),
+    host = {"tokens": (batch, chunk), "positions": (batch, chunk),
+            "key_mask": (batch, past + chunk), "query_ticks": (batch, chunk)}
+    return {**{name: host[name] for name in decoder.step_inputs},
             **{name: cache_shape(name, batch, decoder.n_heads, decoder.head_dim, length)
                for names, length in ((decoder.past_names, past), (decoder.cross_names, frames))
                for name in names}}
@@ -373,15 +374,20 @@ class TrtKVCache:
         self.length = 0  # P: positions in the cache
         self.current = 0  # which buffer of each pair holds the past
         cuda = engine.cuda
-        self.cross = [DeviceBuffer(cuda, nbytes(kv_shape(decoder, batch, frames), dtype))
-                      for _ in decoder.cross_names]
+        self.cross = [DeviceBuffer(cuda, nbytes(self._cross_shape(name, batch), dtype))
+                      for name in decoder.cross_names]
         size = nbytes(kv_shape(decoder, batch, self.capacity), dtype)
         self.pairs = [[DeviceBuffer(cuda, size), DeviceBuffer(cuda, size)]
                       for _ in decoder.past_names]
         chunk = engine.ranges["tokens"].high[1]
+        host = step_shapes(decoder, batch, chunk, self.capacity - chunk, frames)
         self.io = {name: DeviceBuffer(cuda, nbytes(shape, engine.dtypes[name])) for name, shape in (
-            ("tokens", (batch, chunk)), ("positions", (batch, chunk)),
-            ("key_mask", (batch, self.capacity)), ("logits", (batch, decoder.vocab_size)))}
+            *((name, host[name]) for name in decoder.step_inputs),
+            ("logits", (batch, decoder.vocab_size)))}
+
+    def _cross_shape(self, name: str, batch: int) -> Shape:
+        d = self.decoder
+        return cache_shape(name, batch, d.n_heads, d.head_dim, self.frames)
 
     def buffers(self) -> dict[str, DeviceBuffer]:
         """The step engine's K/V tensors: past from the current pair member, present into the
@@ -401,15 +407,15 @@ class TrtKVCache:
         d, e, cuda = self.decoder, self.engine, self.engine.cuda
         row = d.n_heads * d.head_dim * np.dtype(self.dtype).itemsize
         kv = select_copies(rows, self.batch, 1, row * self.length)
-        cross = select_copies(rows, self.batch, 1, row * self.frames)
-        size = nbytes(kv_shape(d, len(rows), self.frames), self.dtype)
-        new_cross = [DeviceBuffer(cuda, size) for _ in self.cross]
+        new_cross = [DeviceBuffer(cuda, nbytes(self._cross_shape(name, len(rows)), self.dtype))
+                     for name in d.cross_names]
         with e.active():
             nxt = 1 - self.current
             for pair in self.pairs:
                 cuda.gather(kv, pair[self.current], pair[nxt], e.stream)
-            for old, new in zip(self.cross, new_cross):
-                cuda.gather(cross, old, new, e.stream)
+            for name, old, new in zip(d.cross_names, self.cross, new_cross):
+                per_row = nbytes(self._cross_shape(name, 1), self.dtype)
+                cuda.gather(select_copies(rows, self.batch, 1, per_row), old, new, e.stream)
             e.sync()
         self.current, self.cross, self.batch = nxt, new_cross, len(rows)
         return self
@@ -421,16 +427,14 @@ class TensorRTStageSession(OrtStageSession):
     cache: TrtKVCache
     session: Engine
 
-    def _run(self, tokens: np.ndarray, positions: np.ndarray, key_mask: np.ndarray
-             ) -> np.ndarray:
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         c, e, cuda = self.cache, self.session, self.session.cuda
-        batch, chunk = tokens.shape
+        batch, chunk = feeds["tokens"].shape
         shapes = step_shapes(self.decoder, batch, chunk, c.length, c.frames)
         check_shapes(e.name, shapes, e.ranges)  # before anything is written to the device
         logits = np.empty((batch, self.decoder.vocab_size), dtype=np.float32)
         with e.active():
-            for name, array in (("tokens", tokens), ("positions", positions),
-                                ("key_mask", key_mask)):
+            for name, array in feeds.items():
                 cuda.upload(c.io[name], array.astype(e.dtypes[name], copy=False), e.stream)
             e.set_shapes(shapes)
             e.execute({**c.io, **c.buffers()})

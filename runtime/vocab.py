@@ -64,6 +64,29 @@ def token_velocity(token: int) -> int:
     return token - VELOCITY_BASE
 
 
+def query_ticks(tokens: np.ndarray, mask: np.ndarray | None = None,
+                start: np.ndarray | None = None) -> np.ndarray:
+    """The tick each position's cross-attention query sits at in a time-aligned decoder
+    (docs/decoder.md): the tick of the latest time token at or before it; 0 at a note_sustain
+    (a note that began before the segment); where neither came yet, the row's tick before the
+    chunk (`start` [B], default 0). One rule for every stage: the velocity and offset stages'
+    `on pitch` chunks put a note's queries at its onset.
+
+    tokens int64 [B, n] -> int64 [B, n]. mask [B, n]: False positions are padding and move
+    nothing.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    batch, n = tokens.shape
+    tick = np.where((tokens >= TIME_BASE) & (tokens < PITCH_BASE), tokens - TIME_BASE,
+                    np.where(tokens == NOTE_SUSTAIN, 0, -1))
+    if mask is not None:
+        tick = np.where(mask, tick, -1)
+    latest = np.maximum.accumulate(np.where(tick >= 0, np.arange(n), -1), axis=1)
+    found = np.take_along_axis(tick, np.maximum(latest, 0), axis=1)
+    before = np.zeros(batch, np.int64) if start is None else np.asarray(start, np.int64)
+    return np.where(latest >= 0, found, before[:, None])
+
+
 def describe(token: int) -> str:
     """Human-readable name of a token, for debugging and error messages."""
     names = {PAD: "pad", SOS: "sos", EOS: "eos", TASK_ONSET: "task=onset",

@@ -117,3 +117,32 @@ def test_decoded_segments_stitch_into_valid_notes():
     assert len(notes) == n_own
     assert all(0 <= n.onset < n.offset <= 40.0 and 21 <= n.pitch <= 108 for n in notes)
     assert any(n.offset - n.onset > 10.0 for n in notes)  # carried through 2+ segments
+
+
+def test_a_key_never_starts_again_within_repeat_ticks():
+    """The onset grammar's re-strike rule (docs/tokens.md): key 60 may start again only
+    REPEAT_TICKS after its last onset, and a time is offered only when some key may start at
+    it (no dead end: the same tick again needs a free key above the previous pitch)."""
+    from pianolm.runtime.grammar import REPEAT_TICKS, OnsetGrammar
+
+    g = OnsetGrammar(batch=1, max_notes=100)
+    last60 = None
+    for tick in range(0, 3 * REPEAT_TICKS):
+        assert g.mask()[0, V.time_token(tick)]
+        g.update(np.array([V.time_token(tick)]))
+        pitches = g.mask()[0, V.PITCH_BASE:V.VELOCITY_BASE]
+        free = last60 is None or tick - last60 >= REPEAT_TICKS
+        assert pitches[60 - V.MIN_PITCH] == free, tick
+        key = 60 if free else 61 + tick  # another key when 60 is not free
+        if free:
+            last60 = tick
+        g.update(np.array([V.pitch_token(key)]))
+    assert last60 == 2 * REPEAT_TICKS
+
+    g = OnsetGrammar(batch=1, max_notes=100)
+    for tick, key in ((20, 108), (22, 107)):
+        g.update(np.array([V.time_token(tick)]))
+        g.update(np.array([V.pitch_token(key)]))
+    times = g.mask()[0, V.TIME_BASE:V.PITCH_BASE]
+    assert not times[22]  # the only key above 107 was struck 2 ticks ago
+    assert times[23] and not times[:22].any()

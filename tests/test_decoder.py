@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pianolm.export.decoder import PRESETS, Decoder, DecoderConfig, self_attention_mask, sharpen
+from pianolm.export.decoder import (  # noqa: E402
+    PRESETS,
+    CrossCache,
+    Decoder,
+    DecoderConfig,
+    self_attention_mask,
+    sharpen,
+)
 from pianolm.runtime import vocab
 
 ENCODER_SHAPES = {"crnn": (1536, 1001), "hppnet": (352, 501)}  # embed_dim, frames / segment
@@ -187,9 +194,10 @@ def test_rope_positions_are_per_row(dec, emb):
         both, _ = dec.step(tokens, pos, km, past, cross)
         for r in range(2):
             one, _ = dec.step(tokens[r:r + 1], pos[r:r + 1], km[r:r + 1], _rows(past, r),
-                              _rows(cross, r))
+                              CrossCache(_rows(cross.layers, r)))
             torch.testing.assert_close(both[r], one[0], atol=1e-5, rtol=0)
-        shifted, _ = dec.step(tokens[1:], pos[:1], km[1:], _rows(past, 1), _rows(cross, 1))
+        shifted, _ = dec.step(tokens[1:], pos[:1], km[1:], _rows(past, 1),
+                              CrossCache(_rows(cross.layers, 1)))
     assert (shifted[0] - both[1]).abs().max() > 1e-2
 
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pianolm.export.decoder import PRESETS, Decoder, DecoderConfig
+from pianolm.export.decoder import CROSS_POSITIONS, PRESETS, TIME_HEADS, Decoder, DecoderConfig
 from pianolm.export.torch_backend import CachedSession
 from pianolm.runtime import vocab as V
 from pianolm.runtime.decode import (
@@ -57,6 +57,7 @@ from pianolm.runtime.decode import (
     decode_onsets,
     decode_velocities,
 )
+from pianolm.runtime.grammar import REPEAT_TICKS
 from pianolm.runtime.notes import Note
 from pianolm.runtime.tokens import (
     ALL_STAGES,
@@ -127,6 +128,11 @@ class LMTrainConfig:
     # frames (align_time_embeddings), so aligning tokens with frames is one shared smooth map
     # to learn rather than 1001 separate embeddings.
     align_time_init: bool = True
+    # Cross-attention alignment (DecoderConfig; docs/decoder.md): the authors' "token"
+    # positions, or "time" with the look-ahead prior and/or the pointer time head.
+    cross_positions: str = "token"
+    look_ahead: bool = False
+    time_head: str = "lm"
 
     def __post_init__(self) -> None:
         if self.stage not in ALL_STAGES:
@@ -138,8 +144,9 @@ class LMTrainConfig:
 
 
 def clean_ticknotes(notes: Sequence[TickNote]) -> list[TickNote]:
-    """Make notes obey the decode grammar: one note per (key, onset tick) (the loudest, then
-    longest), and a note ends no later than the next onset of its key."""
+    """Make notes obey the decode grammar: onsets of one key at least REPEAT_TICKS apart (of
+    those closer, the first; at one tick the loudest, then longest), and a note ends no later
+    than the next onset of its key."""
     by_key: dict[int, list[TickNote]] = {}
     for n in notes:
         by_key.setdefault(n.pitch, []).append(n)
@@ -148,7 +155,7 @@ def clean_ticknotes(notes: Sequence[TickNote]) -> list[TickNote]:
         key_notes.sort(key=lambda n: (n.onset_tick, -n.velocity, -n.offset_tick))
         kept: list[TickNote] = []
         for n in key_notes:
-            if kept and kept[-1].onset_tick == n.onset_tick:
+            if kept and n.onset_tick - kept[-1].onset_tick < REPEAT_TICKS:
                 continue
             kept.append(n)
         for a, b in zip(kept, kept[1:]):
@@ -223,12 +230,22 @@ class EmbeddingStore:
         return np.asarray(self._open[key][row], dtype=np.float32)
 
 
-def collate(examples: Sequence[Example], store: EmbeddingStore
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(inputs [B, L-1], targets [B, L-1], loss mask [B, L-1], embeddings [B, T, E]).
+@dataclass
+class TrainBatch:
+    """Teacher-forced inputs [B, L-1], targets [B, L-1], loss mask [B, L-1], embeddings
+    [B, T, E], and the inputs' query ticks [B, L-1] (vocab.query_ticks: what the runtime feeds
+    a time-aligned decoder)."""
 
-    Right padding with pad tokens, masked out of the loss; a causal decoder never lets padding
-    influence the real positions before it."""
+    inputs: Tensor
+    targets: Tensor
+    mask: Tensor
+    emb: Tensor
+    query_ticks: Tensor
+
+
+def collate(examples: Sequence[Example], store: EmbeddingStore) -> TrainBatch:
+    """Right padding with pad tokens, masked out of the loss; a causal decoder never lets
+    padding influence the real positions before it."""
     length = max(len(e.tokens) for e in examples)
     tokens = np.full((len(examples), length), V.PAD, np.int64)
     mask = np.zeros((len(examples), length), bool)
@@ -237,17 +254,17 @@ def collate(examples: Sequence[Example], store: EmbeddingStore
         mask[b, : len(e.tokens)] = e.predicted
     emb = np.stack([store.get(e.item, e.shift, e.row) for e in examples])
     t = torch.from_numpy(tokens)
-    return t[:, :-1], t[:, 1:], torch.from_numpy(mask[:, 1:]), torch.from_numpy(emb)
+    return TrainBatch(t[:, :-1], t[:, 1:], torch.from_numpy(mask[:, 1:]), torch.from_numpy(emb),
+                      torch.from_numpy(V.query_ticks(tokens[:, :-1])))
 
 
-def lm_loss(decoder: Decoder, inputs: Tensor, targets: Tensor, mask: Tensor, emb: Tensor
-            ) -> tuple[Tensor, Tensor]:
+def lm_loss(decoder: Decoder, batch: TrainBatch) -> tuple[Tensor, Tensor]:
     """(mean cross-entropy over predicted positions, number of correct argmax predictions)."""
-    logits = decoder(inputs, emb)
-    if not bool(mask.any()):  # nothing predicted: a zero loss that still has a graph
+    logits = decoder(batch.inputs, batch.emb, query_ticks=batch.query_ticks)
+    if not bool(batch.mask.any()):  # nothing predicted: a zero loss that still has a graph
         return logits.sum() * 0.0, torch.zeros((), dtype=torch.int64)
-    sel = logits[mask]
-    tgt = targets[mask]
+    sel = logits[batch.mask]
+    tgt = batch.targets[batch.mask]
     return F.cross_entropy(sel.float(), tgt), (sel.argmax(-1) == tgt).sum()
 
 
@@ -391,9 +408,9 @@ def validation_loss(decoder: Decoder, examples: Sequence[Example], store: Embedd
     decoder.eval()
     total, correct, count = 0.0, 0, 0
     for i in range(0, len(examples), batch):
-        inputs, targets, mask, emb = collate(examples[i:i + batch], store)
-        loss, right = lm_loss(decoder, inputs, targets, mask, emb)
-        n = int(mask.sum())
+        chunk = collate(examples[i:i + batch], store)
+        loss, right = lm_loss(decoder, chunk)
+        n = int(chunk.mask.sum())
         total, correct, count = total + float(loss) * n, correct + int(right), count + n
     decoder.train(was_training)
     return {"val_loss": total / max(count, 1), "val_token_acc": correct / max(count, 1)}
@@ -451,6 +468,20 @@ def load_decoder(folder: str | os.PathLike, best: bool = True
     return decoder.eval(), meta
 
 
+ALIGNMENT_FIELDS = ("cross_positions", "look_ahead", "time_head")
+
+
+def load_init_decoder(decoder: Decoder, run: str, wanted: str) -> None:
+    """Copy another run's best weights into `decoder` (--init): any stage, same sizes. The
+    alignment options may differ (e.g. a time-aligned run from the authors' layout): the
+    parameters only one side has (look-ahead slopes, the pointer head) keep their init."""
+    init, _ = load_decoder(run)
+    if replace(init.cfg, **{k: getattr(decoder.cfg, k) for k in ALIGNMENT_FIELDS}) != decoder.cfg:
+        raise ValueError(f"--init {run}: a decoder of another size or embedding width, not "
+                         f"{wanted}")
+    decoder.load_state_dict(init.state_dict(), strict=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 
@@ -481,8 +512,11 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
 
     index = load_embeddings_index(cfg.embeddings_dir)
-    dcfg = DecoderConfig.from_preset(cfg.preset, int(index["embed_dim"]),
-                                     max_frames=max(1024, int(index["frames_per_segment"])))
+    dcfg = DecoderConfig.from_preset(
+        cfg.preset, int(index["embed_dim"]),
+        max_frames=max(1024, int(index["frames_per_segment"])),
+        ticks_per_frame=round(V.TICKS_PER_SECOND / float(index["frames_per_second"])),
+        cross_positions=cfg.cross_positions, look_ahead=cfg.look_ahead, time_head=cfg.time_head)
     train_items = load_items(cfg.embeddings_dir, cfg.train_split, index)
     val_items = load_items(cfg.embeddings_dir, cfg.val_split, index)
     train_ex, skipped = build_examples(train_items, cfg.stage, cfg.shifts, dcfg.max_seq_len)
@@ -507,11 +541,8 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     step, best_loss = 0, float("inf")
     last_val: dict[str, float] = {}
     if saved is None and cfg.init_from:
-        init, _ = load_decoder(cfg.init_from)
-        if init.cfg != dcfg:  # any stage: the vocabulary and graph are the same
-            raise ValueError(f"--init {cfg.init_from}: a decoder of another size or embedding "
-                             f"width, not a {cfg.preset} one for {cfg.embeddings_dir}")
-        decoder.load_state_dict(init.state_dict())
+        load_init_decoder(decoder, cfg.init_from, f"a {cfg.preset} one for "
+                          f"{cfg.embeddings_dir}")
     if saved is not None:
         decoder.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -567,10 +598,10 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
             lr_now = lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
             set_lr(optimizer, lr_now)
             batch_ex = [train_ex[i] for i in sampler.take(cfg.batch)]
-            inputs, targets, mask, emb = collate(batch_ex, train_store)
+            data = collate(batch_ex, train_store)
             if cfg.emb_dropout:
-                emb = F.dropout(emb, cfg.emb_dropout, training=True)
-            loss, correct = lm_loss(decoder, inputs, targets, mask, emb)
+                data.emb = F.dropout(data.emb, cfg.emb_dropout, training=True)
+            loss, correct = lm_loss(decoder, data)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(decoder.parameters(),
@@ -579,8 +610,8 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
             step += 1
             n_timed += 1
             last_loss = float(loss.detach())
-            n_pred = int(mask.sum())
-            tokens_seen += inputs.numel()
+            n_pred = int(data.mask.sum())
+            tokens_seen += data.inputs.numel()
             sums["loss"] = sums.get("loss", 0.0) + last_loss
             sums["token_acc"] = sums.get("token_acc", 0.0) + int(correct) / max(n_pred, 1)
             if step % cfg.log_every == 0 or step == stop_at:
@@ -676,6 +707,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shifts", type=float, nargs="+", help="grid shifts to train on (all)")
     p.add_argument("--no-align-time-init", dest="align_time_init", action="store_false",
                    help="random time-token embeddings (see align_time_embeddings)")
+    p.add_argument("--cross-positions", choices=list(CROSS_POSITIONS),
+                   help="cross-attention positions: the authors' 'token' (default) or 'time' "
+                        "(docs/decoder.md)")
+    p.add_argument("--look-ahead", action="store_true",
+                   help="time only: the look-ahead prior in every cross-attention layer")
+    p.add_argument("--time-head", choices=list(TIME_HEADS),
+                   help="time only: 'pointer' scores time tokens against the frames")
     p.add_argument("--init", dest="init_from", metavar="RUN",
                    help="start from another run's best weights (same preset and embedding "
                         "width; any stage)")
