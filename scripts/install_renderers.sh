@@ -27,7 +27,7 @@ log() { printf '[install_renderers] %s\n' "$*"; }
 
 # --- apt ------------------------------------------------------------------------------
 if [[ "${PIANOLM_SKIP_APT:-0}" != 1 ]]; then
-  apt_pkgs=(fluidsynth fluid-soundfont-gm timgm6mb-soundfont timidity freepats)
+  apt_pkgs=(fluidsynth fluid-soundfont-gm timgm6mb-soundfont timidity freepats csound-soundfont)
   missing=()
   for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

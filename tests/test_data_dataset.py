@@ -82,3 +82,14 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "o" / "train" / "train-000000.flac").is_file()
     assert D.main_render(["--out", str(tmp_path / "x"), "--instruments", "harpsichord",
                           "--pieces", "1"]) == 2
+
+
+def test_held_out_pianos_stay_out_of_default_renders():
+    """csound-gm is for validation only: a default render never uses it, naming it works."""
+    from pianolm.export.data.render import INSTRUMENTS
+
+    everything = dict.fromkeys(INSTRUMENTS)  # as if every renderer were installed
+    chosen = D.default_instruments(everything)
+    assert "csound-gm" not in chosen and INSTRUMENTS["csound-gm"].held_out
+    assert set(chosen) == {k for k, s in INSTRUMENTS.items() if not s.held_out}
+    assert "salamander" not in D.default_instruments({**everything, "salamander": "missing"})

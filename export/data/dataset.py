@@ -40,7 +40,7 @@ from .augment import AugmentConfig, augment
 from .common import Pedal, Piece, merge_pedal
 from .corpus import corpus_clip, music21_available
 from .generate import generate_piece
-from .render import SAMPLE_RATE, available_instruments, render
+from .render import INSTRUMENTS, SAMPLE_RATE, available_instruments, render
 
 FORMAT = "pianolm-rendered"
 VERSION = 1
@@ -157,6 +157,11 @@ def _render_star(args: tuple) -> dict:
     return render_item(*args)
 
 
+def default_instruments(avail: dict[str, str | None]) -> list[str]:
+    """The instruments a render uses unless told: every available one not held out."""
+    return [k for k, v in avail.items() if v is None and not INSTRUMENTS[k].held_out]
+
+
 def render_dataset(out_dir: str | os.PathLike, n_pieces: int, seconds: float = 20.0,
                    seed: int = 0, instruments: Sequence[str] | None = None,
                    workers: int | None = None, val_fraction: float = 0.05,
@@ -165,13 +170,13 @@ def render_dataset(out_dir: str | os.PathLike, n_pieces: int, seconds: float = 2
                    progress: bool = False) -> dict:
     """Render `n_pieces` clips of `seconds` each into `out_dir`; returns the index.
 
-    instruments: names from render.INSTRUMENTS (default: every one that renders here; an
-    unavailable one named explicitly is an error). workers: processes (default: CPU count;
-    1 renders in this process).
+    instruments: names from render.INSTRUMENTS (default: every one that renders here but
+    those held out for validation; an unavailable one named explicitly is an error).
+    workers: processes (default: CPU count; 1 renders in this process).
     """
     avail = available_instruments()
     if instruments is None:
-        instruments = [k for k, v in avail.items() if v is None]
+        instruments = default_instruments(avail)
         if not instruments:
             raise RuntimeError("no renderer is available: run scripts/install_renderers.sh")
     else:
@@ -253,8 +258,9 @@ def main_render(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each clip")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--instruments", nargs="+", default=None, metavar="NAME",
-                    help="default: every available one; known: " + ", ".join(
-                        f"{k}{'' if v is None else ' (unavailable)'}" for k, v in avail.items()))
+                    help="default: every available one not held out; known: " + ", ".join(
+                        f"{k}{' (held out)' if INSTRUMENTS[k].held_out else ''}"
+                        f"{'' if v is None else ' (unavailable)'}" for k, v in avail.items()))
     ap.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--corpus-fraction", type=float, default=0.5,

@@ -10,6 +10,8 @@ Instruments (installed by scripts/install_renderers.sh):
   freepats        timidity + freepats (Acoustic Grand Piano patch)
   salamander      Salamander Grand Piano V3 recordings (npm @audio-samples/piano-velocityN),
                   played by the NumPy sampler below
+  csound-gm       csound's GM bank (sf_GMbank.sf2) preset 0, HELD OUT: never in a default
+                  render, so validation can hear a piano no model trained on
 
 Labels are the notes as given (offsets as played). The pedal reaches the sound: the MIDI
 file handed to fluidsynth/timidity carries CC64; tinysoundfont (no CC64 support) and the
@@ -62,6 +64,7 @@ class InstrumentSpec:
     description: str
     soundfont: str = ""  # file name for kind "sf2"
     program: int = 0
+    held_out: bool = False  # validation only: renders ask for it by name
 
 
 INSTRUMENTS: dict[str, InstrumentSpec] = {s.name: s for s in (
@@ -72,6 +75,8 @@ INSTRUMENTS: dict[str, InstrumentSpec] = {s.name: s for s in (
     InstrumentSpec("timgm6mb", "sf2", "TimGM6mb preset 0", "TimGM6mb.sf2", 0),
     InstrumentSpec("freepats", "timidity", "timidity + freepats Acoustic Grand Piano"),
     InstrumentSpec("salamander", "sampler", "Salamander Grand Piano V3 samples (NumPy sampler)"),
+    InstrumentSpec("csound-gm", "sf2", "csound GM bank preset 0 (held out of training)",
+                   "sf_GMbank.sf2", 0, held_out=True),
 )}
 
 
