@@ -46,7 +46,7 @@ __all__ = [
     "SAMPLE_RATE", "SEGMENT_SAMPLES", "AudioError", "AudioInfo", "load_audio", "prepare_audio",
     "probe_audio", "stream_segments", "segments_from_array", "batch_segments",
     "num_segments", "resampled_length", "segment_audio", "iter_segment_batches",
-    "normalise_peak", "file_peak",
+    "normalise_peak", "file_peak", "tail_start", "transcription_segments",
 ]
 
 
@@ -210,6 +210,61 @@ def _segments_from_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         yield buf
 
 
+def tail_start(n_samples: int, align: int) -> int | None:
+    """Where the last segment of an n-sample input starts for transcription, or None when no
+    segment needs moving (a whole number of segments, or a single segment).
+
+    A segment that is mostly zero padding decodes badly (issue 16: the first second of a dev
+    clip alone gave 5 of its 10 notes). So the last partial segment is moved back to end at the
+    audio's end, overlapping the segment before it; the overlap is merged once by the decoders
+    (rolls.join_segments, decode.to_notes). Its start is rounded up to `align` samples (one
+    encoder frame, a whole number of 10 ms ticks) so its frames line up with the others'; at
+    most align - 1 samples of padding remain.
+    """
+    n, a = int(n_samples), int(align)
+    if n <= SEGMENT_SAMPLES or n % SEGMENT_SAMPLES == 0:
+        return None
+    return -(-(n - SEGMENT_SAMPLES) // a) * a
+
+
+def _tiled(head: np.ndarray) -> np.ndarray:
+    """A short input's only segment: the audio repeated to fill 10 s, instead of zeros
+    (there is no other real audio to fill it with; notes past the end are dropped later)."""
+    reps = -(-SEGMENT_SAMPLES // max(len(head), 1))
+    return np.tile(head, reps)[:SEGMENT_SAMPLES].astype(np.float32, copy=True)
+
+
+def transcription_segments(chunks: Iterable[np.ndarray], align: int) -> Iterator[np.ndarray]:
+    """Cut 16 kHz chunks into the segments `pianolm transcribe` decodes: segment i covers
+    [10 i, 10 (i + 1)) s, except that the last partial one starts at tail_start (overlapping
+    the one before) and a single short input is tiled. As many segments as segment_audio
+    (num_segments), one or two held at a time."""
+    prev: np.ndarray | None = None  # the last full segment: the tail's overlap comes from it
+    buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
+    fill = full = 0
+    for chunk in chunks:
+        pos, n = 0, chunk.shape[0]
+        while pos < n:
+            take = min(n - pos, SEGMENT_SAMPLES - fill)
+            buf[fill:fill + take] = chunk[pos:pos + take]
+            fill += take
+            pos += take
+            if fill == SEGMENT_SAMPLES:
+                yield buf
+                prev, full, fill = buf, full + 1, 0
+                buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
+    if prev is None:
+        yield _tiled(buf[:fill])
+    elif fill:
+        start = tail_start(full * SEGMENT_SAMPLES + fill, align)
+        assert start is not None
+        overlap = prev[start - (full - 1) * SEGMENT_SAMPLES:]
+        last = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
+        last[:len(overlap)] = overlap
+        last[len(overlap):len(overlap) + fill] = buf[:fill]
+        yield last
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -286,7 +341,8 @@ def file_peak(path: str | os.PathLike) -> float:
 
 
 def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
-                    peak: float | None = None) -> Iterator[np.ndarray]:
+                    peak: float | None = None, align: int | None = None
+                    ) -> Iterator[np.ndarray]:
     """Yield the file's 10 s segments (fresh float32 [160000], mono 16 kHz) in order.
 
     Exactly the rows of segment_audio(load_audio(path)) (the last one zero-padded, at least
@@ -297,6 +353,8 @@ def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
 
     peak: scale the audio to this peak first, exactly as normalise_peak(load_audio(path),
     peak) (one more pass over the file to find its peak).
+    align: cut as transcription_segments(..., align) does instead (the last partial segment
+    end-aligned, a short file tiled) rather than zero-padding the last segment.
     """
     if (isinstance(block_seconds, bool) or not isinstance(block_seconds, (int, float))
             or not math.isfinite(block_seconds) or block_seconds <= 0):
@@ -308,7 +366,8 @@ def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
     if top > 0:
         gain = np.float32(peak / top)
         chunks = (c * gain for c in chunks)
-    return _segments_from_chunks(chunks)
+    return _segments_from_chunks(chunks) if align is None else transcription_segments(chunks,
+                                                                                        align)
 
 
 # ----------------------------------------------------------------------------- arrays
