@@ -16,6 +16,7 @@ stitched and returned as soon as its last segment is decoded, in input order.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,10 +28,12 @@ import numpy as np
 from .audio import (
     SAMPLE_RATE,
     normalise_peak,
+    num_segments,
     prepare_audio,
     probe_audio,
-    segment_audio,
     stream_segments,
+    tail_start,
+    transcription_segments,
 )
 from .backend import Backend
 from .decode import (
@@ -46,7 +49,7 @@ from .manifest import DECODERS, Manifest, ManifestError, RollsSpec
 from .midi import write_midi, write_notes_json, write_notes_tsv
 from .notes import Note
 from .report import Report, TimedBackend, Timings
-from .rolls import ROLL_KEYS, decode_rolls, join_segments
+from .rolls import ROLL_KEYS, RollStream, kept_frames
 
 Source = str | os.PathLike | tuple[np.ndarray, int]
 BACKENDS = ("cpu", "cuda", "tensorrt")
@@ -106,9 +109,26 @@ class _Input:
     name: str
     num_segments: int
     duration_s: float
+    n_samples: int  # at 16 kHz
+    last_start: int | None  # audio.tail_start: the end-aligned last segment's first sample
     segments: list[SegmentTokens] = field(default_factory=list)
     carry: list[OpenNote] = field(default_factory=list)
-    rolls: list[dict[str, np.ndarray]] = field(default_factory=list)  # decoder="rolls"
+    rolls: RollStream | None = None  # decoder="rolls": peak picking so far (carried state)
+    rolled: int = 0  # segments pushed into `rolls`
+
+    def is_tail(self, index: int) -> bool:
+        """Segment `index` is the end-aligned last one (decoded on its own, merged after)."""
+        return self.last_start is not None and index == self.num_segments - 1
+
+
+def segment_align(backend: Backend) -> int:
+    """Samples the end-aligned last segment's start is rounded to: a whole number of encoder
+    frames and of 10 ms ticks, so its rolls and tokens line up with the other segments'."""
+    manifest: Manifest | None = getattr(backend, "manifest", None)
+    fps = (manifest.encoder.frames_per_second if manifest
+           else getattr(backend, "frames_per_second", None))
+    tick = SAMPLE_RATE // 100
+    return tick if not fps else math.lcm(tick, round(SAMPLE_RATE / fps))
 
 
 def input_peak_of(backend: Backend) -> float | None:
@@ -118,16 +138,20 @@ def input_peak_of(backend: Backend) -> float | None:
     return manifest.input_peak if manifest else getattr(backend, "input_peak", None)
 
 
-def _open_source(source: Source, peak: float | None) -> tuple[_Input, Iterator[np.ndarray]]:
-    """peak: the manifest's input_peak (each input scaled to it), or None."""
+def _open_source(source: Source, peak: float | None, align: int
+                 ) -> tuple[_Input, Iterator[np.ndarray]]:
+    """peak: the manifest's input_peak (each input scaled to it), or None. The segments are
+    audio.transcription_segments: the last partial one end-aligned, a short input tiled."""
     if isinstance(source, tuple):
         samples, rate = source
         audio = normalise_peak(prepare_audio(samples, rate), peak)
-        segments = segment_audio(audio)
-        return (_Input("<array>", len(segments), len(audio) / SAMPLE_RATE), iter(segments))
+        n = len(audio)
+        return (_Input("<array>", num_segments(n), n / SAMPLE_RATE, n, tail_start(n, align)),
+                transcription_segments([audio], align))
     info = probe_audio(source)
-    return (_Input(str(source), info.num_segments, info.duration_s),
-            stream_segments(source, peak=peak))
+    n = info.samples_16k
+    return (_Input(str(source), info.num_segments, info.duration_s, n, tail_start(n, align)),
+            stream_segments(source, peak=peak, align=align))
 
 
 class Transcriber:
@@ -218,26 +242,29 @@ class Transcriber:
             item.carry = seg.carry_out
             count["tokens"] += _predicted_tokens(seg)
             if len(item.segments) == item.num_segments:
-                finished.append((item, to_notes(item.segments, item.duration_s)))
+                tail_s = None if item.last_start is None else item.last_start / SAMPLE_RATE
+                finished.append((item, to_notes(item.segments, item.duration_s, tail_s)))
         return finished
 
     def _roll_batch(self, batch: list[tuple[_Input, int, np.ndarray]], timed: TimedBackend,
                     count: dict) -> list[tuple[_Input, list[Note]]]:
-        """decoder="rolls": one encoder run; each input's rolls are joined and decoded when its
-        last segment is in (runtime/rolls.py, the manifest's thresholds)."""
+        """decoder="rolls": one encoder run; each segment's frames go straight into its input's
+        RollStream (peak picking with carried open notes, runtime/rolls.py), so no input's
+        rolls are kept beyond a few frames; an input's notes are final with its last segment."""
         assert self.rolls is not None
         _, rolls = timed.encode_with_rolls(np.stack([seg for _, _, seg in batch]))
         fps = self.backend.manifest.encoder.frames_per_second
         t_dec = time.perf_counter()
         finished = []
-        for r, (item, _, _) in enumerate(batch):
-            item.rolls.append({k: v[r] for k, v in rolls.items()})
-            if len(item.rolls) == item.num_segments:
-                stacked = {k: np.stack([seg[k] for seg in item.rolls]) for k in ROLL_KEYS}
-                joined = join_segments(stacked, fps,
-                                       n_samples=round(item.duration_s * SAMPLE_RATE))
-                finished.append((item, decode_rolls(joined, fps, self.rolls.thresholds)))
-                item.rolls = []
+        for r, (item, index, _) in enumerate(batch):
+            if item.rolls is None:
+                item.rolls = RollStream(fps, self.rolls.thresholds)
+            keep = kept_frames(index, item.num_segments, fps, item.n_samples, item.last_start)
+            item.rolls.push({k: rolls[k][r, keep] for k in ROLL_KEYS})
+            item.rolled += 1
+            if item.rolled == item.num_segments:
+                finished.append((item, item.rolls.finish()))
+                item.rolls = None
         count["decode_s"] += time.perf_counter() - t_dec
         return finished
 
@@ -245,8 +272,9 @@ class Transcriber:
                  ) -> Iterator[list[tuple[_Input, int, np.ndarray]]]:
         """Every source's segments, in order, in batches of self.batch rows."""
         batch: list[tuple[_Input, int, np.ndarray]] = []
+        align = segment_align(self.backend)
         for source in sources:
-            item, segments = _open_source(source, self.input_peak)
+            item, segments = _open_source(source, self.input_peak, align)
             for index, segment in enumerate(segments):
                 batch.append((item, index, segment))
                 if len(batch) == self.batch:
@@ -269,6 +297,9 @@ def _row_specs(batch: list[tuple[_Input, int, np.ndarray]]) -> list[RowSpec]:
     """Where each row's carried notes come from: its predecessor row, or the batch before."""
     rows, where = [], {}
     for r, (item, index, _) in enumerate(batch):
+        if item.is_tail(index):  # decoded on its own, merged by to_notes
+            rows.append(RowSpec(index, None, []))
+            continue
         prev = where.get((id(item), index - 1))
         rows.append(RowSpec(index, prev, [] if prev is not None else list(item.carry)))
         where[id(item), index] = r

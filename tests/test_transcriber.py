@@ -142,9 +142,11 @@ def test_rolls_decoder_equals_decoding_the_encoders_rolls(exported, tmp_path):
     default_decoder picks it when no decoder is given; a bad choice is refused."""
     import json
 
+    from pianolm.runtime.audio import tail_start, transcription_segments
     from pianolm.runtime.manifest import ManifestError, load_manifest
     from pianolm.runtime.ort_backend import OrtBackend
     from pianolm.runtime.rolls import decode_rolls, join_segments
+    from pianolm.runtime.transcriber import segment_align
 
     folder = exported.dirs["hier"]
     manifest = load_manifest(folder)
@@ -152,11 +154,13 @@ def test_rolls_decoder_equals_decoding_the_encoders_rolls(exported, tmp_path):
     clips = [_clip(14.0, 5), _clip(3.0, 6)]
     backend = OrtBackend(folder, threads=1)
     want = []
+    align = segment_align(backend)
     for samples, _ in clips:
-        audio = np.zeros(20 * RATE if len(samples) > 10 * RATE else 10 * RATE, np.float32)
-        audio[:len(samples)] = samples
-        _, rolls = backend.encode_with_rolls(audio.reshape(-1, 10 * RATE))
-        joined = join_segments(rolls, manifest.encoder.frames_per_second, n_samples=len(samples))
+        # the 14 s clip's last segment is end-aligned, the 3 s clip tiled (audio.py)
+        audio = np.stack(list(transcription_segments([samples], align)))
+        _, rolls = backend.encode_with_rolls(audio)
+        joined = join_segments(rolls, manifest.encoder.frames_per_second, n_samples=len(samples),
+                               last_start=tail_start(len(samples), align))
         want.append(decode_rolls(joined, manifest.encoder.frames_per_second,
                                  manifest.encoder.rolls.thresholds))
     assert any(want), "the tiny model's rolls should give some notes"
