@@ -24,6 +24,7 @@ NaN/inf samples) raises `AudioError` with a one-line message that names the file
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -36,10 +37,13 @@ import soxr
 
 from .vocab import SEGMENT_SECONDS
 
+log = logging.getLogger(__name__)
+
 SAMPLE_RATE = 16000
 SEGMENT_SAMPLES = int(round(SEGMENT_SECONDS * SAMPLE_RATE))  # 160000
 RESAMPLE_QUALITY = "HQ"
 _READ_BLOCK_FRAMES = 1 << 18  # frames load_audio reads per block: bounds the multi-channel buffer
+_EXACT_HEADERS = {"WAV", "WAVEX", "W64", "RF64", "AIFF", "CAF"}  # frames counted, not estimated
 _MAX_CHANNELS = 256  # more "channels" than this in an array is almost surely [channels, n]
 
 __all__ = [
@@ -180,12 +184,23 @@ def _iter_file_16k(name: str, block_frames: int) -> Iterator[np.ndarray]:
                 yield out  # a fresh array: resampler output, a mix, or a view of a fresh block
         if read == 0:
             raise AudioError(name, "audio is empty (no samples)")
+        if f.format in _EXACT_HEADERS and 0 < f.frames != read:
+            log.warning("%s: the header promises %d frames but the file holds %d "
+                        "(truncated?); transcribing what is there", name, f.frames, read)
         tail = resampler.push(np.zeros(0, np.float32), last=True)
         produced += tail.shape[0]
         if produced == 0:
             raise AudioError(name, "audio is too short to resample (no samples left)")
         if tail.size:
             yield tail
+
+
+def _counted(chunks: Iterable[np.ndarray], lengths: list[int]) -> Iterator[np.ndarray]:
+    n = 0
+    for c in chunks:
+        n += len(c)
+        yield c
+    lengths.append(n)
 
 
 def _segments_from_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -341,8 +356,8 @@ def file_peak(path: str | os.PathLike) -> float:
 
 
 def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
-                    peak: float | None = None, align: int | None = None
-                    ) -> Iterator[np.ndarray]:
+                    peak: float | None = None, align: int | None = None,
+                    lengths: list[int] | None = None) -> Iterator[np.ndarray]:
     """Yield the file's 10 s segments (fresh float32 [160000], mono 16 kHz) in order.
 
     Exactly the rows of segment_audio(load_audio(path)) (the last one zero-padded, at least
@@ -355,6 +370,8 @@ def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
     peak) (one more pass over the file to find its peak).
     align: cut as transcription_segments(..., align) does instead (the last partial segment
     end-aligned, a short file tiled) rather than zero-padding the last segment.
+    lengths: gets the number of 16 kHz samples read appended once the file is read (less than
+    the header's for a truncated file).
     """
     if (isinstance(block_seconds, bool) or not isinstance(block_seconds, (int, float))
             or not math.isfinite(block_seconds) or block_seconds <= 0):
@@ -362,6 +379,8 @@ def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
     info = probe_audio(path)
     block_frames = max(1, math.ceil(block_seconds * info.sample_rate))
     chunks = _iter_file_16k(info.path, block_frames)
+    if lengths is not None:
+        chunks = _counted(chunks, lengths)
     top = file_peak(info.path) if peak is not None else 0.0
     if top > 0:
         gain = np.float32(peak / top)
