@@ -98,9 +98,10 @@ def _decode_errors(name: str) -> Iterator[None]:
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        reason = getattr(e, "error_string", None) or str(e)
-        raise AudioError(name, f"cannot read audio: {reason.rstrip('.')} "
-                               "(expected WAV, FLAC or OGG)") from None
+        reason = (getattr(e, "error_string", None) or str(e)).rstrip(".")
+        # the formats hint only where the format was not recognised, not on a corrupt FLAC
+        hint = " (expected WAV, FLAC, OGG or MP3)" if "recognised" in reason.lower() else ""
+        raise AudioError(name, f"cannot read audio: {reason}{hint}") from None
     except OSError as e:
         raise AudioError(name, f"cannot open ({e.strerror or e})") from None
     except MemoryError:
@@ -156,7 +157,7 @@ def resampled_length(frames: int, sample_rate: int) -> int:
     return (2 * frames * SAMPLE_RATE + rate) // (2 * rate)
 
 
-def _iter_file_16k(name: str, block_frames: int) -> Iterator[np.ndarray]:
+def _iter_file_16k(name: str, block_frames: int, warn: bool = True) -> Iterator[np.ndarray]:
     """Decode `name` block by block into float32 mono 16 kHz chunks (each owned by the caller).
 
     Reads at most block_frames frames at a time, so memory is bounded by one block whatever the
@@ -184,15 +185,40 @@ def _iter_file_16k(name: str, block_frames: int) -> Iterator[np.ndarray]:
                 yield out  # a fresh array: resampler output, a mix, or a view of a fresh block
         if read == 0:
             raise AudioError(name, "audio is empty (no samples)")
-        if f.format in _EXACT_HEADERS and 0 < f.frames != read:
+        promised = (_wav_header_frames(name, f) if warn and f.format in _EXACT_HEADERS
+                    else None)
+        if promised is not None and promised > read:
             log.warning("%s: the header promises %d frames but the file holds %d "
-                        "(truncated?); transcribing what is there", name, f.frames, read)
+                        "(truncated?); transcribing what is there", name, promised, read)
         tail = resampler.push(np.zeros(0, np.float32), last=True)
         produced += tail.shape[0]
         if produced == 0:
             raise AudioError(name, "audio is too short to resample (no samples left)")
         if tail.size:
             yield tail
+
+
+def _wav_header_frames(name: str, f: sf.SoundFile) -> int | None:
+    """Frames a RIFF/WAVE header's data chunk promises (libsndfile quietly reports what the
+    file holds instead), or None when the header cannot be read so."""
+    import struct
+
+    try:
+        with open(name, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, size = head[pos:pos + 4], struct.unpack("<I", head[pos + 4:pos + 8])[0]
+        if chunk == b"data":
+            frame_bytes = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4,
+                           "DOUBLE": 8}.get(f.subtype)
+            return None if frame_bytes is None else size // (frame_bytes * f.channels)
+        pos += 8 + size + (size & 1)
+    return None
 
 
 def _counted(chunks: Iterable[np.ndarray], lengths: list[int]) -> Iterator[np.ndarray]:
@@ -351,7 +377,8 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
 def file_peak(path: str | os.PathLike) -> float:
     """The largest |sample| of load_audio(path), read block by block (a pass over the file)."""
     name = _checked_path(path)
-    return max((float(np.max(np.abs(c))) for c in _iter_file_16k(name, _READ_BLOCK_FRAMES)
+    return max((float(np.max(np.abs(c))) for c in _iter_file_16k(name, _READ_BLOCK_FRAMES,
+                                                                 warn=False)
                 if len(c)), default=0.0)
 
 
