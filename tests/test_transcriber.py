@@ -220,3 +220,27 @@ def test_input_peak_makes_the_notes_independent_of_the_recording_level(tmp_path)
     path = tmp_path / "quiet.wav"
     sf.write(path, quiet[0], rate, subtype="FLOAT")
     assert notes(path, 0.5) == notes(quiet, 0.5)
+
+
+def test_concurrent_calls_keep_their_own_reports():
+    """Two threads transcribing at once through one Transcriber: each thread's t.report
+    describes its own call (files, audio seconds), not the other's."""
+    import threading
+
+    t = Transcriber(backend=FakeBackend(), batch=2, max_notes=12)
+    seen: dict[int, tuple[int, float]] = {}
+    barrier = threading.Barrier(2)
+
+    def run(k: int, clips) -> None:
+        barrier.wait()
+        list(t.transcribe_many(clips))
+        seen[k] = (t.report.files, round(t.report.audio_s, 3))
+
+    one, three = [_clip(4.0, 1)], [_clip(3.0, 2), _clip(5.0, 3), _clip(2.0, 4)]
+    threads = [threading.Thread(target=run, args=(0, one)),
+               threading.Thread(target=run, args=(1, three))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert seen == {0: (1, 4.0), 1: (3, 10.0)}
