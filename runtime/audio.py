@@ -24,6 +24,7 @@ NaN/inf samples) raises `AudioError` with a one-line message that names the file
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -36,17 +37,20 @@ import soxr
 
 from .vocab import SEGMENT_SECONDS
 
+log = logging.getLogger(__name__)
+
 SAMPLE_RATE = 16000
 SEGMENT_SAMPLES = int(round(SEGMENT_SECONDS * SAMPLE_RATE))  # 160000
 RESAMPLE_QUALITY = "HQ"
 _READ_BLOCK_FRAMES = 1 << 18  # frames load_audio reads per block: bounds the multi-channel buffer
+_EXACT_HEADERS = {"WAV", "WAVEX", "W64", "RF64", "AIFF", "CAF"}  # frames counted, not estimated
 _MAX_CHANNELS = 256  # more "channels" than this in an array is almost surely [channels, n]
 
 __all__ = [
     "SAMPLE_RATE", "SEGMENT_SAMPLES", "AudioError", "AudioInfo", "load_audio", "prepare_audio",
     "probe_audio", "stream_segments", "segments_from_array", "batch_segments",
     "num_segments", "resampled_length", "segment_audio", "iter_segment_batches",
-    "normalise_peak", "file_peak",
+    "normalise_peak", "file_peak", "tail_start", "transcription_segments",
 ]
 
 
@@ -94,9 +98,10 @@ def _decode_errors(name: str) -> Iterator[None]:
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        reason = getattr(e, "error_string", None) or str(e)
-        raise AudioError(name, f"cannot read audio: {reason.rstrip('.')} "
-                               "(expected WAV, FLAC or OGG)") from None
+        reason = (getattr(e, "error_string", None) or str(e)).rstrip(".")
+        # the formats hint only where the format was not recognised, not on a corrupt FLAC
+        hint = " (expected WAV, FLAC, OGG or MP3)" if "recognised" in reason.lower() else ""
+        raise AudioError(name, f"cannot read audio: {reason}{hint}") from None
     except OSError as e:
         raise AudioError(name, f"cannot open ({e.strerror or e})") from None
     except MemoryError:
@@ -152,7 +157,7 @@ def resampled_length(frames: int, sample_rate: int) -> int:
     return (2 * frames * SAMPLE_RATE + rate) // (2 * rate)
 
 
-def _iter_file_16k(name: str, block_frames: int) -> Iterator[np.ndarray]:
+def _iter_file_16k(name: str, block_frames: int, warn: bool = True) -> Iterator[np.ndarray]:
     """Decode `name` block by block into float32 mono 16 kHz chunks (each owned by the caller).
 
     Reads at most block_frames frames at a time, so memory is bounded by one block whatever the
@@ -180,12 +185,48 @@ def _iter_file_16k(name: str, block_frames: int) -> Iterator[np.ndarray]:
                 yield out  # a fresh array: resampler output, a mix, or a view of a fresh block
         if read == 0:
             raise AudioError(name, "audio is empty (no samples)")
+        promised = (_wav_header_frames(name, f) if warn and f.format in _EXACT_HEADERS
+                    else None)
+        if promised is not None and promised > read:
+            log.warning("%s: the header promises %d frames but the file holds %d "
+                        "(truncated?); transcribing what is there", name, promised, read)
         tail = resampler.push(np.zeros(0, np.float32), last=True)
         produced += tail.shape[0]
         if produced == 0:
             raise AudioError(name, "audio is too short to resample (no samples left)")
         if tail.size:
             yield tail
+
+
+def _wav_header_frames(name: str, f: sf.SoundFile) -> int | None:
+    """Frames a RIFF/WAVE header's data chunk promises (libsndfile quietly reports what the
+    file holds instead), or None when the header cannot be read so."""
+    import struct
+
+    try:
+        with open(name, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, size = head[pos:pos + 4], struct.unpack("<I", head[pos + 4:pos + 8])[0]
+        if chunk == b"data":
+            frame_bytes = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4,
+                           "DOUBLE": 8}.get(f.subtype)
+            return None if frame_bytes is None else size // (frame_bytes * f.channels)
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _counted(chunks: Iterable[np.ndarray], lengths: list[int]) -> Iterator[np.ndarray]:
+    n = 0
+    for c in chunks:
+        n += len(c)
+        yield c
+    lengths.append(n)
 
 
 def _segments_from_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -208,6 +249,61 @@ def _segments_from_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
                 fill = 0
     if fill or not emitted:
         yield buf
+
+
+def tail_start(n_samples: int, align: int) -> int | None:
+    """Where the last segment of an n-sample input starts for transcription, or None when no
+    segment needs moving (a whole number of segments, or a single segment).
+
+    A segment that is mostly zero padding decodes badly (issue 16: the first second of a dev
+    clip alone gave 5 of its 10 notes). So the last partial segment is moved back to end at the
+    audio's end, overlapping the segment before it; the overlap is merged once by the decoders
+    (rolls.join_segments, decode.to_notes). Its start is rounded up to `align` samples (one
+    encoder frame, a whole number of 10 ms ticks) so its frames line up with the others'; at
+    most align - 1 samples of padding remain.
+    """
+    n, a = int(n_samples), int(align)
+    if n <= SEGMENT_SAMPLES or n % SEGMENT_SAMPLES == 0:
+        return None
+    return -(-(n - SEGMENT_SAMPLES) // a) * a
+
+
+def _tiled(head: np.ndarray) -> np.ndarray:
+    """A short input's only segment: the audio repeated to fill 10 s, instead of zeros
+    (there is no other real audio to fill it with; notes past the end are dropped later)."""
+    reps = -(-SEGMENT_SAMPLES // max(len(head), 1))
+    return np.tile(head, reps)[:SEGMENT_SAMPLES].astype(np.float32, copy=True)
+
+
+def transcription_segments(chunks: Iterable[np.ndarray], align: int) -> Iterator[np.ndarray]:
+    """Cut 16 kHz chunks into the segments `pianolm transcribe` decodes: segment i covers
+    [10 i, 10 (i + 1)) s, except that the last partial one starts at tail_start (overlapping
+    the one before) and a single short input is tiled. As many segments as segment_audio
+    (num_segments), one or two held at a time."""
+    prev: np.ndarray | None = None  # the last full segment: the tail's overlap comes from it
+    buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
+    fill = full = 0
+    for chunk in chunks:
+        pos, n = 0, chunk.shape[0]
+        while pos < n:
+            take = min(n - pos, SEGMENT_SAMPLES - fill)
+            buf[fill:fill + take] = chunk[pos:pos + take]
+            fill += take
+            pos += take
+            if fill == SEGMENT_SAMPLES:
+                yield buf
+                prev, full, fill = buf, full + 1, 0
+                buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
+    if prev is None:
+        yield _tiled(buf[:fill])
+    elif fill:
+        start = tail_start(full * SEGMENT_SAMPLES + fill, align)
+        assert start is not None
+        overlap = prev[start - (full - 1) * SEGMENT_SAMPLES:]
+        last = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
+        last[:len(overlap)] = overlap
+        last[len(overlap):len(overlap) + fill] = buf[:fill]
+        yield last
 
 
 # ----------------------------------------------------------------------------- files
@@ -281,12 +377,14 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
 def file_peak(path: str | os.PathLike) -> float:
     """The largest |sample| of load_audio(path), read block by block (a pass over the file)."""
     name = _checked_path(path)
-    return max((float(np.max(np.abs(c))) for c in _iter_file_16k(name, _READ_BLOCK_FRAMES)
+    return max((float(np.max(np.abs(c))) for c in _iter_file_16k(name, _READ_BLOCK_FRAMES,
+                                                                 warn=False)
                 if len(c)), default=0.0)
 
 
 def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
-                    peak: float | None = None) -> Iterator[np.ndarray]:
+                    peak: float | None = None, align: int | None = None,
+                    lengths: list[int] | None = None) -> Iterator[np.ndarray]:
     """Yield the file's 10 s segments (fresh float32 [160000], mono 16 kHz) in order.
 
     Exactly the rows of segment_audio(load_audio(path)) (the last one zero-padded, at least
@@ -297,6 +395,10 @@ def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
 
     peak: scale the audio to this peak first, exactly as normalise_peak(load_audio(path),
     peak) (one more pass over the file to find its peak).
+    align: cut as transcription_segments(..., align) does instead (the last partial segment
+    end-aligned, a short file tiled) rather than zero-padding the last segment.
+    lengths: gets the number of 16 kHz samples read appended once the file is read (less than
+    the header's for a truncated file).
     """
     if (isinstance(block_seconds, bool) or not isinstance(block_seconds, (int, float))
             or not math.isfinite(block_seconds) or block_seconds <= 0):
@@ -304,11 +406,14 @@ def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
     info = probe_audio(path)
     block_frames = max(1, math.ceil(block_seconds * info.sample_rate))
     chunks = _iter_file_16k(info.path, block_frames)
+    if lengths is not None:
+        chunks = _counted(chunks, lengths)
     top = file_peak(info.path) if peak is not None else 0.0
     if top > 0:
         gain = np.float32(peak / top)
         chunks = (c * gain for c in chunks)
-    return _segments_from_chunks(chunks)
+    return _segments_from_chunks(chunks) if align is None else transcription_segments(chunks,
+                                                                                        align)
 
 
 # ----------------------------------------------------------------------------- arrays

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,10 @@ from pathlib import Path
 
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+class RunFailed(Exception):
+    """Some inputs failed (each already reported on its own line): the summary line, exit 1."""
 
 
 def _torch_side(module: str) -> object:
@@ -73,31 +78,79 @@ def _concurrent(schedule: str) -> bool | None:
     return {"auto": None, "concurrent": True, "sequential": False}[schedule]
 
 
+def _check_writable(path: Path) -> None:
+    """Fail now, naming the user's path, if `path` could not be written at the end of a run:
+    its nearest existing folder must be a writable folder (missing ones are created)."""
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{path}: cannot write there ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write there ({parent} is not writable)")
+
+
+def _refuse_inputs(inputs: list[str], outputs: list[Path]) -> None:
+    """An output naming an input would replace the recording with MIDI: never."""
+    sources = {Path(i).resolve(): i for i in inputs}
+    for out in outputs:
+        if out.resolve() in sources:
+            raise UserError(f"{out}: is an input; refusing to write over it")
+
+
 def cmd_transcribe(args: argparse.Namespace) -> None:
     from .audio import AudioError, probe_audio
     from .backend import BackendUnavailable
     from .manifest import ManifestError
     from .midi import MidiError, atomic_write
-    from .transcriber import Transcriber
+    from .transcriber import Failure, Transcriber
 
     if args.batch < 1 or (args.threads is not None and args.threads < 1):
         raise UserError("--batch and --threads must be positive integers")
+    failures: list[str] = []
+    # one input, or --fail-fast: its failure is the run's one error line (exit 2)
+    stop_at_failure = args.fail_fast or len(args.audio) == 1
     try:
-        infos = [probe_audio(path) for path in args.audio]  # every input checked before work
         midi_paths = plan_outputs(args.audio, args.output)
         note_paths = [p.with_suffix(f".{args.notes}") for p in midi_paths] if args.notes else []
         extra = [Path(args.report_json)] if args.report_json else []
-        _refuse_overwrite(midi_paths + note_paths + extra, args.overwrite)
+        _refuse_inputs(args.audio, midi_paths + note_paths + extra)
+        for path in midi_paths + note_paths + extra:  # every output checked before any work
+            _check_writable(path)
+        todo = list(range(len(args.audio)))
+        if args.skip_existing:  # a re-run transcribes only what is not written yet
+            todo = [k for k in todo if not (midi_paths[k].exists() and all(
+                p.exists() for p in note_paths[k:k + 1]))]
+            for k in sorted(set(range(len(args.audio))) - set(todo)):
+                print(f"{args.audio[k]}: skipped ({midi_paths[k]} exists)")
+        outputs = [midi_paths[k] for k in todo] + [note_paths[k] for k in todo if note_paths]
+        _refuse_overwrite(outputs + extra, args.overwrite)
+        infos = {}
+        for k in todo:  # every input checked before work; a bad one fails alone
+            try:
+                infos[k] = probe_audio(args.audio[k])
+            except AudioError as e:
+                if stop_at_failure:
+                    raise
+                failures.append(str(e))
+                print(f"pianolm: error: {e}", file=sys.stderr)
+        todo = [k for k in todo if k in infos]
         transcriber = Transcriber(args.model, backend=args.backend, batch=args.batch,
                                   threads=args.threads, decoder=args.decoder,
                                   concurrent=_concurrent(args.schedule))
         from tqdm import tqdm
 
-        total = sum(info.num_segments for info in infos)
+        total = sum(infos[k].num_segments for k in todo)
         with tqdm(total=total, unit="segment", disable=not sys.stderr.isatty(),
                   desc="transcribing") as bar:
-            results = transcriber.transcribe_many(args.audio, progress=bar.update)
-            for k, result in enumerate(results):
+            results = transcriber.transcribe_many([args.audio[k] for k in todo],
+                                                  progress=bar.update,
+                                                  keep_going=not stop_at_failure)
+            for k, result in zip(todo, results):
+                if isinstance(result, Failure):
+                    failures.append(result.error)
+                    bar.write(f"pianolm: error: {result.error}", file=sys.stderr)
+                    continue
                 midi_paths[k].parent.mkdir(parents=True, exist_ok=True)
                 result.write_midi(midi_paths[k])
                 if args.notes:
@@ -107,11 +160,15 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     except (AudioError, BackendUnavailable, ManifestError, MidiError, OSError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
     report = transcriber.report
-    if report is not None:
+    if report is not None and report.files:
         print(report.format())
         if args.report_json:
+            Path(args.report_json).parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(report.to_dict(), indent=1) + "\n"
             atomic_write(args.report_json, lambda f: f.write(text.encode("utf-8")))
+    if failures:
+        raise RunFailed(f"{len(failures)} of {len(args.audio)} inputs failed; the others "
+                        "were written")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -166,8 +223,16 @@ def cmd_pass_through(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+BACKEND_HELP = ("cpu: ONNX Runtime on the CPU (default); cuda: ONNX Runtime CUDA with IO "
+                "binding (pip install 'pianolm[gpu]'); tensorrt: engines from `pianolm "
+                "build-engines`")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pianolm import __version__
+
     parser = argparse.ArgumentParser(prog="pianolm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pianolm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameter counts of a model preset, per part")
@@ -183,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-o", "--output", help="output .mid for one input, or a folder "
                     "(default: beside each input)")
     tr.add_argument("--model", help="exported model folder (default: the shipped model)")
-    tr.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    tr.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                    help=BACKEND_HELP)
     # manifest.DECODERS, spelled out: building the parser imports nothing (fast --help)
     tr.add_argument("--decoder", choices=["lm", "rolls"],
                     help="notes from the LM stages or the encoder's own rolls (default: the "
@@ -195,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--notes", choices=["tsv", "json"], help="also write the notes as a table")
     tr.add_argument("--report-json", help="write the latency report to this JSON file")
     tr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    tr.add_argument("--skip-existing", action="store_true", help="leave inputs whose outputs "
+                    "exist alone (a re-run after a partial failure)")
+    tr.add_argument("--fail-fast", action="store_true", help="stop at the first input that "
+                    "fails (default: go on with the others, exit 1 at the end)")
     tr.set_defaults(func=cmd_transcribe)
 
     ev = sub.add_parser("eval", help="score a model on a folder of clips with references",
@@ -206,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(e.g. the dev set)")
     ev.add_argument("--model", help="exported model folder (default: the shipped model)")
     ev.add_argument("--json", help="write every figure (per clip, means, report) to this file")
-    ev.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    ev.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                    help=BACKEND_HELP)
     ev.add_argument("--batch", type=int, default=1, help="segments decoded together")
     ev.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
     _schedule_option(ev)
@@ -221,14 +292,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warnings_to_stderr() -> None:
+    """The runtime's warnings (a truncated file, a segment at the note limit): one line each."""
+    import logging
+
+    logger = logging.getLogger("pianolm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pianolm: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    _warnings_to_stderr()
     try:
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], None] = args.func
         func(args)
     except UserError as e:
         print(f"pianolm: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"pianolm: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `pianolm ... | head`: the reader left; exit quietly as other tools do (and keep
+        # Python from complaining again when it flushes stdout at exit)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("pianolm: interrupted", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ from . import vocab as V
 from .backend import Backend, StageSession
 from .grammar import FlatGrammar, OnsetGrammar, offset_mask, velocity_mask
 from .notes import Note
-from .tokens import SegmentResult, decode, decode_onset, stitch
+from .tokens import SegmentResult, decode, decode_onset, stitch, stitch_tail
 
 log = logging.getLogger(__name__)
 
@@ -316,11 +316,14 @@ def decode_flat(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
     return [SegmentTokens(spec.segment, {"flat": toks}, []) for spec, toks in zip(rows, out)]
 
 
-def to_notes(segments: list[SegmentTokens], end: float | None = None) -> list[Note]:
+def to_notes(segments: list[SegmentTokens], end: float | None = None,
+             tail_start: float | None = None) -> list[Note]:
     """One file's decoded segments (in order) -> its notes, through the codec's stitching.
 
     With `end` (the audio's length in seconds), notes lie within the audio: the last segment's
-    zero padding holds no onsets, and offsets are cut at the end.
+    padding holds no onsets, and offsets are cut at the end. With `tail_start` (seconds), the
+    last segment is the end-aligned one (audio.tail_start), decoded on its own from there and
+    merged once with the segments before it (tokens.stitch_tail).
     """
     results = []
     for seg in segments:
@@ -329,7 +332,10 @@ def to_notes(segments: list[SegmentTokens], end: float | None = None) -> list[No
         else:
             results.append(SegmentResult.from_stages(*(decode(stage, seg.tokens[stage])
                                                         for stage in V.STAGES)))
-    notes = stitch(results, end)
+    if tail_start is not None and len(results) > 1 and end is not None:
+        notes = stitch_tail(results[:-1], results[-1], tail_start, end)
+    else:
+        notes = stitch(results, end)
     if end is None:
         return notes
     return [replace(n, offset=min(n.offset, end)) for n in notes if n.onset < end]

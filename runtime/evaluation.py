@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .audio import AudioInfo, probe_audio
+from .audio import AudioInfo, probe_audio, tail_start
 from .backend import RollBackend, StageSession
 from .manifest import MANIFEST_FILE, Manifest, file_sha256, load_manifest
 from .metrics import (
@@ -48,7 +48,13 @@ from .midi import atomic_write, read_midi, read_notes_tsv
 from .notes import Note
 from .report import Report
 from .rolls import ROLL_KEYS, decode_rolls, join_segments
-from .transcriber import Transcriber, default_model_dir, input_peak_of, open_backend
+from .transcriber import (
+    Transcriber,
+    default_model_dir,
+    input_peak_of,
+    open_backend,
+    segment_align,
+)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
 REFERENCE_SUFFIXES = (".tsv", ".mid", ".midi")  # in order of preference
@@ -125,6 +131,8 @@ class RollTap:
         self.segment_samples = backend.segment_samples
         self.precision: str = getattr(backend, "precision", "fp32")
         self.input_peak = input_peak_of(backend)
+        manifest = getattr(backend, "manifest", None)  # segments cut as for the backend itself
+        self.frames_per_second = manifest.encoder.frames_per_second if manifest else None
         self._queue: deque[dict[str, np.ndarray]] = deque()
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
@@ -278,13 +286,15 @@ def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None 
     transcriber = Transcriber(backend=tap, batch=batch, threads=threads, concurrent=concurrent)
 
     fps = manifest.encoder.frames_per_second
+    align = segment_align(raw)  # the Transcriber cuts the segments the tap sees so
     lm_notes: list[list[Note]] = []
     rolls: list[dict[str, np.ndarray] | None] = []
     # Collect first, score after: the report's wall time then measures transcription only.
     for info, result in zip(infos, transcriber.transcribe_many(
             [c.audio for c in clips], progress=progress)):
         lm_notes.append(result.notes)
-        rolls.append(join_segments(tap.take(info.num_segments), fps, n_samples=info.samples_16k)
+        rolls.append(join_segments(tap.take(info.num_segments), fps, n_samples=info.samples_16k,
+                                   last_start=tail_start(info.samples_16k, align))
                      if tap.keep_rolls else None)
 
     spec = manifest.encoder.rolls

@@ -27,7 +27,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from .backend import RowPositions, check_audio, check_chunk, check_embeddings, check_rows
-from .manifest import DecoderSpec, GraphSpec, Manifest, ManifestError, load_manifest
+from .manifest import (
+    DecoderSpec,
+    GraphSpec,
+    Manifest,
+    ManifestError,
+    check_graph,
+    load_manifest,
+)
 from .rolls import ROLL_KEYS
 
 # ONNX Runtime's type strings for the manifest's dtypes
@@ -121,7 +128,11 @@ class OrtBackend:
 
     def __init__(self, model_dir: str | Path,
                  providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, graphs: Sequence[str] | None = None,
+                 verify: bool | None = None) -> None:
+        """graphs: the manifest's graph names to open (None: all; the rolls decoder needs only
+        "encoder", so a missing LM graph cannot block it). verify: sha256 every graph opened
+        (None: those up to manifest.HASH_ON_LOAD_BYTES; sizes are always checked)."""
         import onnxruntime as ort
 
         self.manifest: Manifest = load_manifest(model_dir)
@@ -134,8 +145,12 @@ class OrtBackend:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        wanted = self.manifest.graphs() if graphs is None else {
+            name: self.manifest.graphs()[name] for name in graphs}
+        for name in wanted:
+            check_graph(self.manifest, name, verify)
         self.sessions = {name: self._open(ort, options, name, graph)
-                         for name, graph in self.manifest.graphs().items()}
+                         for name, graph in wanted.items()}
 
     def _open(self, ort: object, options: object, name: str, graph: GraphSpec) -> object:
         path = self.manifest.path(graph)

@@ -152,23 +152,189 @@ def decode_rolls(rolls: Mapping[str, np.ndarray], frames_per_second: float,
     return notes
 
 
-def join_segments(rolls: Mapping[str, np.ndarray], frames_per_second: float,
-                  n_samples: int | None = None, sample_rate: int = 16000
-                  ) -> dict[str, np.ndarray]:
-    """Per-segment rolls [S, T, 88] of consecutive 10 s segments -> one timeline [T', 88].
+def kept_frames(index: int, count: int, frames_per_second: float, n_samples: int | None = None,
+                last_start: int | None = None, sample_rate: int = 16000) -> slice:
+    """Which of segment `index`'s frames (of `count` consecutive segments) the joined timeline
+    keeps.
 
-    A segment of 10 s has 10 * fps + 1 centred frames; its last frame is the next segment's
-    first, so every segment but the last keeps 10 * fps frames. With `n_samples` (the audio's
-    length) the zero padding after the audio's end is cut (samples // hop + 1 frames).
+    A 10 s segment has 10 * fps + 1 centred frames; its last frame is the next segment's
+    first, so every segment but the last keeps 10 * fps frames. The last keeps the rest: after
+    `last_start` (audio.tail_start: it overlaps the one before, whose frames win up to the
+    boundary) and up to the audio's end (`n_samples`: samples // hop + 1 frames in all).
     """
     hop = int(round(SEGMENT_SECONDS * frames_per_second))
+    if index < count - 1:
+        return slice(0, hop)
+    skip = 0
+    if last_start is not None and count > 1:
+        skip = ((count - 1) * round(SEGMENT_SECONDS * sample_rate) - int(last_start)) \
+            * int(round(frames_per_second)) // sample_rate
+    stop = None
+    if n_samples is not None:
+        frames = int(n_samples) * int(round(frames_per_second)) // sample_rate + 1
+        stop = skip + frames - index * hop
+    return slice(skip, stop)
+
+
+def join_segments(rolls: Mapping[str, np.ndarray], frames_per_second: float,
+                  n_samples: int | None = None, sample_rate: int = 16000,
+                  last_start: int | None = None) -> dict[str, np.ndarray]:
+    """Per-segment rolls [S, T, 88] of consecutive 10 s segments -> one timeline [T', 88]
+    (kept_frames of each: with `n_samples` the zero padding after the audio's end is cut;
+    with `last_start` the last segment is the end-aligned one of audio.tail_start)."""
     out = {}
     for key, r in rolls.items():
         r = np.asarray(r)
-        parts: Sequence[np.ndarray] = [r[s, :hop] for s in range(r.shape[0] - 1)] + [r[-1]]
-        joined = np.concatenate(parts, axis=0)
-        if n_samples is not None:
-            frames = int(n_samples) * int(round(frames_per_second)) // sample_rate + 1
-            joined = joined[:frames]
-        out[key] = joined
+        count = r.shape[0]
+        parts: Sequence[np.ndarray] = [
+            r[s, kept_frames(s, count, frames_per_second, n_samples, last_start, sample_rate)]
+            for s in range(count)]
+        out[key] = np.concatenate(parts, axis=0)
     return out
+
+
+@dataclass
+class _Sounding:
+    """A note RollStream has started but whose end it has not seen yet."""
+
+    bgn: int  # onset frame (global)
+    t_on: float  # seconds from the stream's start, refined
+    velocity: int
+    first_off_peak: tuple[int, float] | None = None  # (frame, refined seconds) after bgn
+
+
+class RollStream:
+    """decode_rolls over a timeline that arrives a piece at a time, with flat memory.
+
+        stream = RollStream(fps, config)
+        for piece in pieces:                 # {onset, offset, frame, velocity: [t, 88]}
+            stream.push(piece)
+        notes = stream.finish()              # == decode_rolls(concatenated pieces, fps, config)
+
+    The notes equal decode_rolls' on the whole timeline exactly (tests/test_rolls_stream.py):
+    a frame is decided once the peak radius after it is known, and per key a note stays open
+    (carried, as the LM path carries its open notes) until its end event arrives: the key
+    struck again, its frame roll gone, or max_note_seconds. Only radius + 1 frames of rolls
+    are kept between pushes, so an hour of audio costs no more memory than a minute.
+    """
+
+    def __init__(self, frames_per_second: float, config: RollDecodeConfig | None = None,
+                 start: float = 0.0) -> None:
+        self.cfg = config or RollDecodeConfig()
+        self.fps = float(frames_per_second)
+        self.start = start
+        self.radius = max(int(self.cfg.peak_radius), 1)
+        m = self.cfg.max_note_seconds
+        self.max_len = None if m is None else max(int(m * self.fps), 1)
+        self._buf = {k: np.zeros((0, NUM_PITCHES), np.float32) for k in ROLL_KEYS}
+        self._buf0 = 0  # global index of the buffer's first frame
+        self._total = 0  # frames pushed
+        self._done = 0  # frames decided
+        self._open: dict[int, _Sounding] = {}
+        self._notes: list[Note] = []
+
+    def push(self, rolls: Mapping[str, np.ndarray]) -> None:
+        pieces = {k: np.asarray(rolls[k], np.float32) for k in ROLL_KEYS}
+        n = pieces["onset"].shape[0]
+        if any(p.shape != (n, NUM_PITCHES) for p in pieces.values()):
+            raise ValueError(f"rolls must all be [T, {NUM_PITCHES}], got "
+                             f"{[p.shape for p in pieces.values()]}")
+        self._buf = {k: np.concatenate([self._buf[k], pieces[k]]) for k in ROLL_KEYS}
+        self._total += n
+        self._decide(self._total - self.radius, final=False)
+
+    def finish(self) -> list[Note]:
+        """Decide the last frames (every note still sounding ends there); the notes, sorted."""
+        self._decide(self._total, final=True)
+        assert not self._open
+        notes, self._notes = self._notes, []
+        notes.sort(key=lambda x: (x.onset, x.pitch, x.offset, x.velocity))
+        return notes
+
+    # -- internals: frames [self._done, upto) become decided
+
+    def _window(self, key: str, lo: int, hi: int, final: bool) -> np.ndarray:
+        """Frames lo - r .. hi + r of one roll, -inf beyond the timeline's ends."""
+        r, b0 = self.radius, self._buf0
+        x = self._buf[key]
+        head = max(r - lo, 0)  # before frame 0
+        tail = max(hi + r - self._total, 0) if final else 0
+        body = x[max(lo - r, 0) - b0: min(hi + r, self._total) - b0]
+        return np.concatenate([np.full((head, NUM_PITCHES), -np.inf, np.float32), body,
+                               np.full((tail, NUM_PITCHES), -np.inf, np.float32)])
+
+    def _peaks(self, key: str, threshold: float, lo: int, hi: int, final: bool) -> np.ndarray:
+        w = self._window(key, lo, hi, final)
+        r, n = self.radius, hi - lo
+        x = w[r: r + n]
+        win = sliding_window_view(w, r, axis=0)
+        return (x > threshold) & (x >= win[:n].max(axis=-1)) & (x > win[r + 1: r + 1 + n].max(
+            axis=-1))
+
+    def _shift(self, key: str, i: int, k: int, final: bool) -> float:
+        """subframe_shift at global frame i (0 at the timeline's first and last frames)."""
+        if not self.cfg.subframe or i <= 0 or (final and i >= self._total - 1):
+            return 0.0
+        roll = self._buf[key][i - 1 - self._buf0: i + 2 - self._buf0]
+        return subframe_shift(roll, 1, k)
+
+    def _close(self, k: int, note: _Sounding, t_off: float) -> None:
+        t_off = max(t_off, note.t_on + 1.0 / self.fps / 2)
+        self._notes.append(Note(self.start + note.t_on, self.start + t_off, int(k) + MIN_PITCH,
+                                note.velocity))
+
+    def _decide(self, upto: int, final: bool) -> None:
+        lo, hi = self._done, max(upto, self._done)
+        if hi > lo:
+            cfg = self.cfg
+            on_peaks = self._peaks("onset", cfg.onset_threshold, lo, hi, final)
+            off_peaks = self._peaks("offset", cfg.offset_threshold, lo, hi, final)
+            below = self._buf["frame"][lo - self._buf0: hi - self._buf0] <= cfg.frame_threshold
+            keys = set(np.flatnonzero(on_peaks.any(axis=0)).tolist()) | set(self._open)
+            for k in sorted(keys):
+                self._key(k, lo + np.flatnonzero(on_peaks[:, k]), lo + np.flatnonzero(below[:, k]),
+                          lo + np.flatnonzero(off_peaks[:, k]), hi, final)
+            self._done = hi
+        keep = max(self._done - self.radius - 1, self._buf0)  # the window before, the shift
+        self._buf = {k: v[keep - self._buf0:] for k, v in self._buf.items()}
+        self._buf0 = keep
+
+    def _key(self, k: int, starts: np.ndarray, gone: np.ndarray, offs: np.ndarray, hi: int,
+             final: bool) -> None:
+        """decode_rolls' rule for one key, over its events in the frames just decided."""
+        j = 0
+        note = self._open.pop(k, None)
+        while True:
+            if note is None:
+                if j == len(starts):
+                    return
+                bgn = int(starts[j])
+                j += 1
+                t_on = (bgn + self._shift("onset", bgn, k, final)) / self.fps
+                vel = self.cfg.velocity(float(self._buf["velocity"][bgn - self._buf0, k]))
+                note = _Sounding(bgn, t_on, vel)
+            bgn = note.bgn
+            if note.first_off_peak is None:
+                oo = _first_after(offs, bgn)
+                if oo is not None:
+                    note.first_off_peak = (oo, (oo + self._shift("offset", oo, k, final))
+                                           / self.fps)
+            nxt = int(starts[j]) if j < len(starts) else None
+            fd = _first_after(gone, bgn)
+            limit = None if self.max_len is None else bgn + self.max_len
+            if nxt is not None and (fd is None or nxt <= fd) and (limit is None or nxt <= limit):
+                self._close(k, note, (nxt + self._shift("onset", nxt, k, final)) / self.fps)
+            elif fd is not None and (limit is None or fd <= limit):
+                oo_t = note.first_off_peak
+                if oo_t is not None and oo_t[0] <= fd and oo_t[0] - bgn > fd - oo_t[0]:
+                    self._close(k, note, oo_t[1])
+                else:
+                    self._close(k, note, fd / self.fps)
+            elif final or (limit is not None and limit < hi):
+                # no end event before the limit (or before the timeline's last frame)
+                last = self._total - 1 if limit is None else min(limit, self._total - 1)
+                self._close(k, note, (last if last > bgn else bgn + 1) / self.fps)
+            else:
+                self._open[k] = note  # still sounding: carried to the next push
+                return
+            note = None

@@ -499,6 +499,34 @@ def stitch(segments: Sequence[SegmentResult], end: float | None = None) -> list[
     return sorted(notes, key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
 
 
+def stitch_tail(segments: Sequence[SegmentResult], tail: SegmentResult, tail_start: float,
+                end: float) -> list[Note]:
+    """stitch() for a file whose last segment was end-aligned (runtime/audio.py tail_start).
+
+    segments: the whole segments (k from 10 k s); tail: the last segment, decoded on its own
+    from `tail_start` seconds, overlapping segments[-1] up to the boundary (their end). Each
+    note is taken from one side only: before the boundary from `segments`, from the boundary
+    on from `tail`. A note still sounding at the boundary ends where the tail's note of the
+    same key that sounds across the boundary ends (nearest onset first); when the tail has
+    none, at the boundary, as stitch() ends a note the next segment does not carry.
+    """
+    notes, open_notes = _join(segments)
+    boundary = len(segments) * SEGMENT_SECONDS
+    tail_notes = [replace(n, onset=n.onset + tail_start, offset=n.offset + tail_start)
+                  for n in stitch([tail], end - tail_start)]
+    across = [n for n in tail_notes if n.onset < boundary < n.offset]
+    for note in sorted(open_notes, key=lambda o: o.onset):
+        onset = _seconds(note.onset)
+        same_key = [n for n in across if n.pitch == note.pitch]
+        match = min(same_key, key=lambda n: abs(n.onset - onset), default=None)
+        if match is not None:
+            across.remove(match)
+        offset = max(match.offset if match else boundary, _seconds(note.onset + 1))
+        notes.append(Note(onset, offset, note.pitch, note.velocity))
+    notes += [n for n in tail_notes if n.onset >= boundary]
+    return sorted(notes, key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+
+
 def carried_into(segments: Sequence[SegmentResult]) -> list[int]:
     """Pitches of the carried block of the segment that follows `segments`, in carried order:
     the `note_sustain pitch` prompts its offset stage is fed (the notes left open)."""

@@ -16,8 +16,11 @@ stitched and returned as soon as its last segment is decoded, in input order.
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +29,14 @@ import numpy as np
 
 from .audio import (
     SAMPLE_RATE,
+    AudioError,
     normalise_peak,
+    num_segments,
     prepare_audio,
     probe_audio,
-    segment_audio,
     stream_segments,
+    tail_start,
+    transcription_segments,
 )
 from .backend import Backend
 from .decode import (
@@ -42,11 +48,11 @@ from .decode import (
     decode_batch,
     to_notes,
 )
-from .manifest import DECODERS, Manifest, ManifestError, RollsSpec
+from .manifest import DECODERS, Manifest, ManifestError, RollsSpec, load_manifest
 from .midi import write_midi, write_notes_json, write_notes_tsv
 from .notes import Note
 from .report import Report, TimedBackend, Timings
-from .rolls import ROLL_KEYS, decode_rolls, join_segments
+from .rolls import ROLL_KEYS, RollStream, kept_frames
 
 Source = str | os.PathLike | tuple[np.ndarray, int]
 BACKENDS = ("cpu", "cuda", "tensorrt")
@@ -66,13 +72,15 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def open_backend(name: str, model_dir: str | os.PathLike, threads: int | None = None
-                 ) -> Backend:
-    """The runtime backend called `name` over an exported model folder."""
+def open_backend(name: str, model_dir: str | os.PathLike, threads: int | None = None,
+                 decoder: str | None = None) -> Backend:
+    """The runtime backend called `name` over an exported model folder. decoder="rolls" opens
+    only the encoder graph on the CPU backend (the LM graphs are never run)."""
     if name == "cpu":
         from .ort_backend import OrtBackend
 
-        return OrtBackend(model_dir, threads=threads)
+        return OrtBackend(model_dir, threads=threads,
+                          graphs=("encoder",) if decoder == "rolls" else None)
     if name == "cuda":
         from .ort_iobinding import OrtIoBindingBackend
 
@@ -100,15 +108,43 @@ class Transcription:
 
 
 @dataclass
+class Failure:
+    """An input that could not be transcribed (transcribe_many(..., keep_going=True))."""
+
+    source: str
+    error: str  # one line, naming the input
+
+
+@dataclass
 class _Input:
     """One source being streamed: its segments so far and the notes its last one left open."""
 
     name: str
     num_segments: int
     duration_s: float
+    n_samples: int  # at 16 kHz
+    last_start: int | None  # audio.tail_start: the end-aligned last segment's first sample
     segments: list[SegmentTokens] = field(default_factory=list)
     carry: list[OpenNote] = field(default_factory=list)
-    rolls: list[dict[str, np.ndarray]] = field(default_factory=list)  # decoder="rolls"
+    rolls: RollStream | None = None  # decoder="rolls": peak picking so far (carried state)
+    rolled: int = 0  # segments pushed into `rolls`
+    samples_read: list[int] = field(default_factory=list)  # audio.stream_segments(lengths=)
+    result: Transcription | None = None
+    error: str | None = None
+
+    def is_tail(self, index: int) -> bool:
+        """Segment `index` is the end-aligned last one (decoded on its own, merged after)."""
+        return self.last_start is not None and index == self.num_segments - 1
+
+
+def segment_align(backend: Backend) -> int:
+    """Samples the end-aligned last segment's start is rounded to: a whole number of encoder
+    frames and of 10 ms ticks, so its rolls and tokens line up with the other segments'."""
+    manifest: Manifest | None = getattr(backend, "manifest", None)
+    fps = (manifest.encoder.frames_per_second if manifest
+           else getattr(backend, "frames_per_second", None))
+    tick = SAMPLE_RATE // 100
+    return tick if not fps else math.lcm(tick, round(SAMPLE_RATE / fps))
 
 
 def input_peak_of(backend: Backend) -> float | None:
@@ -118,16 +154,20 @@ def input_peak_of(backend: Backend) -> float | None:
     return manifest.input_peak if manifest else getattr(backend, "input_peak", None)
 
 
-def _open_source(source: Source, peak: float | None) -> tuple[_Input, Iterator[np.ndarray]]:
-    """peak: the manifest's input_peak (each input scaled to it), or None."""
+def _open_source(source: Source, peak: float | None, align: int
+                 ) -> tuple[_Input, Iterator[np.ndarray]]:
+    """peak: the manifest's input_peak (each input scaled to it), or None. The segments are
+    audio.transcription_segments: the last partial one end-aligned, a short input tiled."""
     if isinstance(source, tuple):
         samples, rate = source
         audio = normalise_peak(prepare_audio(samples, rate), peak)
-        segments = segment_audio(audio)
-        return (_Input("<array>", len(segments), len(audio) / SAMPLE_RATE), iter(segments))
+        n = len(audio)
+        return (_Input("<array>", num_segments(n), n / SAMPLE_RATE, n, tail_start(n, align)),
+                transcription_segments([audio], align))
     info = probe_audio(source)
-    return (_Input(str(source), info.num_segments, info.duration_s),
-            stream_segments(source, peak=peak))
+    n = info.samples_16k
+    item = _Input(str(source), info.num_segments, info.duration_s, n, tail_start(n, align))
+    return item, stream_segments(source, peak=peak, align=align, lengths=item.samples_read)
 
 
 class Transcriber:
@@ -150,8 +190,11 @@ class Transcriber:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         if isinstance(backend, str):
+            folder = model_dir or default_model_dir()
+            if decoder is None:  # the manifest's choice decides which graphs are opened
+                decoder = load_manifest(folder).default_decoder
             self.backend_name = backend
-            self.backend = open_backend(backend, model_dir or default_model_dir(), threads)
+            self.backend = open_backend(backend, folder, threads, decoder)
         else:  # a wrapper may name the backend it wraps (runtime/evaluation.py RollTap)
             self.backend_name = getattr(backend, "backend_name", type(backend).__name__)
             self.backend = backend
@@ -171,36 +214,51 @@ class Transcriber:
         self.max_notes = max_notes
         self.concurrent = (concurrent_by_default(self.backend_name, threads)
                            if concurrent is None else concurrent)
-        self.report: Report | None = None
+        self._local = threading.local()  # each thread's latest report
 
     def transcribe(self, source: Source) -> Transcription:
         (result,) = self.transcribe_many([source])
+        assert isinstance(result, Transcription)
         return result
 
     def transcribe_many(self, sources: Iterable[Source],
-                        progress: Callable[[int], None] | None = None
-                        ) -> Iterator[Transcription]:
+                        progress: Callable[[int], None] | None = None,
+                        keep_going: bool = False) -> Iterator[Transcription | Failure]:
         """Yield each source's Transcription in input order; `progress(n)` after each batch
-        with the number of segments it decoded. `self.report` holds the figures at the end."""
+        with the number of segments it decoded. `self.report` holds this call's figures (per
+        thread: concurrent calls each see their own).
+
+        keep_going: an input that fails (unreadable, NaN samples mid-way, ...) yields a
+        Failure in its place and the others go on; otherwise its AudioError is raised.
+        """
         timings = Timings()
         timed = TimedBackend(self.backend, timings)
         count = {"files": 0, "audio_s": 0.0, "notes": 0, "tokens": 0, "decode_s": 0.0}
         t0 = time.perf_counter()
         first_note: float | None = None
         decode = self._roll_batch if self.decoder == "rolls" else self._lm_batch
-        for batch in self._batches(sources):
-            finished = decode(batch, timed, count)
-            first_note = first_note if first_note is not None else time.perf_counter() - t0
-            for item, notes in finished:
-                result = Transcription(item.name, notes, item.duration_s)
-                count["files"] += 1
-                count["audio_s"] += item.duration_s
-                count["notes"] += len(result.notes)
-                self.report = self._report(timings, count, t0, first_note)
-                yield result
-            if progress:
+        order: deque[_Input] = deque()  # inputs opened, not yet handed back: input order
+        for batch in self._batches(sources, order, keep_going):
+            if batch:
+                for item, notes in decode(batch, timed, count):
+                    first_note = first_note if first_note is not None else (
+                        time.perf_counter() - t0)
+                    item.result = Transcription(item.name, notes, item.duration_s)
+                    count["files"] += 1
+                    count["audio_s"] += item.duration_s
+                    count["notes"] += len(notes)
+            while order and (order[0].result is not None or order[0].error is not None):
+                item = order.popleft()
+                self._local.report = self._report(timings, count, t0, first_note)
+                yield item.result or Failure(item.name, item.error or "")
+            if progress and batch:
                 progress(len(batch))
-        self.report = self._report(timings, count, t0, first_note)
+        self._local.report = self._report(timings, count, t0, first_note)
+
+    @property
+    def report(self) -> Report | None:
+        """The figures of this thread's latest transcribe_many call (None before one)."""
+        return getattr(self._local, "report", None)
 
     def _lm_batch(self, batch: list[tuple[_Input, int, np.ndarray]], timed: TimedBackend,
                   count: dict) -> list[tuple[_Input, list[Note]]]:
@@ -218,40 +276,67 @@ class Transcriber:
             item.carry = seg.carry_out
             count["tokens"] += _predicted_tokens(seg)
             if len(item.segments) == item.num_segments:
-                finished.append((item, to_notes(item.segments, item.duration_s)))
+                tail_s = None if item.last_start is None else item.last_start / SAMPLE_RATE
+                finished.append((item, to_notes(item.segments, item.duration_s, tail_s)))
         return finished
 
     def _roll_batch(self, batch: list[tuple[_Input, int, np.ndarray]], timed: TimedBackend,
                     count: dict) -> list[tuple[_Input, list[Note]]]:
-        """decoder="rolls": one encoder run; each input's rolls are joined and decoded when its
-        last segment is in (runtime/rolls.py, the manifest's thresholds)."""
+        """decoder="rolls": one encoder run; each segment's frames go straight into its input's
+        RollStream (peak picking with carried open notes, runtime/rolls.py), so no input's
+        rolls are kept beyond a few frames; an input's notes are final with its last segment."""
         assert self.rolls is not None
         _, rolls = timed.encode_with_rolls(np.stack([seg for _, _, seg in batch]))
         fps = self.backend.manifest.encoder.frames_per_second
         t_dec = time.perf_counter()
         finished = []
-        for r, (item, _, _) in enumerate(batch):
-            item.rolls.append({k: v[r] for k, v in rolls.items()})
-            if len(item.rolls) == item.num_segments:
-                stacked = {k: np.stack([seg[k] for seg in item.rolls]) for k in ROLL_KEYS}
-                joined = join_segments(stacked, fps,
-                                       n_samples=round(item.duration_s * SAMPLE_RATE))
-                finished.append((item, decode_rolls(joined, fps, self.rolls.thresholds)))
-                item.rolls = []
+        for r, (item, index, _) in enumerate(batch):
+            if item.rolls is None:
+                item.rolls = RollStream(fps, self.rolls.thresholds)
+            keep = kept_frames(index, item.num_segments, fps, item.n_samples, item.last_start)
+            item.rolls.push({k: rolls[k][r, keep] for k in ROLL_KEYS})
+            item.rolled += 1
+            if item.rolled == item.num_segments:
+                finished.append((item, item.rolls.finish()))
+                item.rolls = None
         count["decode_s"] += time.perf_counter() - t_dec
         return finished
 
-    def _batches(self, sources: Iterable[Source]
+    def _batches(self, sources: Iterable[Source], order: deque[_Input], keep_going: bool
                  ) -> Iterator[list[tuple[_Input, int, np.ndarray]]]:
-        """Every source's segments, in order, in batches of self.batch rows."""
+        """Every source's segments, in order, in batches of self.batch rows; each input is
+        appended to `order` when opened. An empty batch is yielded after a failure, so the
+        caller hands it back in order."""
         batch: list[tuple[_Input, int, np.ndarray]] = []
+        align = segment_align(self.backend)
         for source in sources:
-            item, segments = _open_source(source, self.input_peak)
-            for index, segment in enumerate(segments):
+            item: _Input | None = None
+            try:
+                item, segments = _open_source(source, self.input_peak, align)
+                order.append(item)
+                index, segment = 0, next(segments)
+                for following in segments:  # one ahead: the last segment is known as such
+                    batch.append((item, index, segment))
+                    index, segment = index + 1, following
+                    if len(batch) == self.batch:
+                        yield batch
+                        batch = []
+                _shorter_than_its_header(item, index + 1, align)
                 batch.append((item, index, segment))
-                if len(batch) == self.batch:
-                    yield batch
-                    batch = []
+            except AudioError as e:
+                if not keep_going:
+                    raise
+                if item is None:  # failed before it was opened
+                    name = "<array>" if isinstance(source, tuple) else str(source)
+                    item = _Input(name, 0, 0.0, 0, None)
+                    order.append(item)
+                item.error = str(e)
+                batch = [row for row in batch if row[0] is not item]
+                yield []
+                continue
+            if len(batch) == self.batch:
+                yield batch
+                batch = []
         if batch:
             yield batch
 
@@ -265,10 +350,23 @@ class Transcriber:
                             decoder=self.decoder, concurrent=self.concurrent)
 
 
+def _shorter_than_its_header(item: _Input, segments: int, align: int) -> None:
+    """A file that held fewer samples than its header promised (a truncated WAV) is
+    transcribed as what is there: its length and segment plan are corrected before its last
+    segment is decoded (audio.py has warned)."""
+    if item.samples_read and item.samples_read[0] != item.n_samples:
+        n = item.samples_read[0]
+        item.n_samples, item.duration_s = n, n / SAMPLE_RATE
+        item.num_segments, item.last_start = segments, tail_start(n, align)
+
+
 def _row_specs(batch: list[tuple[_Input, int, np.ndarray]]) -> list[RowSpec]:
     """Where each row's carried notes come from: its predecessor row, or the batch before."""
     rows, where = [], {}
     for r, (item, index, _) in enumerate(batch):
+        if item.is_tail(index):  # decoded on its own, merged by to_notes
+            rows.append(RowSpec(index, None, []))
+            continue
         prev = where.get((id(item), index - 1))
         rows.append(RowSpec(index, prev, [] if prev is not None else list(item.carry)))
         where[id(item), index] = r

@@ -188,7 +188,7 @@ def test_text_file_named_wav(tmp_path):
     path = tmp_path / "notes.wav"
     path.write_text("this is not audio\n" * 20)
     msg = _one_line_error(path)
-    assert "cannot read audio" in msg and "WAV, FLAC or OGG" in msg
+    assert "cannot read audio" in msg and "WAV, FLAC, OGG or MP3" in msg
 
 
 def test_empty_file(tmp_path):

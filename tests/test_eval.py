@@ -187,12 +187,15 @@ def test_eval_scores_lm_and_roll_notes_per_clip_and_mean(exported, tmp_path, cap
 
 
 def test_roll_notes_match_a_separate_encoder_run(exported, tmp_path):
-    """The rolls kept from the decode loop's encoder run are the clip's own, in order."""
-    from pianolm.runtime.audio import load_audio, segment_audio
+    """The rolls kept from the decode loop's encoder run are the clip's own, in order (the
+    segments `pianolm transcribe` cuts: the 12 s clip's last one end-aligned, short ones
+    tiled)."""
+    from pianolm.runtime.audio import load_audio, tail_start, transcription_segments
     from pianolm.runtime.evaluation import evaluate_model
     from pianolm.runtime.metrics import score_notes
     from pianolm.runtime.ort_backend import OrtBackend
     from pianolm.runtime.rolls import decode_rolls, join_segments
+    from pianolm.runtime.transcriber import segment_align
 
     data = _data(tmp_path / "data", clips=(("a", 3.0), ("b", 12.0), ("c", 4.0)),
                  reference="mid")
@@ -201,8 +204,11 @@ def test_roll_notes_match_a_separate_encoder_run(exported, tmp_path):
     fps = backend.manifest.encoder.frames_per_second
     for clip in result.clips:
         audio = load_audio(clip.audio)
-        _, rolls = backend.encode_with_rolls(segment_audio(audio))
-        notes = decode_rolls(join_segments(rolls, fps, n_samples=len(audio)), fps)
+        align = segment_align(backend)
+        _, rolls = backend.encode_with_rolls(np.stack(list(transcription_segments([audio],
+                                                                                  align))))
+        notes = decode_rolls(join_segments(rolls, fps, n_samples=len(audio),
+                                           last_start=tail_start(len(audio), align)), fps)
         assert score_notes(notes, REF) == pytest.approx(clip.scores["rolls"])
 
 

@@ -142,9 +142,11 @@ def test_rolls_decoder_equals_decoding_the_encoders_rolls(exported, tmp_path):
     default_decoder picks it when no decoder is given; a bad choice is refused."""
     import json
 
+    from pianolm.runtime.audio import tail_start, transcription_segments
     from pianolm.runtime.manifest import ManifestError, load_manifest
     from pianolm.runtime.ort_backend import OrtBackend
     from pianolm.runtime.rolls import decode_rolls, join_segments
+    from pianolm.runtime.transcriber import segment_align
 
     folder = exported.dirs["hier"]
     manifest = load_manifest(folder)
@@ -152,11 +154,13 @@ def test_rolls_decoder_equals_decoding_the_encoders_rolls(exported, tmp_path):
     clips = [_clip(14.0, 5), _clip(3.0, 6)]
     backend = OrtBackend(folder, threads=1)
     want = []
+    align = segment_align(backend)
     for samples, _ in clips:
-        audio = np.zeros(20 * RATE if len(samples) > 10 * RATE else 10 * RATE, np.float32)
-        audio[:len(samples)] = samples
-        _, rolls = backend.encode_with_rolls(audio.reshape(-1, 10 * RATE))
-        joined = join_segments(rolls, manifest.encoder.frames_per_second, n_samples=len(samples))
+        # the 14 s clip's last segment is end-aligned, the 3 s clip tiled (audio.py)
+        audio = np.stack(list(transcription_segments([samples], align)))
+        _, rolls = backend.encode_with_rolls(audio)
+        joined = join_segments(rolls, manifest.encoder.frames_per_second, n_samples=len(samples),
+                               last_start=tail_start(len(samples), align))
         want.append(decode_rolls(joined, manifest.encoder.frames_per_second,
                                  manifest.encoder.rolls.thresholds))
     assert any(want), "the tiny model's rolls should give some notes"
@@ -216,3 +220,27 @@ def test_input_peak_makes_the_notes_independent_of_the_recording_level(tmp_path)
     path = tmp_path / "quiet.wav"
     sf.write(path, quiet[0], rate, subtype="FLOAT")
     assert notes(path, 0.5) == notes(quiet, 0.5)
+
+
+def test_concurrent_calls_keep_their_own_reports():
+    """Two threads transcribing at once through one Transcriber: each thread's t.report
+    describes its own call (files, audio seconds), not the other's."""
+    import threading
+
+    t = Transcriber(backend=FakeBackend(), batch=2, max_notes=12)
+    seen: dict[int, tuple[int, float]] = {}
+    barrier = threading.Barrier(2)
+
+    def run(k: int, clips) -> None:
+        barrier.wait()
+        list(t.transcribe_many(clips))
+        seen[k] = (t.report.files, round(t.report.audio_s, 3))
+
+    one, three = [_clip(4.0, 1)], [_clip(3.0, 2), _clip(5.0, 3), _clip(2.0, 4)]
+    threads = [threading.Thread(target=run, args=(0, one)),
+               threading.Thread(target=run, args=(1, three))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert seen == {0: (1, 4.0), 1: (3, 10.0)}
