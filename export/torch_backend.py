@@ -94,6 +94,9 @@ class TorchBackend:
         self.device = next(system.decoders.parameters()).device
         # what an export's manifest would say (audio.input_peak): the Transcriber scales by it
         self.input_peak: float | None = getattr(system.encoder, "input_peak", None)
+        # what the manifest's encoder.frames_per_second says: the end-aligned last segment's
+        # start is rounded to whole frames (runtime/transcriber.py segment_align)
+        self.frames_per_second = float(system.encoder.frames_per_second)
 
     @torch.inference_mode()
     def encode(self, audio: np.ndarray) -> np.ndarray:

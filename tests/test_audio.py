@@ -477,7 +477,7 @@ def test_probe_audio_errors(tmp_path):
     text = tmp_path / "notes.wav"
     text.write_text("this is not audio\n" * 20)
     msg = _probe_error(text)
-    assert "cannot read audio" in msg and "WAV, FLAC or OGG" in msg
+    assert "cannot read audio" in msg and "WAV, FLAC, OGG or MP3" in msg
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     assert "empty" in _probe_error(empty)

@@ -104,10 +104,16 @@ def test_bad_input_is_one_line_and_writes_nothing(exported, tmp_path, capsys, pr
         bad.write_bytes(b"")
     elif problem == "directory":
         bad.mkdir()
-    code, _, err = _run(capsys, good, str(bad), "--model", str(exported.dirs["hier"]))
+    model = str(exported.dirs["hier"])
+    # --fail-fast: inputs are all checked before any work; the bad one is the run's one error
+    code, _, err = _run(capsys, good, str(bad), "--model", model, "--fail-fast")
     assert code == 2
     assert "bad.wav" in _one_error_line(err)
-    assert not list(tmp_path.glob("*.mid"))  # inputs are all checked before any work
+    assert not list(tmp_path.glob("*.mid"))
+    # default: the bad input fails alone (exit 1), the good one is transcribed
+    code, _, err = _run(capsys, good, str(bad), "--model", model)
+    assert code == 1 and "bad.wav" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.glob("*.mid")] == ["good.mid"]
 
 
 def test_two_inputs_with_one_output_name_are_refused(tmp_path, capsys):

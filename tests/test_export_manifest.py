@@ -188,9 +188,11 @@ def test_errors_name_file_and_field(folder: Path, change, field, words):
 
 
 def test_missing_graph_file(folder: Path):
+    """A folder missing a graph still loads (the rolls decoder needs the encoder alone); the
+    file is named when a graph is opened (runtime/ort_backend.py)."""
     (folder / "velocity_step.onnx").unlink()
-    message = _error(folder)
-    assert "'stages[1].step.file'" in message and "missing" in message
+    m = load_manifest(folder)
+    assert not m.path(m.stage("velocity").step).exists()
 
 
 def test_missing_folder_or_manifest(tmp_path: Path):
