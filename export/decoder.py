@@ -285,10 +285,16 @@ class PointerTimeHead(nn.Module):
         self.q = nn.Linear(cfg.d_model, cfg.head_dim, bias=False)
         self.k = nn.Linear(cfg.d_model, cfg.head_dim, bias=False)
         self.sub = nn.Linear(cfg.d_model, 1)
-        ticks = torch.arange(vocab.SEGMENT_TICKS + 1)
-        self.register_buffer("tick_frame", ticks // cfg.ticks_per_frame, persistent=False)
-        self.register_buffer("tick_rest", (ticks % cfg.ticks_per_frame).float(),
-                             persistent=False)
+        self.ticks_per_frame = cfg.ticks_per_frame
+        self.register_buffer("tick_frame", torch.empty(0), persistent=False)
+        self.register_buffer("tick_rest", torch.empty(0), persistent=False)
+        self.reset_tables("cpu")
+
+    def reset_tables(self, device: torch.device | str) -> None:
+        """Each tick's frame and sub-frame rest (derived, not learned)."""
+        ticks = torch.arange(vocab.SEGMENT_TICKS + 1, device=device)
+        self.tick_frame = ticks // self.ticks_per_frame
+        self.tick_rest = (ticks % self.ticks_per_frame).float()
 
     def keys(self, memory: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """memory [B, T, d] -> pointer keys^T [B, 1, Dh, T]; once per segment."""
@@ -414,9 +420,7 @@ class Decoder(nn.Module):
         self.rope_sin = sin.to(device)
         self.audio_pe = sinusoidal_table(self.cfg.max_frames, self.cfg.audio_pe_dim).to(device)
         if self.pointer is not None:
-            ticks = torch.arange(vocab.SEGMENT_TICKS + 1, device=device)
-            self.pointer.tick_frame = ticks // self.cfg.ticks_per_frame
-            self.pointer.tick_rest = (ticks % self.cfg.ticks_per_frame).float()
+            self.pointer.reset_tables(device)
 
     # -- shared pieces ----------------------------------------------------------------------
 

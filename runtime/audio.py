@@ -229,12 +229,12 @@ def _counted(chunks: Iterable[np.ndarray], lengths: list[int]) -> Iterator[np.nd
     lengths.append(n)
 
 
-def _segments_from_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    """Re-cut a stream of 16 kHz chunks into fresh float32 [160000] segments, as segment_audio
-    does: the last one zero-padded, at least one."""
+def _cut(chunks: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, int]]:
+    """Re-cut a stream of 16 kHz chunks into fresh float32 [160000] buffers: (buffer, 160000)
+    for each full segment, then once (buffer, fill) for what is left (fill < 160000, maybe 0;
+    zeros past it)."""
     buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
     fill = 0
-    emitted = False
     for chunk in chunks:
         pos, n = 0, chunk.shape[0]
         while pos < n:
@@ -243,12 +243,20 @@ def _segments_from_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
             fill += take
             pos += take
             if fill == SEGMENT_SAMPLES:
-                yield buf
-                emitted = True
+                yield buf, fill
                 buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
                 fill = 0
-    if fill or not emitted:
-        yield buf
+    yield buf, fill
+
+
+def _segments_from_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Re-cut a stream of 16 kHz chunks into fresh float32 [160000] segments, as segment_audio
+    does: the last one zero-padded, at least one."""
+    emitted = False
+    for buf, fill in _cut(chunks):
+        if fill or not emitted:  # every full segment; the rest if any, or one if none came
+            yield buf
+            emitted = True
 
 
 def tail_start(n_samples: int, align: int) -> int | None:
@@ -281,29 +289,21 @@ def transcription_segments(chunks: Iterable[np.ndarray], align: int) -> Iterator
     the one before) and a single short input is tiled. As many segments as segment_audio
     (num_segments), one or two held at a time."""
     prev: np.ndarray | None = None  # the last full segment: the tail's overlap comes from it
-    buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
-    fill = full = 0
-    for chunk in chunks:
-        pos, n = 0, chunk.shape[0]
-        while pos < n:
-            take = min(n - pos, SEGMENT_SAMPLES - fill)
-            buf[fill:fill + take] = chunk[pos:pos + take]
-            fill += take
-            pos += take
-            if fill == SEGMENT_SAMPLES:
-                yield buf
-                prev, full, fill = buf, full + 1, 0
-                buf = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
-    if prev is None:
-        yield _tiled(buf[:fill])
-    elif fill:
-        start = tail_start(full * SEGMENT_SAMPLES + fill, align)
-        assert start is not None
-        overlap = prev[start - (full - 1) * SEGMENT_SAMPLES:]
-        last = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
-        last[:len(overlap)] = overlap
-        last[len(overlap):len(overlap) + fill] = buf[:fill]
-        yield last
+    full = 0
+    for buf, fill in _cut(chunks):
+        if fill == SEGMENT_SAMPLES:
+            yield buf
+            prev, full = buf, full + 1
+        elif prev is None:
+            yield _tiled(buf[:fill])
+        elif fill:
+            start = tail_start(full * SEGMENT_SAMPLES + fill, align)
+            assert start is not None
+            overlap = prev[start - (full - 1) * SEGMENT_SAMPLES:]
+            last = np.zeros(SEGMENT_SAMPLES, dtype=np.float32)
+            last[:len(overlap)] = overlap
+            last[len(overlap):len(overlap) + fill] = buf[:fill]
+            yield last
 
 
 # ----------------------------------------------------------------------------- files
