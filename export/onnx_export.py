@@ -502,7 +502,7 @@ def roll_thresholds(source_checkpoint: str | Path | None,
         from pianolm.export.checkpoint import read_config
 
         tuned = (read_config(source_checkpoint)[1].get("metadata") or {}).get("rolls")
-        where = f"checkpoint metadata ({source_checkpoint})"
+        where = "the checkpoint's metadata (pianolm train tune-rolls)"  # not a build path
     else:
         tuned, where = (metadata or {}).get("rolls"), "export metadata"
     if isinstance(tuned, dict) and tuned:

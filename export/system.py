@@ -136,6 +136,17 @@ def _m(n: int) -> str:
     return f"{n / 1e6:.2f} M"
 
 
+def shipped_sizes(manifest: Mapping) -> tuple[str, str]:
+    """(decoder preset, encoder name) of an exported model, from its manifest: `pianolm info`
+    describes the shipped model unless told otherwise."""
+    dec = manifest["stages"][0]["decoder"]
+    sizes = (dec["n_layers"], dec["d_model"], dec["n_heads"])
+    preset = next((name for name, p in PRESETS.items() if p == sizes), None)
+    if preset is None:
+        raise ValueError(f"the model's decoder sizes {sizes} are no preset of {sorted(PRESETS)}")
+    return preset, manifest["encoder"]["name"]
+
+
 def describe_parameters(preset: str, encoder: str, hierarchical: bool = True) -> str:
     """A parameter table for `pianolm info --preset P --encoder E`.
 

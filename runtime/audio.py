@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,15 +88,50 @@ def _checked_path(path: str | os.PathLike) -> str:
     return name
 
 
+class _NativeStderrQuiet:
+    """While held, file descriptor 2 goes to /dev/null: libsndfile's decoders (libmpg123 above
+    all) print their own chatter there on a damaged file, where our one line is the message.
+    Counted under a lock, so concurrent readers restore the real stderr exactly once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = -1
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                sys.stderr.flush()
+                self._saved = os.dup(2)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 2)
+                os.close(devnull)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    os.dup2(self._saved, 2)
+                    os.close(self._saved)
+
+
+_native_stderr_quiet = _NativeStderrQuiet()
+
+
 @contextmanager
 def _decode_errors(name: str) -> Iterator[None]:
-    """Turn soundfile/OS failures into one-line AudioErrors without a chained traceback.
+    """Turn soundfile/OS failures into one-line AudioErrors without a chained traceback, with
+    the decoders' own stderr chatter silenced.
 
     Wraps only the soundfile calls (open, info, read), never a yield, so errors in the caller's
     own code are not mislabelled as unreadable audio.
     """
     try:
-        yield
+        with _native_stderr_quiet():
+            yield
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:

@@ -12,7 +12,8 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -24,9 +25,12 @@ class RunFailed(Exception):
     """Some inputs failed (each already reported on its own line): the summary line, exit 1."""
 
 
-def _torch_side(module: str) -> object:
+@contextmanager
+def _torch_side_hint() -> Iterator[None]:
+    """Torch-side code run without the export extra (at import or later, e.g. when a
+    subcommand builds its parser for --help): the install hint, not a traceback."""
     try:
-        return importlib.import_module(f"pianolm.export.{module}")
+        yield
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in {"torch", "onnx", "onnxscript", "safetensors"}:
             raise UserError(f"this command needs the torch side: pip install 'pianolm[export]' "
@@ -34,9 +38,21 @@ def _torch_side(module: str) -> object:
         raise
 
 
+def _torch_side(module: str) -> object:
+    with _torch_side_hint():
+        return importlib.import_module(f"pianolm.export.{module}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
+    from pianolm.runtime.transcriber import default_model_dir
+
     system = _torch_side("system")
-    print(system.describe_parameters(args.preset, args.encoder))
+    preset, encoder = args.preset, args.encoder
+    if preset is None or encoder is None:  # the shipped model's, what transcribe runs
+        manifest = json.loads((default_model_dir() / "manifest.json").read_text())
+        shipped_preset, shipped_encoder = system.shipped_sizes(manifest)
+        preset, encoder = preset or shipped_preset, encoder or shipped_encoder
+    print(system.describe_parameters(preset, encoder))
 
 
 def plan_outputs(inputs: list[str], out: str | None, suffix: str = ".mid") -> list[Path]:
@@ -218,7 +234,8 @@ def cmd_pass_through(args: argparse.Namespace) -> None:
         if rest[:1] != ["render"]:
             raise UserError("usage: pianolm data render --out DIR [options]")
         rest = rest[1:]
-    code = getattr(_torch_side(module), entry)(rest)
+    with _torch_side_hint():
+        code = getattr(_torch_side(module), entry)(rest)
     if code:
         raise SystemExit(code)
 
@@ -236,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameter counts of a model preset, per part")
-    info.add_argument("--preset", default="small", choices=["mini", "tiny", "small", "base"])
-    info.add_argument("--encoder", default="hppnet",
-                      choices=["crnn", "hppnet", "hppnet-cpu", "hppnet-cpu-vl"])
+    info.add_argument("--preset", choices=["mini", "tiny", "small", "base"],
+                      help="decoder size (default: the shipped model's)")
+    info.add_argument("--encoder", choices=["crnn", "hppnet", "hppnet-cpu", "hppnet-cpu-vl"],
+                      help="encoder (default: the shipped model's)")
     info.set_defaults(func=cmd_info)
 
     tr = sub.add_parser("transcribe", help="audio files -> MIDI, with a latency report",

@@ -44,6 +44,10 @@ BAD = {
     "truncated.flac": lambda p: (sf.write(p, _tone(3, 16000), 16000),
                                  p.write_bytes(p.read_bytes()[:200])),
 }
+if "MP3" in sf.available_formats():  # libsndfile >= 1.1; libmpg123 prints its own chatter
+    BAD["damaged.mp3"] = lambda p: (sf.write(p, _tone(3, 16000), 16000, format="MP3"),
+                                    p.write_bytes(p.read_bytes()[:3000] + bytes(range(256)) * 20
+                                                  + p.read_bytes()[3000:]))
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

@@ -80,3 +80,17 @@ def test_transcribe_with_no_model_flag(instrument, tmp_path):
     assert scores["onset_f"] >= ONSET_F_FLOOR, scores
     assert scores["onset_offset_f"] >= ONSET_OFFSET_F_FLOOR, scores
     assert json.loads(report.read_text())["notes"] == len(got)
+
+
+def test_info_describes_the_shipped_model_by_default(capsys):
+    """`pianolm info` with no options counts the parameters of what `transcribe` runs."""
+    pytest.importorskip("torch", reason="pianolm info is torch-side")
+    from pianolm.runtime.cli import main
+
+    manifest = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())
+    assert main(["info"]) in (0, None)
+    first = capsys.readouterr().out.splitlines()[0]
+    decoder = manifest["stages"][0]["decoder"]
+    assert f"encoder {manifest['encoder']['name']} " in first
+    sizes = f"{decoder['n_layers']} layers, d {decoder['d_model']}, {decoder['n_heads']} heads"
+    assert sizes in first

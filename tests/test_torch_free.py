@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 BLOCKER = textwrap.dedent("""
     import importlib.abc, sys
     BLOCKED = {blocked!r}
@@ -56,10 +58,13 @@ def test_decode_loop_runs_without_torch():
     assert res.stdout.strip() == "2"
 
 
-def test_torch_side_command_says_which_extra_to_install():
-    res = _run("""
+@pytest.mark.parametrize("argv", [["info", "--preset", "tiny"], ["train", "--help"],
+                                  ["train", "lm", "--help"], ["bench", "--help"]])
+def test_torch_side_command_says_which_extra_to_install(argv):
+    # train and bench import torch only when they build their parsers, after the CLI's import
+    res = _run(f"""
         from pianolm.runtime.cli import main
-        raise SystemExit(main(['info', '--preset', 'tiny']))
+        raise SystemExit(main({argv!r}))
     """, blocked=("torch",))
     assert res.returncode == 2
     assert "pip install 'pianolm[export]'" in res.stderr and "Traceback" not in res.stderr

@@ -152,6 +152,25 @@ def test_init_from_another_run(emb_dir, tmp_path):
                  **_opts(preset="mini"))
 
 
+def test_init_from_committed_fp16_weights(emb_dir, tmp_path):
+    """On a fresh machine only a run's committed folder is left (decoder.json and its best
+    weights in fp16, benchmarks/results/): --init takes it, in fp32."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    train_lm("onset", str(emb_dir), src, steps=3, **_opts())
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    shutil.copy(src / "decoder.json", committed)
+    half = {k: v.half() for k, v in load_file(str(src / "decoder.safetensors")).items()}
+    save_file(half, str(committed / "best.fp16.safetensors"))
+    dst = tmp_path / "dst"
+    train_lm("onset", str(emb_dir), dst, steps=0, init_from=str(committed), **_opts())
+    got, _ = load_decoder(dst, best=False)
+    assert all(v.dtype == torch.float32 and torch.equal(v, half[k].float())
+               for k, v in got.state_dict().items())
+
+
 def test_align_time_embeddings():
     from pianolm.export.decoder import Decoder, DecoderConfig
     from pianolm.export.train.lm import align_time_embeddings

@@ -89,6 +89,9 @@ from .evaluate import evaluate, mean_scores
 DECODER_FILE = "decoder.safetensors"
 DECODER_JSON = "decoder.json"
 BEST_FILE = "best.safetensors"
+# A run's best weights in fp16, as committed to benchmarks/results/ (no optimizer state): enough
+# for --init on a fresh machine, where the run folder itself is gone
+COMMITTED_FILE = "best.fp16.safetensors"
 # What each stage's greedy decode is scored by (the rest of a note comes from the reference)
 STAGE_METRICS = {"onset": ("onset",), "velocity": ("onset_offset_velocity",),
                  "offset": ("onset_offset",),
@@ -459,12 +462,17 @@ def save_decoder(decoder: Decoder, folder: Path, meta: Mapping[str, Any],
 
 def load_decoder(folder: str | os.PathLike, best: bool = True
                  ) -> tuple[Decoder, dict[str, Any]]:
-    """(decoder, decoder.json) of an LM run folder; `best`: best.safetensors if present."""
+    """(decoder, decoder.json) of an LM run folder; `best`: best.safetensors if present. A
+    folder of committed weights (decoder.json + best.fp16.safetensors) loads too, in fp32."""
     folder = Path(folder)
     meta = json.loads((folder / DECODER_JSON).read_text())
     decoder = Decoder(DecoderConfig.from_dict(meta["config"]))
     path = folder / (BEST_FILE if best and (folder / BEST_FILE).is_file() else DECODER_FILE)
-    decoder.load_state_dict(load_file(str(path)), strict=True)
+    if not path.is_file() and (folder / COMMITTED_FILE).is_file():
+        path = folder / COMMITTED_FILE
+    weights = {k: v.float() if v.is_floating_point() else v
+               for k, v in load_file(str(path)).items()}
+    decoder.load_state_dict(weights, strict=True)
     return decoder.eval(), meta
 
 
