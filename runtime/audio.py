@@ -57,11 +57,13 @@ __all__ = [
 
 
 class AudioError(Exception):
-    """A user-facing audio problem; the message is one line naming the file and the problem."""
+    """A user-facing audio problem; the message is one line naming the file and the problem.
+    unsupported: the file's format was not recognised at all (a server answers 415, not 400)."""
 
-    def __init__(self, source: str, problem: str):
+    def __init__(self, source: str, problem: str, unsupported: bool = False):
         self.source = source
         self.problem = _one_line(problem)
+        self.unsupported = unsupported
         super().__init__(f"{source}: {self.problem}")
 
 
@@ -137,8 +139,9 @@ def _decode_errors(name: str) -> Iterator[None]:
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         reason = (getattr(e, "error_string", None) or str(e)).rstrip(".")
         # the formats hint only where the format was not recognised, not on a corrupt FLAC
-        hint = " (expected WAV, FLAC, OGG or MP3)" if "recognised" in reason.lower() else ""
-        raise AudioError(name, f"cannot read audio: {reason}{hint}") from None
+        unsupported = "recognised" in reason.lower()
+        hint = " (expected WAV, FLAC, OGG or MP3)" if unsupported else ""
+        raise AudioError(name, f"cannot read audio: {reason}{hint}", unsupported) from None
     except OSError as e:
         raise AudioError(name, f"cannot open ({e.strerror or e})") from None
     except MemoryError:

@@ -82,6 +82,21 @@ def _refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
         raise UserError(f"{existing[0]} exists{more}; pass --overwrite to replace it")
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="exported model folder (default: the shipped model)")
+    parser.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                        help=BACKEND_HELP)
+    parser.add_argument("--threads", type=int, help="CPU threads per graph (default: all "
+                        "cores)")
+
+
+def _decoder_option(parser: argparse.ArgumentParser) -> None:
+    # manifest.DECODERS, spelled out: building the parser imports nothing (fast --help)
+    parser.add_argument("--decoder", choices=["lm", "rolls"],
+                        help="notes from the LM stages or the encoder's own rolls (default: "
+                             "the model's manifest, default_decoder)")
+
+
 def _schedule_option(parser: argparse.ArgumentParser) -> None:
     # decode.SCHEDULES, spelled out: building the parser imports nothing (fast --help)
     parser.add_argument("--schedule", choices=["auto", "concurrent", "sequential"],
@@ -215,6 +230,42 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import socket
+
+    from .backend import BackendUnavailable
+    from .manifest import ManifestError
+    from .transcriber import Transcriber
+
+    if min(args.batch, args.max_queue) < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0 \
+            or (args.threads is not None and args.threads < 1):
+        raise UserError("--batch, --max-queue and --threads must be positive, --max-wait-ms "
+                        "at least 0, --max-body-mb above 0")
+    try:
+        from .server import ServeConfig, create_app, run
+    except ModuleNotFoundError as e:
+        raise UserError(f"pianolm serve needs the serve extra: pip install 'pianolm[serve]' "
+                        f"({e.name} is not installed)") from None
+    try:  # bound before the model loads: a port in use is one line, at once
+        sock = socket.create_server((args.host, args.port))
+    except OSError as e:
+        raise UserError(f"{args.host}:{args.port}: cannot listen there ({e.strerror or e})"
+                        ) from None
+    try:
+        transcriber = Transcriber(args.model, backend=args.backend, batch=args.batch,
+                                  threads=args.threads, decoder=args.decoder,
+                                  concurrent=_concurrent(args.schedule))
+    except (BackendUnavailable, ManifestError, OSError, ValueError) as e:
+        sock.close()
+        raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+    config = ServeConfig(max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         max_body_mb=args.max_body_mb)
+    host, port = sock.getsockname()[:2]
+    print(f"pianolm serve: http://{host}:{port}/v1/transcribe (decoder {transcriber.decoder}, "
+          f"backend {transcriber.backend_name}, batch {args.batch})", flush=True)
+    run(create_app(transcriber, config), sock, args.log_level)  # until SIGTERM / Ctrl-C
+
+
 # Torch-side commands: `pianolm NAME ...` hands every later word to an entry function that
 # parses its own options. NAME -> (module under pianolm.export, entry function, help).
 PASS_THROUGH = {
@@ -265,16 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, ...; any rate)")
     tr.add_argument("-o", "--output", help="output .mid for one input, or a folder "
                     "(default: beside each input)")
-    tr.add_argument("--model", help="exported model folder (default: the shipped model)")
-    tr.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                    help=BACKEND_HELP)
-    # manifest.DECODERS, spelled out: building the parser imports nothing (fast --help)
-    tr.add_argument("--decoder", choices=["lm", "rolls"],
-                    help="notes from the LM stages or the encoder's own rolls (default: the "
-                         "model's manifest, default_decoder)")
+    _model_options(tr)
+    _decoder_option(tr)
     tr.add_argument("--batch", type=int, default=1, help="segments decoded together, across "
                     "files (throughput mode)")
-    tr.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
     _schedule_option(tr)
     tr.add_argument("--notes", choices=["tsv", "json"], help="also write the notes as a table")
     tr.add_argument("--report-json", help="write the latency report to this JSON file")
@@ -292,15 +337,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "LM's notes and the encoder's roll-decoded notes.")
     ev.add_argument("--data", required=True, help="folder of audio files + references "
                     "(e.g. the dev set)")
-    ev.add_argument("--model", help="exported model folder (default: the shipped model)")
+    _model_options(ev)
     ev.add_argument("--json", help="write every figure (per clip, means, report) to this file")
-    ev.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                    help=BACKEND_HELP)
     ev.add_argument("--batch", type=int, default=1, help="segments decoded together")
-    ev.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
     _schedule_option(ev)
     ev.add_argument("--max-clips", type=int, help="score only the first N clips (by name)")
     ev.set_defaults(func=cmd_eval)
+
+    sv = sub.add_parser("serve", help="an HTTP transcription server (pip install "
+                        "'pianolm[serve]')", description="Serve POST /v1/transcribe, /healthz, "
+                        "/readyz and /metrics; segments of concurrent requests share decoder "
+                        "batches (README, Serve).")
+    _model_options(sv)
+    _decoder_option(sv)
+    _schedule_option(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                    "127.0.0.1; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--batch", type=int, default=8, help="most segments per decoder batch, "
+                    "across requests (default 8)")
+    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a short batch "
+                    "waits for more requests (default 10)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests in flight at once; "
+                    "more are answered 503 with Retry-After (default 64)")
+    sv.add_argument("--max-body-mb", type=float, default=100.0, help="largest request body "
+                    "(default 100 MB; larger: 413)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning",
+                                                             "info", "debug"],
+                    help="uvicorn's log level (info: one access line per request)")
+    sv.set_defaults(func=cmd_serve)
 
     for name, (_, _, help_text) in PASS_THROUGH.items():
         # prefix_chars="+" hands every word after the command (--help included) through.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -56,7 +57,7 @@ class SegmentTokens:
     """What the decoders said about one segment: one token list per stage."""
 
     segment: int
-    tokens: dict[str, list[int]]
+    tokens: dict[str, Sequence[int]]  # lists from the loop; kept as arrays (transcriber.py)
     carry_out: list[OpenNote]  # notes still sounding at the segment's end
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ class Failure:
 
 
 @dataclass
-class _Input:
+class InputState:
     """One source being streamed: its segments so far and the notes its last one left open."""
 
     name: str
@@ -137,6 +138,10 @@ class _Input:
         return self.last_start is not None and index == self.num_segments - 1
 
 
+# One row of a decode batch: the input, the segment's index in it, its 16 kHz samples
+Row = tuple[InputState, int, np.ndarray]
+
+
 def segment_align(backend: Backend) -> int:
     """Samples the end-aligned last segment's start is rounded to: a whole number of encoder
     frames and of 10 ms ticks, so its rolls and tokens line up with the other segments'."""
@@ -155,18 +160,18 @@ def input_peak_of(backend: Backend) -> float | None:
 
 
 def _open_source(source: Source, peak: float | None, align: int
-                 ) -> tuple[_Input, Iterator[np.ndarray]]:
+                 ) -> tuple[InputState, Iterator[np.ndarray]]:
     """peak: the manifest's input_peak (each input scaled to it), or None. The segments are
     audio.transcription_segments: the last partial one end-aligned, a short input tiled."""
     if isinstance(source, tuple):
         samples, rate = source
         audio = normalise_peak(prepare_audio(samples, rate), peak)
         n = len(audio)
-        return (_Input("<array>", num_segments(n), n / SAMPLE_RATE, n, tail_start(n, align)),
+        return (InputState("<array>", num_segments(n), n / SAMPLE_RATE, n, tail_start(n, align)),
                 transcription_segments([audio], align))
     info = probe_audio(source)
     n = info.samples_16k
-    item = _Input(str(source), info.num_segments, info.duration_s, n, tail_start(n, align))
+    item = InputState(str(source), info.num_segments, info.duration_s, n, tail_start(n, align))
     return item, stream_segments(source, peak=peak, align=align, lengths=item.samples_read)
 
 
@@ -236,11 +241,10 @@ class Transcriber:
         count = {"files": 0, "audio_s": 0.0, "notes": 0, "tokens": 0, "decode_s": 0.0}
         t0 = time.perf_counter()
         first_note: float | None = None
-        decode = self._roll_batch if self.decoder == "rolls" else self._lm_batch
-        order: deque[_Input] = deque()  # inputs opened, not yet handed back: input order
+        order: deque[InputState] = deque()  # inputs opened, not yet handed back: input order
         for batch in self._batches(sources, order, keep_going):
             if batch:
-                for item, notes in decode(batch, timed, count):
+                for item, notes in self.decode_rows(batch, timed, count):
                     first_note = first_note if first_note is not None else (
                         time.perf_counter() - t0)
                     item.result = Transcription(item.name, notes, item.duration_s)
@@ -255,13 +259,27 @@ class Transcriber:
                 progress(len(batch))
         self._local.report = self._report(timings, count, t0, first_note)
 
+    def open(self, source: Source) -> tuple[InputState, Iterator[Row]]:
+        """Open one source (its header is read now: AudioError if unreadable) and the rows of
+        its segments in order, read lazily (a server's batcher interleaves several)."""
+        item, segments = _open_source(source, self.input_peak, segment_align(self.backend))
+        return item, _rows(item, segments, segment_align(self.backend))
+
+    def decode_rows(self, batch: list[Row], timed: TimedBackend, count: dict
+                    ) -> list[tuple[InputState, list[Note]]]:
+        """Decode one batch with this transcriber's decoder; the inputs whose last segment it
+        held, with their notes. A row's segment must come after its input's earlier ones (in
+        an earlier batch, or earlier in this one). Inputs' state changes only on success."""
+        decode = self._roll_batch if self.decoder == "rolls" else self._lm_batch
+        return decode(batch, timed, count)
+
     @property
     def report(self) -> Report | None:
         """The figures of this thread's latest transcribe_many call (None before one)."""
         return getattr(self._local, "report", None)
 
-    def _lm_batch(self, batch: list[tuple[_Input, int, np.ndarray]], timed: TimedBackend,
-                  count: dict) -> list[tuple[_Input, list[Note]]]:
+    def _lm_batch(self, batch: list[Row], timed: TimedBackend,
+                  count: dict) -> list[tuple[InputState, list[Note]]]:
         """decoder="lm": the hierarchical decode loop; the inputs whose last segment this
         batch held, with their stitched notes."""
         rows = _row_specs(batch)
@@ -272,7 +290,7 @@ class Transcriber:
         count["decode_s"] += time.perf_counter() - t_batch - encode_s
         finished = []
         for (item, _, _), seg in zip(batch, decoded):
-            item.segments.append(seg)
+            item.segments.append(_compact(seg))
             item.carry = seg.carry_out
             count["tokens"] += _predicted_tokens(seg)
             if len(item.segments) == item.num_segments:
@@ -280,8 +298,8 @@ class Transcriber:
                 finished.append((item, to_notes(item.segments, item.duration_s, tail_s)))
         return finished
 
-    def _roll_batch(self, batch: list[tuple[_Input, int, np.ndarray]], timed: TimedBackend,
-                    count: dict) -> list[tuple[_Input, list[Note]]]:
+    def _roll_batch(self, batch: list[Row], timed: TimedBackend,
+                    count: dict) -> list[tuple[InputState, list[Note]]]:
         """decoder="rolls": one encoder run; each segment's frames go straight into its input's
         RollStream (peak picking with carried open notes, runtime/rolls.py), so no input's
         rolls are kept beyond a few frames; an input's notes are final with its last segment."""
@@ -302,41 +320,34 @@ class Transcriber:
         count["decode_s"] += time.perf_counter() - t_dec
         return finished
 
-    def _batches(self, sources: Iterable[Source], order: deque[_Input], keep_going: bool
-                 ) -> Iterator[list[tuple[_Input, int, np.ndarray]]]:
+    def _batches(self, sources: Iterable[Source], order: deque[InputState], keep_going: bool
+                 ) -> Iterator[list[Row]]:
         """Every source's segments, in order, in batches of self.batch rows; each input is
         appended to `order` when opened. An empty batch is yielded after a failure, so the
         caller hands it back in order."""
-        batch: list[tuple[_Input, int, np.ndarray]] = []
+        batch: list[Row] = []
         align = segment_align(self.backend)
         for source in sources:
-            item: _Input | None = None
+            item: InputState | None = None
             try:
                 item, segments = _open_source(source, self.input_peak, align)
                 order.append(item)
-                index, segment = 0, next(segments)
-                for following in segments:  # one ahead: the last segment is known as such
-                    batch.append((item, index, segment))
-                    index, segment = index + 1, following
+                for row in _rows(item, segments, align):
+                    batch.append(row)
                     if len(batch) == self.batch:
                         yield batch
                         batch = []
-                _shorter_than_its_header(item, index + 1, align)
-                batch.append((item, index, segment))
             except AudioError as e:
                 if not keep_going:
                     raise
                 if item is None:  # failed before it was opened
                     name = "<array>" if isinstance(source, tuple) else str(source)
-                    item = _Input(name, 0, 0.0, 0, None)
+                    item = InputState(name, 0, 0.0, 0, None)
                     order.append(item)
                 item.error = str(e)
                 batch = [row for row in batch if row[0] is not item]
                 yield []
                 continue
-            if len(batch) == self.batch:
-                yield batch
-                batch = []
         if batch:
             yield batch
 
@@ -350,7 +361,18 @@ class Transcriber:
                             decoder=self.decoder, concurrent=self.concurrent)
 
 
-def _shorter_than_its_header(item: _Input, segments: int, align: int) -> None:
+def _rows(item: InputState, segments: Iterator[np.ndarray], align: int) -> Iterator[Row]:
+    """An input's rows in order, read one ahead so the last segment is known as such; a file
+    shorter than its header promised is corrected before its last row is handed out."""
+    index, segment = 0, next(segments)
+    for following in segments:
+        yield item, index, segment
+        index, segment = index + 1, following
+    _shorter_than_its_header(item, index + 1, align)
+    yield item, index, segment
+
+
+def _shorter_than_its_header(item: InputState, segments: int, align: int) -> None:
     """A file that held fewer samples than its header promised (a truncated WAV) is
     transcribed as what is there: its length and segment plan are corrected before its last
     segment is decoded (audio.py has warned)."""
@@ -360,7 +382,7 @@ def _shorter_than_its_header(item: _Input, segments: int, align: int) -> None:
         item.num_segments, item.last_start = segments, tail_start(n, align)
 
 
-def _row_specs(batch: list[tuple[_Input, int, np.ndarray]]) -> list[RowSpec]:
+def _row_specs(batch: list[Row]) -> list[RowSpec]:
     """Where each row's carried notes come from: its predecessor row, or the batch before."""
     rows, where = [], {}
     for r, (item, index, _) in enumerate(batch):
@@ -371,6 +393,12 @@ def _row_specs(batch: list[tuple[_Input, int, np.ndarray]]) -> list[RowSpec]:
         rows.append(RowSpec(index, prev, [] if prev is not None else list(item.carry)))
         where[id(item), index] = r
     return rows
+
+
+def _compact(seg: SegmentTokens) -> SegmentTokens:
+    """A decoded segment as kept until its file ends: tokens as 2-byte arrays, no carry (a
+    list of Python ints costs ~36 bytes a token: a 3 h file's would grow memory by ~30 MB)."""
+    return SegmentTokens(seg.segment, {k: array("h", v) for k, v in seg.tokens.items()}, [])
 
 
 def _predicted_tokens(seg: SegmentTokens) -> int:
