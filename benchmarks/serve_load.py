@@ -126,8 +126,10 @@ def plot(levels: list[dict], path: Path) -> None:
         ax1.plot(c, [lv["throughput_audio_s_per_s"] for lv in rows], "o-", label=decoder)
         ax2.plot(c, [lv["latency_p50_s"] for lv in rows], "o-", label=f"{decoder} p50")
         ax2.plot(c, [lv["latency_p95_s"] for lv in rows], "s--", label=f"{decoder} p95")
+    levels_c = sorted({lv["concurrency"] for lv in levels})
     for ax, ylabel in ((ax1, "audio seconds per second"), (ax2, "request latency (s)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels_c, [str(c) for c in levels_c])
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -150,7 +152,12 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", default="benchmarks/results/serve_load_cpu.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot of --out's JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        out = Path(args.out)
+        plot(json.loads(out.read_text())["levels"], out.with_suffix(".png"))
+        return
 
     import soundfile as sf
 

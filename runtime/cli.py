@@ -266,6 +266,52 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run(create_app(transcriber, config), sock, args.log_level)  # until SIGTERM / Ctrl-C
 
 
+def cmd_corpus(args: argparse.Namespace) -> None:
+    if min(args.actors, args.batch, args.threads_per_actor) < 1:
+        raise UserError("--actors, --batch and --threads-per-actor must be positive integers")
+    try:
+        import ray  # noqa: F401  (the scale extra)
+
+        from .corpus import CorpusConfig, CorpusError, run_corpus
+    except ModuleNotFoundError as e:
+        raise UserError(f"pianolm corpus needs the scale extra: pip install 'pianolm[scale]' "
+                        f"({e.name} is not installed)") from None
+    from tqdm import tqdm
+
+    config = CorpusConfig(out_dir=args.output, model=args.model, backend=args.backend,
+                          batch=args.batch, threads=args.threads_per_actor,
+                          decoder=args.decoder, notes=args.notes)
+    bar = tqdm(unit="file", disable=not sys.stderr.isatty(), desc="transcribing")
+    hours = [0.0]
+
+    def on_plan(todo: int, skipped: int) -> None:
+        bar.reset(total=todo)
+        if skipped:
+            bar.write(f"{skipped} input(s) already done with this model: skipped")
+
+    def on_row(row: dict) -> None:
+        hours[0] += row["audio_s"] / 3600
+        bar.set_postfix_str(f"{hours[0]:.2f} h of audio")
+        bar.update()
+        if row["status"] != "ok":
+            bar.write(f"pianolm: error: {row['error']}", file=sys.stderr)
+
+    try:
+        with bar:
+            summary = run_corpus(args.input, config, glob=args.glob, actors=args.actors,
+                                 ray_address=args.ray_address, retry=args.retry,
+                                 on_plan=on_plan, on_row=on_row)
+    except (CorpusError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    except Exception as e:  # Ray itself failed (no cluster at --ray-address, ...)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunFailed(f"error: the Ray pipeline failed: {reason}") from None
+    print(summary.format())
+    if summary.failed or summary.failed_before:  # the collection is not all transcribed
+        raise RunFailed(f"{summary.failed + summary.failed_before} input(s) failed (rows in "
+                        f"{Path(args.output) / 'results.parquet'})")
+
+
 # Torch-side commands: `pianolm NAME ...` hands every later word to an entry function that
 # parses its own options. NAME -> (module under pianolm.export, entry function, help).
 PASS_THROUGH = {
@@ -366,6 +412,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "info", "debug"],
                     help="uvicorn's log level (info: one access line per request)")
     sv.set_defaults(func=cmd_serve)
+
+    co = sub.add_parser("corpus", help="transcribe a collection on Ray, resumable (pip install "
+                        "'pianolm[scale]')", description="Transcribe every audio file under "
+                        "IN (a folder, or a text/Parquet list of paths) into OUT, mirroring "
+                        "its layout, with OUT/results.parquet (README, Corpus transcription).")
+    co.add_argument("input", help="folder of audio files, or a .txt / .parquet list of paths")
+    co.add_argument("-o", "--output", required=True, help="output folder")
+    co.add_argument("--model", help="exported model folder (default: the shipped model)")
+    co.add_argument("--backend", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu, or cuda (one GPU per actor)")
+    _decoder_option(co)
+    co.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
+    co.add_argument("--actors", type=int, default=1, help="transcription actors (model copies)")
+    co.add_argument("--batch", type=int, default=4, help="segments per decoder batch in an "
+                    "actor")
+    co.add_argument("--threads-per-actor", type=int, default=1)
+    co.add_argument("--glob", default="**/*.{wav,flac,ogg,mp3}", help="which files of a folder")
+    co.add_argument("--notes", choices=["tsv", "json"], help="also write each notes table")
+    co.add_argument("--retry", action="store_true", help="re-run inputs that failed before")
+    co.set_defaults(func=cmd_corpus)
 
     for name, (_, _, help_text) in PASS_THROUGH.items():
         # prefix_chars="+" hands every word after the command (--help included) through.

@@ -139,3 +139,21 @@ def test_a_decode_failure_fails_its_own_request_only(files, transcriber, tmp_pat
         assert good.future.result(timeout=120).notes == transcriber.transcribe(files["f1"]).notes
     finally:
         batcher.stop(timeout=60)
+
+
+def test_a_short_request_is_not_held_behind_a_long_one(files):
+    """Round robin: with one row per batch, a 2 s request sent after a 75 s one is done long
+    before it (FIFO would finish it last)."""
+    one_row = Transcriber(batch=1, threads=1, decoder="rolls")
+    order: list[str] = []
+    batcher = SegmentBatcher(one_row, max_wait_s=0.0)
+    try:
+        long = batcher.submit(files["f4"])
+        short = batcher.submit(files["f0"])
+        long.future.add_done_callback(lambda _: order.append("long"))
+        short.future.add_done_callback(lambda _: order.append("short"))
+        long.future.result(timeout=300)
+        short.future.result(timeout=300)
+    finally:
+        batcher.stop(timeout=60)
+    assert order == ["short", "long"]
