@@ -16,18 +16,9 @@ import soundfile as sf
 from pianolm.runtime.audio import AudioError
 from pianolm.runtime.batcher import BatchRecord, QueueFull, SegmentBatcher
 from pianolm.runtime.transcriber import Transcriber
+from tests.struck_tones import struck_tones
 
 RATE = 16000
-
-
-def _tones(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    x = np.zeros_like(t)
-    for onset in np.arange(0.2, seconds - 0.3, 0.5):
-        f0 = 440 * 2 ** ((rng.integers(48, 76) - 69) / 12)
-        x += np.where(t >= onset, np.exp(-3 * (t - onset)), 0) * np.sin(2 * np.pi * f0 * t)
-    return (0.3 * x / np.abs(x).max()).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +27,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for k, seconds in enumerate((2.0, 11.0, 34.0, 5.5, 75.0)):
         out[f"f{k}"] = root / f"f{k}.wav"
-        sf.write(out[f"f{k}"], _tones(seconds, k), RATE, subtype="PCM_16")
-    bad = _tones(25.0, 9)
+        sf.write(out[f"f{k}"], struck_tones(seconds, k), RATE, subtype="PCM_16")
+    bad = struck_tones(25.0, 9)
     bad[int(21.0 * RATE)] = np.nan  # in the third segment
     out["nan"] = root / "nan.wav"
     sf.write(out["nan"], bad, RATE, subtype="FLOAT")

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.struck_tones import struck_tones
+
 ray = pytest.importorskip("ray", reason="pianolm corpus needs the scale extra (ray[data])")
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -29,16 +31,6 @@ from pianolm.runtime.corpus import (  # noqa: E402
 RATE = 16000
 
 
-def _tones(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    x = np.zeros_like(t)
-    for onset in np.arange(0.2, seconds - 0.3, 0.5):
-        f0 = 440 * 2 ** ((rng.integers(48, 76) - 69) / 12)
-        x += np.where(t >= onset, np.exp(-3 * (t - onset)), 0) * np.sin(2 * np.pi * f0 * t)
-    return (0.3 * x / np.abs(x).max()).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     try:
@@ -53,11 +45,11 @@ def local_ray():
 def corpus(tmp_path) -> Path:
     root = tmp_path / "in"
     (root / "x" / "y").mkdir(parents=True)
-    sf.write(root / "x" / "c1.wav", _tones(3.0, 1), RATE, subtype="PCM_16")
-    sf.write(root / "x" / "y" / "c2.flac", _tones(12.5, 2), RATE)
-    sf.write(root / "c3.wav", _tones(6.0, 3), 44100 // 2)  # another rate
+    sf.write(root / "x" / "c1.wav", struck_tones(3.0, 1), RATE, subtype="PCM_16")
+    sf.write(root / "x" / "y" / "c2.flac", struck_tones(12.5, 2), RATE)
+    sf.write(root / "c3.wav", struck_tones(6.0, 3), 44100 // 2)  # another rate
     (root / "bad.wav").write_text("not audio\n")
-    nan = _tones(2.0, 4)
+    nan = struck_tones(2.0, 4)
     nan[100] = np.nan
     sf.write(root / "x" / "nan.wav", nan, RATE, subtype="FLOAT")
     (root / "notes.txt").write_text("not matched by the glob\n")

@@ -22,24 +22,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.struck_tones import struck_tones
+
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the dev extra)")
 pytest.importorskip("fastapi", reason="pianolm serve needs the serve extra")
 
 RATE = 16000
 START_TIMEOUT_S = 60
-
-
-def _piano_like(seconds: float, seed: int) -> np.ndarray:
-    """Struck, decaying harmonic tones at random pitches and times: piano enough for the
-    shipped model to find notes (what is compared is the server against the CLI)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    x = np.zeros_like(t)
-    for onset in np.arange(0.2, seconds - 0.3, 0.45):
-        f0 = 440 * 2 ** ((rng.integers(45, 80) - 69) / 12)
-        env = np.where(t >= onset, np.exp(-3 * (t - onset)), 0.0)
-        x += sum(env * np.sin(2 * np.pi * k * f0 * (t - onset)) / k for k in (1, 2, 3))
-    return (0.3 * x / np.abs(x).max()).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,8 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     paths = {}
     for k, seconds in enumerate((1.5, 3.0, 10.4, 12.0, 20.3, 6.0, 25.0, 4.5)):
         paths[f"c{k}"] = root / f"c{k}.wav"
-        sf.write(paths[f"c{k}"], _piano_like(seconds, k), RATE, subtype="PCM_16")
+        audio = struck_tones(seconds, k, harmonics=(1, 2, 3), every_s=0.45)
+        sf.write(paths[f"c{k}"], audio, RATE, subtype="PCM_16")
     return paths
 
 
@@ -142,7 +132,7 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving(clips, tmp_path)
     sf.write(nan, np.where(np.arange(3 * RATE) == 2 * RATE, np.nan, 0.1), RATE,
              subtype="FLOAT")
     truncated_flac = tmp_path / "t.flac"
-    sf.write(truncated_flac, _piano_like(3, 0), RATE)
+    sf.write(truncated_flac, struck_tones(3, 0), RATE)
     truncated_flac.write_bytes(truncated_flac.read_bytes()[:300])
     with serve("--max-body-mb", "1") as (base, _):
         url = f"{base}/v1/transcribe"
@@ -170,7 +160,7 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving(clips, tmp_path)
 
 def test_full_queue_is_503_and_sigterm_drains(tmp_path):
     long = tmp_path / "long.wav"
-    sf.write(long, np.tile(_piano_like(20, 3), 3), RATE, subtype="PCM_16")  # 60 s
+    sf.write(long, np.tile(struck_tones(20, 3), 3), RATE, subtype="PCM_16")  # 60 s
     with serve("--max-queue", "1", "--batch", "1") as (base, proc):
         results: dict[str, httpx.Response] = {}
         first = threading.Thread(target=lambda: results.setdefault("long", _post(base, long)))
