@@ -15,7 +15,8 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
@@ -26,11 +27,31 @@ from .backend import Backend, StageSession
 T = TypeVar("T")
 
 
+class StepLog:
+    """(rows, past, seconds) of every decode step, 12 bytes each: a list of tuples costs ~100,
+    and an hour of LM decoding makes ~250k steps (memory must not grow with the file)."""
+
+    def __init__(self) -> None:
+        self._rows, self._past, self._seconds = array("i"), array("i"), array("f")
+
+    def append(self, record: tuple[int, int, float]) -> None:
+        rows, past, seconds = record
+        self._rows.append(rows)
+        self._past.append(past)
+        self._seconds.append(seconds)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[tuple[int, int, float]]:
+        return zip(self._rows, self._past, self._seconds)
+
+
 @dataclass
 class StageTimes:
     cross_kv: list[float] = field(default_factory=list)  # seconds per session start
     prefill: list[float] = field(default_factory=list)  # seconds of the `sos task` step
-    steps: list[tuple[int, int, float]] = field(default_factory=list)  # (rows, past, seconds)
+    steps: StepLog = field(default_factory=StepLog)  # (rows, past, seconds) per later step
 
 
 @dataclass
