@@ -89,6 +89,21 @@ def test_written_file_layout(tmp_path):
     assert mido.MidiFile(path).length == pytest.approx(2.0, abs=1e-3)
 
 
+def test_generated_track_writes_the_bytes_of_a_list_built_one(tmp_path):
+    """write_midi hands mido a track it generates while writing (flat memory on long files):
+    the file must be byte for byte what mido writes from the same messages in a MidiTrack."""
+    rng = random.Random(3)
+    notes = [Note(t := rng.uniform(0, 60), t + rng.uniform(0.01, 3), rng.randrange(21, 109),
+                  rng.randrange(1, 128)) for _ in range(500)]
+    path = tmp_path / "g.mid"
+    write_midi(notes, path)
+    listed = mido.MidiFile(type=0, ticks_per_beat=mido.MidiFile(path).ticks_per_beat)
+    listed.tracks.append(mido.MidiTrack(mido.MidiFile(path).tracks[0]))
+    listed.save(tmp_path / "l.mid")
+    assert path.read_bytes() == (tmp_path / "l.mid").read_bytes()
+    assert len(read_midi(path)) == len(read_midi(tmp_path / "l.mid")) > 400
+
+
 def test_same_pitch_overlaps_are_cut_at_the_restrike(tmp_path):
     path = tmp_path / "o.mid"
     write_midi([Note(0.0, 1.0, 60, 50), Note(0.5, 1.5, 60, 70),  # overlap: first cut at 0.5
