@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import soundfile as sf
+
+from pianolm.runtime.provenance import RUNTIME_DISTS, provenance
 
 
 def build_corpus(root: Path, devset: Path, minutes: float) -> float:
@@ -78,15 +79,8 @@ def main() -> None:
     base = runs[0]["audio_s_per_s"]
     for run in runs:
         run["vs_first"] = round(run["audio_s_per_s"] / base, 3)
-    import onnxruntime as ort
-    import ray
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    result = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or
-              platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-              "ray": ray.__version__, "onnxruntime": ort.__version__, "commit": commit,
-              "corpus_audio_s": round(audio_s, 1), "runs": runs}
+    result = {**provenance((*RUNTIME_DISTS, "ray")), "corpus_audio_s": round(audio_s, 1),
+              "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

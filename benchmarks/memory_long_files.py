@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
+
+from pianolm.runtime.provenance import provenance
 
 RATE = 16000
 
@@ -64,17 +64,11 @@ def run_once(audio: Path, decoder: str, threads: int | None) -> dict:
 def summary(args: argparse.Namespace, runs: list[dict]) -> dict:
     """The JSON: machine, versions, commit, every run, and each run's peak RSS against the
     shortest run of its decoder (the issue's target: within 10 %)."""
-    import onnxruntime as ort
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     for run in runs:
         base = min((r for r in runs if r["decoder"] == run["decoder"]), key=lambda r: r["minutes"])
         run["rss_vs_shortest"] = round(run["peak_rss_mb"] / base["peak_rss_mb"], 3)
         run["rtf_vs_shortest"] = round(run["rtf"] / base["rtf"], 3)
-    return {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or
-            platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "onnxruntime": ort.__version__, "commit": commit,
-            "runs": runs}
+    return {**provenance(), "runs": runs}
 
 
 def main() -> None:

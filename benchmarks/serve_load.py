@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from pianolm.runtime.provenance import RUNTIME_DISTS, provenance
 
 
 def start_server(args: argparse.Namespace, decoder: str) -> tuple[str, subprocess.Popen]:
@@ -167,16 +168,8 @@ def main() -> None:
     bodies = [(p.name, p.read_bytes(), sf.info(p).duration)
               for p in (clips * args.requests)[: args.requests]]
     levels = [lv for decoder in args.decoders for lv in run_decoder(args, decoder, bodies)]
-    import onnxruntime as ort
-
-    from pianolm import __version__
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    result = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or
-              platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-              "pianolm": __version__, "onnxruntime": ort.__version__, "commit": commit,
-              "backend": args.backend, "batch": args.batch, "max_wait_ms": args.max_wait_ms,
+    result = {**provenance((*RUNTIME_DISTS, "fastapi", "uvicorn")), "backend": args.backend,
+              "batch": args.batch, "max_wait_ms": args.max_wait_ms,
               "clips": [p.name for p in clips], "levels": levels}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

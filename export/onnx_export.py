@@ -27,7 +27,6 @@ import argparse
 import ast
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import platform
@@ -76,6 +75,7 @@ from pianolm.runtime.manifest import (
     write_manifest,
 )
 from pianolm.runtime.ort_backend import RowPositions
+from pianolm.runtime.provenance import package_versions
 from pianolm.runtime.rolls import ROLL_KEYS, RollDecodeConfig
 
 log = logging.getLogger(__name__)
@@ -470,11 +470,9 @@ def convert_model(src_dir: str | Path, out_dir: str | Path, precision: str,
 
 
 def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("pianolm", "torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
-    return out
+    return {"python": platform.python_version(),
+            **package_versions(("pianolm", "torch", "onnx", "onnxscript", "onnx-ir",
+                                "onnxruntime", "numpy"))}
 
 
 def _jsonable(value: Any) -> Any:

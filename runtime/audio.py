@@ -37,6 +37,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import one_line
 from .vocab import SEGMENT_SECONDS
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,9 @@ class AudioError(Exception):
 
     def __init__(self, source: str, problem: str, unsupported: bool = False):
         self.source = source
-        self.problem = _one_line(problem)
+        self.problem = one_line(problem)
         self.unsupported = unsupported
         super().__init__(f"{source}: {self.problem}")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 # ----------------------------------------------------------------------------- shared pieces

@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .audio import AudioError
+from .errors import one_line
 from .report import TimedBackend, Timings
 from .transcriber import InputState, Row, Source, Transcriber, Transcription
 
@@ -140,7 +141,7 @@ class SegmentBatcher:
                 if batch:
                     self._decode(batch)
             except Exception as e:  # a bug here must not leave requests waiting forever
-                reason = f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"
+                reason = f"internal error: {type(e).__name__}: {one_line(e)}"
                 for job in dict.fromkeys(job for job, _ in batch):
                     self._finish(job, DecodeFailed(f"{job.name}: {reason}"))
 
@@ -199,12 +200,10 @@ class SegmentBatcher:
     def _decode(self, batch: list[tuple[Job, Row]]) -> None:
         t0 = time.perf_counter()
         timings = Timings()
-        count = {"files": 0, "audio_s": 0.0, "notes": 0, "tokens": 0, "decode_s": 0.0}
+        timed = TimedBackend(self.transcriber.backend, timings)
         jobs = list(dict.fromkeys(job for job, _ in batch))
         try:
-            finished = self.transcriber.decode_rows([row for _, row in batch],
-                                                    TimedBackend(self.transcriber.backend,
-                                                                 timings), count)
+            finished = self.transcriber.decode_rows([row for _, row in batch], timed)
         except Exception:
             # Which request broke it? Decode each job's rows alone (a failed decode leaves
             # every input's state as it was); the one that fails again fails alone.
@@ -212,11 +211,10 @@ class SegmentBatcher:
             for job in jobs:
                 rows = [row for j, row in batch if j is job]
                 try:
-                    finished += self.transcriber.decode_rows(
-                        rows, TimedBackend(self.transcriber.backend, timings), count)
+                    finished += self.transcriber.decode_rows(rows, timed)
                 except Exception as e:
-                    reason = " ".join(str(e).split()) or type(e).__name__
-                    self._finish(job, DecodeFailed(f"{job.name}: decoding failed: {reason}"))
+                    self._finish(job, DecodeFailed(f"{job.name}: decoding failed: "
+                                                   f"{one_line(e)}"))
         by_state = {id(job.state): job for job in jobs}
         for state, notes in finished:
             job = by_state[id(state)]

@@ -13,7 +13,6 @@ them). Without --ray-address a local Ray starts on this machine. docs/scale-out.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .manifest import MANIFEST_FILE, model_sha256
 
 RESULTS = "results.parquet"
 COLUMNS = ("path", "status", "error", "audio_s", "notes", "wall_s", "actor", "model_sha256")
@@ -117,14 +118,14 @@ def output_path(out_dir: str | Path, rel: str) -> Path:
     return Path(out_dir) / Path(rel).with_suffix(".mid")
 
 
-def model_sha256(model: str | None) -> str:
+def corpus_model_sha256(model: str | None) -> str:
+    """The sha256 results rows are keyed on: --model's, or the shipped model's."""
     from .transcriber import default_model_dir
 
     folder = Path(model) if model else default_model_dir()
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise CorpusError(f"{folder}: not a model folder (no manifest.json)")
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    if not (folder / MANIFEST_FILE).is_file():
+        raise CorpusError(f"{folder}: not a model folder (no {MANIFEST_FILE})")
+    return model_sha256(folder)
 
 
 def plan(rels: list[str], out_dir: Path, previous: dict[str, dict], sha: str, retry: bool
@@ -277,7 +278,7 @@ def run_corpus(source: str, config: CorpusConfig, *, glob: str = DEFAULT_GLOB,
     root, rels = list_inputs(source, glob)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sha = model_sha256(config.model)
+    sha = corpus_model_sha256(config.model)
     rows = read_results(out_dir)
     todo, skipped = plan(rels, out_dir, rows, sha, retry)
     if on_plan:

@@ -688,6 +688,11 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def model_sha256(folder: str | Path) -> str:
+    """A model folder's identity: the sha256 of its manifest, which records every graph's."""
+    return file_sha256(Path(folder) / MANIFEST_FILE)
+
+
 # Hashing is cheap next to loading a graph (35 MB in ~0.1 s), so every graph up to this size
 # is hashed on every load; bigger ones get the size check, and the hash on request.
 HASH_ON_LOAD_BYTES = 256 << 20

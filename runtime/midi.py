@@ -41,6 +41,7 @@ from typing import IO
 import mido
 import numpy as np
 
+from .errors import one_line
 from .notes import Note
 
 DEFAULT_TEMPO_BPM = 120.0
@@ -192,8 +193,7 @@ def _open_midi(path: str | os.PathLike) -> mido.MidiFile:
     try:
         return mido.MidiFile(name)
     except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise MidiError(f"{name}: not a readable MIDI file ({reason})") from None
+        raise MidiError(f"{name}: not a readable MIDI file ({one_line(e)})") from None
 
 
 def _merge_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -325,7 +325,7 @@ def read_notes_tsv(path: str | os.PathLike) -> list[Note]:
     except FileNotFoundError:
         raise MidiError(f"{name}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise MidiError(f"{name}: cannot read note list ({' '.join(str(e).split())})") from None
+        raise MidiError(f"{name}: cannot read note list ({one_line(e)})") from None
 
     cols = {"onset": 0, "offset": 1, "pitch": 2, "velocity": 3}
     notes: list[Note] = []
@@ -408,7 +408,7 @@ def read_notes_json(path: str | os.PathLike) -> list[Note]:
     except FileNotFoundError:
         raise MidiError(f"{name}: file not found") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise MidiError(f"{name}: not a pianolm note list ({' '.join(str(e).split())})") \
+        raise MidiError(f"{name}: not a pianolm note list ({one_line(e)})") \
             from None
     notes.sort(key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
     return notes

@@ -10,7 +10,6 @@ per-stage latency, time to first note, tokens/s, notes/s, real-time factor, peak
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from .backend import Backend, StageSession
+from .provenance import cpu_model
 
 T = TypeVar("T")
 
@@ -65,6 +65,17 @@ class Timings:
     def stage(self, name: str) -> StageTimes:
         with self.lock:
             return self.stages.setdefault(name, StageTimes())
+
+
+@dataclass
+class Tally:
+    """What a run's decode batches produced, beside its Timings (Transcriber.decode_rows)."""
+
+    files: int = 0
+    audio_s: float = 0.0
+    notes: int = 0
+    tokens: int = 0  # predicted by the decoders (runtime/transcriber.py _predicted_tokens)
+    decode_s: float = 0.0  # embeddings to notes, summed over batches
 
 
 class TimedSession:
@@ -126,17 +137,6 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _ms(values: list[float]) -> float | None:
     return round(float(np.median(values)) * 1e3, 3) if values else None
 
@@ -177,20 +177,21 @@ class Report:
         return self.notes / self.wall_s if self.wall_s else float("nan")
 
     @classmethod
-    def build(cls, timings: Timings, *, backend: str, precision: str, batch: int,
-              threads: int | None, files: int, audio_s: float, wall_s: float,
-              time_to_first_note_s: float | None, notes: int, decode_tokens: int,
-              decode_s: float, decoder: str = "lm", concurrent: bool = False) -> Report:
+    def build(cls, timings: Timings, tally: Tally, *, backend: str, precision: str,
+              batch: int, threads: int | None, wall_s: float,
+              time_to_first_note_s: float | None, decoder: str = "lm",
+              concurrent: bool = False) -> Report:
         per_segment = [s / n for n, s in timings.encoder if n]
         stages = {name: {"cross_kv_ms": _ms(t.cross_kv), "prefill_ms": _ms(t.prefill),
                          "step_ms": _ms([s for _, _, s in t.steps]), "steps": len(t.steps)}
                   for name, t in timings.stages.items()}
         return cls(backend=backend, precision=precision, batch=batch, threads=threads,
-                   machine=cpu_model(), cores=os.cpu_count() or 0, files=files,
-                   audio_s=round(audio_s, 3), wall_s=round(wall_s, 3),
+                   machine=cpu_model(), cores=os.cpu_count() or 0, files=tally.files,
+                   audio_s=round(tally.audio_s, 3), wall_s=round(wall_s, 3),
                    time_to_first_note_s=(None if time_to_first_note_s is None
                                          else round(time_to_first_note_s, 3)),
-                   notes=notes, decode_tokens=decode_tokens, decode_s=round(decode_s, 3),
+                   notes=tally.notes, decode_tokens=tally.tokens,
+                   decode_s=round(tally.decode_s, 3),
                    encoder_ms_per_segment=_ms(per_segment), stages=stages,
                    peak_rss_mb=round(peak_rss_mb(), 1), decoder=decoder,
                    concurrent=concurrent)

@@ -14,7 +14,6 @@ queue (with Retry-After), 500 a decode failure of that request alone. README "Se
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import shutil
 import signal
 import socket
@@ -40,6 +39,8 @@ from starlette.exceptions import HTTPException
 
 from .audio import AudioError
 from .batcher import BatchRecord, DecodeFailed, QueueFull, SegmentBatcher
+from .errors import one_line
+from .manifest import model_sha256
 from .midi import write_midi, write_notes_tsv
 from .transcriber import Transcriber, Transcription
 
@@ -96,7 +97,8 @@ def create_app(transcriber: Transcriber, config: ServeConfig = ServeConfig()) ->
     """The ASGI app over one Transcriber (its `batch` is the batcher's rows per batch)."""
     metrics = Metrics()
     manifest = getattr(transcriber.backend, "manifest", None)
-    model_info = {"sha256": _manifest_sha256(manifest), "precision": transcriber.precision,
+    folder = getattr(manifest, "folder", None)  # None: a backend without a model folder
+    model_info = {"sha256": folder and model_sha256(folder), "precision": transcriber.precision,
                   "decoder": transcriber.decoder, "backend": transcriber.backend_name}
     state: dict[str, SegmentBatcher] = {}
 
@@ -112,7 +114,7 @@ def create_app(transcriber: Transcriber, config: ServeConfig = ServeConfig()) ->
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         metrics.requests.labels(str(status)).inc()
-        return JSONResponse({"error": " ".join(message.split())}, status, headers=headers)
+        return JSONResponse({"error": one_line(message)}, status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -272,10 +274,3 @@ def _render(result: Transcription, fmt: str, folder: Path, model: dict, timings:
     path = folder / f"out.{fmt}"
     (write_midi if fmt == "midi" else write_notes_tsv)(result.notes, path)
     return path.read_bytes()
-
-
-def _manifest_sha256(manifest: object) -> str | None:
-    folder = getattr(manifest, "folder", None)
-    if folder is None or not (Path(folder) / "manifest.json").is_file():
-        return None
-    return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()

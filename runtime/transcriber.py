@@ -52,7 +52,7 @@ from .decode import (
 from .manifest import DECODERS, Manifest, ManifestError, RollsSpec, load_manifest
 from .midi import write_midi, write_notes_json, write_notes_tsv
 from .notes import Note
-from .report import Report, TimedBackend, Timings
+from .report import Report, Tally, TimedBackend, Timings
 from .rolls import ROLL_KEYS, RollStream, kept_frames
 
 Source = str | os.PathLike | tuple[np.ndarray, int]
@@ -238,40 +238,45 @@ class Transcriber:
         """
         timings = Timings()
         timed = TimedBackend(self.backend, timings)
-        count = {"files": 0, "audio_s": 0.0, "notes": 0, "tokens": 0, "decode_s": 0.0}
+        tally = Tally()
         t0 = time.perf_counter()
         first_note: float | None = None
         order: deque[InputState] = deque()  # inputs opened, not yet handed back: input order
         for batch in self._batches(sources, order, keep_going):
             if batch:
-                for item, notes in self.decode_rows(batch, timed, count):
+                for item, notes in self.decode_rows(batch, timed, tally):
                     first_note = first_note if first_note is not None else (
                         time.perf_counter() - t0)
                     item.result = Transcription(item.name, notes, item.duration_s)
-                    count["files"] += 1
-                    count["audio_s"] += item.duration_s
-                    count["notes"] += len(notes)
             while order and (order[0].result is not None or order[0].error is not None):
                 item = order.popleft()
-                self._local.report = self._report(timings, count, t0, first_note)
+                self._local.report = self._report(timings, tally, t0, first_note)
                 yield item.result or Failure(item.name, item.error or "")
             if progress and batch:
                 progress(len(batch))
-        self._local.report = self._report(timings, count, t0, first_note)
+        self._local.report = self._report(timings, tally, t0, first_note)
 
     def open(self, source: Source) -> tuple[InputState, Iterator[Row]]:
         """Open one source (its header is read now: AudioError if unreadable) and the rows of
         its segments in order, read lazily (a server's batcher interleaves several)."""
-        item, segments = _open_source(source, self.input_peak, segment_align(self.backend))
-        return item, _rows(item, segments, segment_align(self.backend))
+        align = segment_align(self.backend)
+        item, segments = _open_source(source, self.input_peak, align)
+        return item, _rows(item, segments, align)
 
-    def decode_rows(self, batch: list[Row], timed: TimedBackend, count: dict
+    def decode_rows(self, batch: list[Row], timed: TimedBackend, tally: Tally | None = None
                     ) -> list[tuple[InputState, list[Note]]]:
         """Decode one batch with this transcriber's decoder; the inputs whose last segment it
-        held, with their notes. A row's segment must come after its input's earlier ones (in
-        an earlier batch, or earlier in this one). Inputs' state changes only on success."""
+        held, with their notes (counted in `tally`). A row's segment must come after its
+        input's earlier ones (in an earlier batch, or earlier in this one). Inputs' state
+        changes only on success."""
+        tally = Tally() if tally is None else tally
         decode = self._roll_batch if self.decoder == "rolls" else self._lm_batch
-        return decode(batch, timed, count)
+        finished = decode(batch, timed, tally)
+        for item, notes in finished:
+            tally.files += 1
+            tally.audio_s += item.duration_s
+            tally.notes += len(notes)
+        return finished
 
     @property
     def report(self) -> Report | None:
@@ -279,7 +284,7 @@ class Transcriber:
         return getattr(self._local, "report", None)
 
     def _lm_batch(self, batch: list[Row], timed: TimedBackend,
-                  count: dict) -> list[tuple[InputState, list[Note]]]:
+                  tally: Tally) -> list[tuple[InputState, list[Note]]]:
         """decoder="lm": the hierarchical decode loop; the inputs whose last segment this
         batch held, with their stitched notes."""
         rows = _row_specs(batch)
@@ -287,19 +292,19 @@ class Transcriber:
         t_batch = time.perf_counter()
         decoded = decode_batch(timed, audio, rows, self.max_notes, self.concurrent)
         encode_s = timed.timings.encoder[-1][1]
-        count["decode_s"] += time.perf_counter() - t_batch - encode_s
+        tally.decode_s += time.perf_counter() - t_batch - encode_s
         finished = []
         for (item, _, _), seg in zip(batch, decoded):
             item.segments.append(_compact(seg))
             item.carry = seg.carry_out
-            count["tokens"] += _predicted_tokens(seg)
+            tally.tokens += _predicted_tokens(seg)
             if len(item.segments) == item.num_segments:
                 tail_s = None if item.last_start is None else item.last_start / SAMPLE_RATE
                 finished.append((item, to_notes(item.segments, item.duration_s, tail_s)))
         return finished
 
     def _roll_batch(self, batch: list[Row], timed: TimedBackend,
-                    count: dict) -> list[tuple[InputState, list[Note]]]:
+                    tally: Tally) -> list[tuple[InputState, list[Note]]]:
         """decoder="rolls": one encoder run; each segment's frames go straight into its input's
         RollStream (peak picking with carried open notes, runtime/rolls.py), so no input's
         rolls are kept beyond a few frames; an input's notes are final with its last segment."""
@@ -317,7 +322,7 @@ class Transcriber:
             if item.rolled == item.num_segments:
                 finished.append((item, item.rolls.finish()))
                 item.rolls = None
-        count["decode_s"] += time.perf_counter() - t_dec
+        tally.decode_s += time.perf_counter() - t_dec
         return finished
 
     def _batches(self, sources: Iterable[Source], order: deque[InputState], keep_going: bool
@@ -351,13 +356,11 @@ class Transcriber:
         if batch:
             yield batch
 
-    def _report(self, timings: Timings, count: dict, t0: float, first_note: float | None
+    def _report(self, timings: Timings, tally: Tally, t0: float, first_note: float | None
                 ) -> Report:
-        return Report.build(timings, backend=self.backend_name, precision=self.precision,
-                            batch=self.batch, threads=self.threads, files=count["files"],
-                            audio_s=count["audio_s"], wall_s=time.perf_counter() - t0,
-                            time_to_first_note_s=first_note, notes=count["notes"],
-                            decode_tokens=count["tokens"], decode_s=count["decode_s"],
+        return Report.build(timings, tally, backend=self.backend_name,
+                            precision=self.precision, batch=self.batch, threads=self.threads,
+                            wall_s=time.perf_counter() - t0, time_to_first_note_s=first_note,
                             decoder=self.decoder, concurrent=self.concurrent)
 
 

@@ -21,9 +21,9 @@ pq = pytest.importorskip("pyarrow.parquet")
 from pianolm.runtime.cli import main  # noqa: E402
 from pianolm.runtime.corpus import (  # noqa: E402
     CorpusConfig,
+    corpus_model_sha256,
     expand_braces,
     list_inputs,
-    model_sha256,
     run_corpus,
     start_ray,
 )
@@ -85,7 +85,7 @@ def test_corpus_end_to_end_and_resumable(local_ray, corpus, tmp_path):
 
     rows = {r["path"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
     assert sorted(rows) == sorted(GOOD + BAD)
-    sha = model_sha256(None)
+    sha = corpus_model_sha256(None)
     assert all(r["model_sha256"] == sha and r["actor"] for r in rows.values())
     assert all(rows[g]["status"] == "ok" and rows[g]["notes"] > 0 and rows[g]["error"] == ""
                for g in GOOD)

@@ -63,15 +63,9 @@ from pianolm.runtime.metrics import (
     score_notes,
 )
 from pianolm.runtime.notes import Note
+from pianolm.runtime.provenance import git_info, package_version, package_versions
 
-from .runner import (
-    devset_folder,
-    git_info,
-    machine,
-    package_version,
-    package_versions,
-    write_json,
-)
+from .runner import devset_folder, machine, write_json
 
 SCHEMA = "pianolm.bench.peers/1"
 SYSTEMS = ("pianolm", "pianolm-lm", "transkun", "basic-pitch")  # the default run

@@ -10,24 +10,21 @@ keeps what it measured.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import gc
-import importlib.metadata
 import json
 import os
-import platform
-import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pianolm.runtime import provenance
 from pianolm.runtime.backend import Backend
-from pianolm.runtime.report import cpu_model
+from pianolm.runtime.provenance import git_info, package_versions
 
 from . import analytic, identity
 from .config import BenchConfig
@@ -37,7 +34,6 @@ from .summary import format_summary, summarize
 from .workload import Row, Window, Workload
 
 SCHEMA = "pianolm.bench/1"
-_REPO = Path(__file__).resolve().parents[2]
 # Backends that run the same encoder graph share its timing (int8 exports keep an fp32 encoder).
 ENCODER_FAMILY = {"torch-cache": "torch", "torch-nocache": "torch", "ort-fp32": "ort-cpu",
                   "ort-int8": "ort-cpu", "ort-cuda": "ort-cuda", "tensorrt": "tensorrt"}
@@ -51,13 +47,8 @@ def devset_folder(path: Path | None) -> Path:
 
 
 def machine() -> dict:
-    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-           "python": platform.python_version()}
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as f:
-            out["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    with contextlib.suppress(OSError):
-        out["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    """provenance.machine() and the GPU torch sees."""
+    out = provenance.machine()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         out["gpu"] = {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
@@ -65,35 +56,10 @@ def machine() -> dict:
     return out
 
 
-def package_version(dist: str) -> str | None:
-    """A distribution's installed version, None when it is not installed."""
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def package_versions(dists: Sequence[str]) -> dict[str, str]:
-    """{dist: version} of those of `dists` that are installed."""
-    return {d: v for d in dists if (v := package_version(d)) is not None}
-
-
 def versions() -> dict:
     return {**package_versions(("pianolm", "numpy", "onnxruntime", "onnxruntime-gpu", "torch",
                                 "onnx", "matplotlib")),
             "torch_threads": torch.get_num_threads()}
-
-
-def git_info() -> dict | None:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(_REPO), *args], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def write_json(report: dict, path: Path) -> None:
