@@ -16,7 +16,8 @@ import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from . import vocab as V
 from .backend import Backend, StageSession
 from .grammar import FlatGrammar, OnsetGrammar, offset_mask, velocity_mask
 from .notes import Note
-from .tokens import SegmentResult, decode, decode_onset, stitch, stitch_tail
+from .tokens import SegmentResult, Stitcher, clip_to, decode, decode_onset
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,16 @@ class OpenNote:
     @property
     def owner(self) -> int:
         return -self.neg_owner
+
+
+class Pending(NamedTuple):
+    """A note waiting to be fed to the offset stage: `on pitch`, then its off is read."""
+
+    on_token: int  # its onset's time token, or note_sustain for a carried note
+    pitch: int
+    on_tick: int  # 0 for a carried note
+    limit_tick: int  # the key's next onset in the segment (the off must come by then), or -1
+    owner: int  # the segment whose note it is
 
 
 @dataclass
@@ -184,11 +195,11 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
     carry_out: list[list[OpenNote]] = [[] for _ in range(batch)]
     first_onset = [{p: t for t, p in reversed(n)} for n in notes]  # key -> its first onset tick
     successor = {spec.prev: r for r, spec in enumerate(rows) if spec.prev is not None}
-    # Per row, the notes still to feed: (on_token, pitch, on_tick, limit_tick, owner).
-    queues: list[list[tuple[int, int, int, int, int]]] = []
+    queues: list[list[Pending]] = []  # per row, the notes still to feed
     for r, (spec, own) in enumerate(zip(rows, notes)):
         limits = _next_onset_of_same_key(own)
-        queue = [(V.time_token(t), p, t, lim, spec.segment) for (t, p), lim in zip(own, limits)]
+        queue = [Pending(V.time_token(t), p, t, lim, spec.segment)
+                 for (t, p), lim in zip(own, limits)]
         queue += _carried_entries(sorted(spec.carry_in), first_onset[r])
         queues.append(queue)
     own_left = [len(n) for n in notes]
@@ -205,19 +216,19 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
             return out, carry_out
         session.retire(_finished(rows, fed))
         heads = [q.pop(0) if q else None for q in queues]
-        on = np.array([h[0] if h else V.PAD for h in heads])
-        pitch = np.array([V.pitch_token(h[1]) if h else V.PAD for h in heads])
+        on = np.array([h.on_token if h else V.PAD for h in heads])
+        pitch = np.array([V.pitch_token(h.pitch) if h else V.PAD for h in heads])
         logits = session.step(*_note_chunk(prev, on, pitch, fed))
-        on_tick = np.array([h[2] if h else 0 for h in heads])
-        limit = np.array([h[3] if h else -1 for h in heads])
+        on_tick = np.array([h.on_tick if h else 0 for h in heads])
+        limit = np.array([h.limit_tick if h else -1 for h in heads])
         chosen = argmax_allowed(logits, offset_mask(on_tick, limit))
         for r in np.flatnonzero(fed):
-            on_token, key, _, _, owner = heads[r]
-            out[r] += [on_token, V.pitch_token(key), int(chosen[r])]
-            own = on_token != V.NOTE_SUSTAIN
+            head = heads[r]
+            out[r] += [head.on_token, V.pitch_token(head.pitch), int(chosen[r])]
+            own = head.on_token != V.NOTE_SUSTAIN
             own_left[r] -= own
             if chosen[r] == V.NOTE_SUSTAIN:
-                open_note = OpenNote(-owner, key)
+                open_note = OpenNote(-head.owner, head.pitch)
                 carry_out[r].append(open_note)
                 if own:
                     held[r].append(open_note)
@@ -251,10 +262,10 @@ def _release_finished_own(own_left, held, successor, queues, first_onset) -> Non
             waiting.clear()
 
 
-def _carried_entries(notes: list[OpenNote], first_onset: dict[int, int]) -> list[tuple]:
+def _carried_entries(notes: list[OpenNote], first_onset: dict[int, int]) -> list[Pending]:
     """Queue entries for carried notes. A key struck again at tick 0 ends the carried note at
     the segment's start: it is not fed (training data never holds such a carried note)."""
-    return [(V.NOTE_SUSTAIN, o.pitch, 0, first_onset.get(o.pitch, -1), o.owner)
+    return [Pending(V.NOTE_SUSTAIN, o.pitch, 0, first_onset.get(o.pitch, -1), o.owner)
             for o in notes if first_onset.get(o.pitch) != 0]
 
 
@@ -317,26 +328,47 @@ def decode_flat(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
     return [SegmentTokens(spec.segment, {"flat": toks}, []) for spec, toks in zip(rows, out)]
 
 
+class FileNotes:
+    """One file's notes, built as its decoded segments arrive in order (tokens.Stitcher), so a
+    long file keeps its notes, not every segment's tokens, until it ends."""
+
+    def __init__(self) -> None:
+        self.stitcher = Stitcher()
+        self.last: SegmentResult | None = None  # held back: it may be the end-aligned tail
+
+    def push(self, seg: SegmentTokens) -> None:
+        if self.last is not None:
+            self.stitcher.push(self.last)
+        self.last = segment_result(seg)
+
+    def finish(self, end: float | None = None, tail_start: float | None = None) -> list[Note]:
+        """The file's notes. With `end` (the audio's length in seconds), notes lie within the
+        audio: the last segment's padding holds no onsets, and offsets are cut at the end.
+        With `tail_start` (seconds), the last segment is the end-aligned one
+        (audio.tail_start), decoded on its own from there and merged once with the segments
+        before it (Stitcher.finish_tail)."""
+        if self.last is not None and tail_start is not None and end is not None \
+                and self.stitcher.segments:
+            notes = self.stitcher.finish_tail(self.last, tail_start, end)
+        else:
+            if self.last is not None:
+                self.stitcher.push(self.last)
+            notes = self.stitcher.finish(end)
+        self.last = None
+        return notes if end is None else clip_to(notes, end)
+
+
+def segment_result(seg: SegmentTokens) -> SegmentResult:
+    """What one segment's tokens decode to, through the codec."""
+    if "flat" in seg.tokens:
+        return SegmentResult.from_flat(decode("flat", seg.tokens["flat"]))
+    return SegmentResult.from_stages(*(decode(stage, seg.tokens[stage]) for stage in V.STAGES))
+
+
 def to_notes(segments: list[SegmentTokens], end: float | None = None,
              tail_start: float | None = None) -> list[Note]:
-    """One file's decoded segments (in order) -> its notes, through the codec's stitching.
-
-    With `end` (the audio's length in seconds), notes lie within the audio: the last segment's
-    padding holds no onsets, and offsets are cut at the end. With `tail_start` (seconds), the
-    last segment is the end-aligned one (audio.tail_start), decoded on its own from there and
-    merged once with the segments before it (tokens.stitch_tail).
-    """
-    results = []
+    """One file's decoded segments (in order) -> its notes (FileNotes, all at once)."""
+    notes = FileNotes()
     for seg in segments:
-        if "flat" in seg.tokens:
-            results.append(SegmentResult.from_flat(decode("flat", seg.tokens["flat"])))
-        else:
-            results.append(SegmentResult.from_stages(*(decode(stage, seg.tokens[stage])
-                                                        for stage in V.STAGES)))
-    if tail_start is not None and len(results) > 1 and end is not None:
-        notes = stitch_tail(results[:-1], results[-1], tail_start, end)
-    else:
-        notes = stitch(results, end)
-    if end is None:
-        return notes
-    return [replace(n, offset=min(n.offset, end)) for n in notes if n.onset < end]
+        notes.push(seg)
+    return notes.finish(end, tail_start)

@@ -12,7 +12,7 @@ Standard library only: the runtime never imports torch.
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -455,83 +455,124 @@ def _carried_order(note: _Open) -> tuple[int, int, int]:
     return (-note.owner, note.pitch, note.onset)
 
 
-def _join(segments: Sequence[SegmentResult]) -> tuple[list[Note], list[_Open]]:
-    """Walk the segments: (notes closed so far, notes still open after the last segment)."""
-    notes: list[Note] = []
-    open_notes: list[_Open] = []
-    for k, seg in enumerate(segments):
+class Stitcher:
+    """Segments' results joined into one note list as they arrive (segment k from tick 1000 k):
+    the notes closed so far and the ones still open, so a long file's decoded segments need
+    not be kept until it ends. stitch() and stitch_tail() are this over a whole list.
+
+    A note whose off is note_sustain stays open; the next segment's carried block closes or
+    keeps it, matched by pitch against the open notes taken in carried order (owning segment
+    descending, pitch, onset). An open note missing from the next carried block ends at that
+    segment's start. Offsets never precede onset + 1 tick.
+    """
+
+    def __init__(self) -> None:
+        self.notes: list[Note] = []  # closed
+        self.open: list[_Open] = []
+        self.segments = 0  # pushed so far
+
+    def push(self, seg: SegmentResult) -> None:
+        k = self.segments
         start = k * SEGMENT_TICKS
-        candidates = sorted(open_notes, key=_carried_order)
-        open_notes = []
+        candidates = sorted(self.open, key=_carried_order)
+        self.open = []
         for pitch, off in seg.carried:
             match = next((n for n in candidates if n.pitch == pitch), None)
             if match is None:
                 continue
             candidates.remove(match)
             if off is None:
-                open_notes.append(match)
+                self.open.append(match)
             else:
-                notes.append(match.close(start + off))
-        notes += [n.close(start) for n in candidates]  # not carried on: ended at the boundary
+                self.notes.append(match.close(start + off))
+        self.notes += [n.close(start) for n in candidates]  # not carried on: ended at the boundary
         for tick, pitch, velocity, off in seg.own:
             note = _Open(start + tick, pitch, velocity, k)
             if off is None:
-                open_notes.append(note)
+                self.open.append(note)
             else:
-                notes.append(note.close(start + off))
-    return notes, open_notes
+                self.notes.append(note.close(start + off))
+        self.segments += 1
+
+    def carried(self) -> list[int]:
+        """Pitches of the next segment's carried block, in carried order: the `note_sustain
+        pitch` prompts its offset stage is fed (the notes left open)."""
+        return [n.pitch for n in sorted(self.open, key=_carried_order)]
+
+    def finish(self, end: float | None = None) -> list[Note]:
+        """All notes, sorted by (onset, pitch); notes still open end at `end` (seconds;
+        default: the end of the last segment)."""
+        end_seconds = self.segments * SEGMENT_SECONDS if end is None else end
+        for n in self.open:  # still sounding after the last segment: ends with the audio
+            self.notes.append(Note(_seconds(n.onset), max(end_seconds, _seconds(n.onset + 1)),
+                                   n.pitch, n.velocity))
+        self.open = []
+        return _sorted(self.notes)
+
+    def finish_tail(self, tail: SegmentResult, tail_start: float, end: float) -> list[Note]:
+        """finish() for a file whose last segment was end-aligned (runtime/audio.py
+        tail_start): `tail` was decoded on its own from `tail_start` seconds, overlapping the
+        last pushed segment up to the boundary (its end). Each note is taken from one side only:
+        before the boundary from the pushed segments, from the boundary on from `tail`. A note
+        still sounding at the boundary ends where the tail's note of the same key that sounds
+        across the boundary ends (nearest onset first); when the tail has none, at the
+        boundary, as push() ends a note the next segment does not carry."""
+        boundary = self.segments * SEGMENT_SECONDS
+        tail_notes = [replace(n, onset=n.onset + tail_start, offset=n.offset + tail_start)
+                      for n in stitch([tail], end - tail_start)]
+        across = [n for n in tail_notes if n.onset < boundary < n.offset]
+        for note in sorted(self.open, key=lambda o: o.onset):
+            onset = _seconds(note.onset)
+            same_key = [n for n in across if n.pitch == note.pitch]
+            match = min(same_key, key=lambda n: abs(n.onset - onset), default=None)
+            if match is not None:
+                across.remove(match)
+            offset = max(match.offset if match else boundary, _seconds(note.onset + 1))
+            self.notes.append(Note(onset, offset, note.pitch, note.velocity))
+        self.open = []
+        self.notes += [n for n in tail_notes if n.onset >= boundary]
+        return _sorted(self.notes)
+
+
+def _sorted(notes: list[Note]) -> list[Note]:
+    """Sorted in place (a long file's notes are not copied)."""
+    notes.sort(key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    return notes
+
+
+def clip_to(notes: list[Note], end: float) -> list[Note]:
+    """Sorted `notes` made to lie within audio `end` seconds long, in place: onsets from `end`
+    on dropped, offsets cut at it."""
+    del notes[bisect_left(notes, end, key=lambda n: n.onset):]
+    for i, n in enumerate(notes):
+        if n.offset > end:
+            notes[i] = replace(n, offset=end)
+    return notes
 
 
 def stitch(segments: Sequence[SegmentResult], end: float | None = None) -> list[Note]:
-    """Join consecutive segments' results (segment k starts at tick 1000k) into one note list.
-
-    A note whose off is note_sustain stays open; segment k+1's carried block closes or keeps
-    it, matched by pitch against the open notes taken in carried order (owning segment
-    descending, pitch, onset). An open note missing from the next carried block ends at that
-    segment's start; notes open after the last segment end at `end` (seconds; default: the end
-    of the last segment). Offsets never precede onset + 1 tick. Sorted by (onset, pitch).
-    """
-    notes, open_notes = _join(segments)
-    end_seconds = len(segments) * SEGMENT_SECONDS if end is None else end
-    for n in open_notes:  # still sounding after the last segment: ends with the audio
-        offset = max(end_seconds, _seconds(n.onset + 1))
-        notes.append(Note(_seconds(n.onset), offset, n.pitch, n.velocity))
-    return sorted(notes, key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    """Join consecutive segments' results into one note list (Stitcher, all at once)."""
+    stitcher = Stitcher()
+    for seg in segments:
+        stitcher.push(seg)
+    return stitcher.finish(end)
 
 
 def stitch_tail(segments: Sequence[SegmentResult], tail: SegmentResult, tail_start: float,
                 end: float) -> list[Note]:
-    """stitch() for a file whose last segment was end-aligned (runtime/audio.py tail_start).
-
-    segments: the whole segments (k from 10 k s); tail: the last segment, decoded on its own
-    from `tail_start` seconds, overlapping segments[-1] up to the boundary (their end). Each
-    note is taken from one side only: before the boundary from `segments`, from the boundary
-    on from `tail`. A note still sounding at the boundary ends where the tail's note of the
-    same key that sounds across the boundary ends (nearest onset first); when the tail has
-    none, at the boundary, as stitch() ends a note the next segment does not carry.
-    """
-    notes, open_notes = _join(segments)
-    boundary = len(segments) * SEGMENT_SECONDS
-    tail_notes = [replace(n, onset=n.onset + tail_start, offset=n.offset + tail_start)
-                  for n in stitch([tail], end - tail_start)]
-    across = [n for n in tail_notes if n.onset < boundary < n.offset]
-    for note in sorted(open_notes, key=lambda o: o.onset):
-        onset = _seconds(note.onset)
-        same_key = [n for n in across if n.pitch == note.pitch]
-        match = min(same_key, key=lambda n: abs(n.onset - onset), default=None)
-        if match is not None:
-            across.remove(match)
-        offset = max(match.offset if match else boundary, _seconds(note.onset + 1))
-        notes.append(Note(onset, offset, note.pitch, note.velocity))
-    notes += [n for n in tail_notes if n.onset >= boundary]
-    return sorted(notes, key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    """stitch() for a file whose last segment was end-aligned (Stitcher.finish_tail)."""
+    stitcher = Stitcher()
+    for seg in segments:
+        stitcher.push(seg)
+    return stitcher.finish_tail(tail, tail_start, end)
 
 
 def carried_into(segments: Sequence[SegmentResult]) -> list[int]:
-    """Pitches of the carried block of the segment that follows `segments`, in carried order:
-    the `note_sustain pitch` prompts its offset stage is fed (the notes left open)."""
-    _, open_notes = _join(segments)
-    return [n.pitch for n in sorted(open_notes, key=_carried_order)]
+    """Stitcher.carried() after `segments`."""
+    stitcher = Stitcher()
+    for seg in segments:
+        stitcher.push(seg)
+    return stitcher.carried()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +580,7 @@ def carried_into(segments: Sequence[SegmentResult]) -> list[int]:
 
 
 def extend_by_pedal(notes: Iterable[Note], pedal: Iterable[tuple[float, float]]) -> list[Note]:
-    """Extend offsets by the sustain pedal (reference offsets, DESIGN.md "Tokens").
+    """Extend offsets by the sustain pedal (reference offsets, docs/model.md).
 
     `pedal` holds (down, up) times in seconds; overlapping intervals are merged. A note released
     while the pedal is down (down <= offset < up) is held until the pedal goes up or its key is

@@ -11,7 +11,8 @@ Segments of every input form one stream, cut into batches of `batch` rows, so se
 files fill a batch and a long file never holds more than one batch of audio, embeddings or
 caches in memory. A row whose previous segment sits in the same batch takes its carried notes
 from it (runtime/decode.py); otherwise they come from the batch before. A file's notes are
-stitched and returned as soon as its last segment is decoded, in input order.
+stitched as its segments are decoded (decode.FileNotes: what a long file keeps is its notes)
+and returned as soon as its last segment is, in input order.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import math
 import os
 import threading
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,12 +42,12 @@ from .audio import (
 from .backend import Backend
 from .decode import (
     DEFAULT_MAX_NOTES,
+    FileNotes,
     OpenNote,
     RowSpec,
     SegmentTokens,
     concurrent_by_default,
     decode_batch,
-    to_notes,
 )
 from .manifest import DECODERS, Manifest, ManifestError, RollsSpec, load_manifest
 from .midi import write_midi, write_notes_json, write_notes_tsv
@@ -125,10 +125,10 @@ class InputState:
     duration_s: float
     n_samples: int  # at 16 kHz
     last_start: int | None  # audio.tail_start: the end-aligned last segment's first sample
-    segments: list[SegmentTokens] = field(default_factory=list)
+    decoded: int = 0  # segments decoded so far
+    notes: FileNotes | None = None  # decoder="lm": the notes stitched so far
     carry: list[OpenNote] = field(default_factory=list)
     rolls: RollStream | None = None  # decoder="rolls": peak picking so far (carried state)
-    rolled: int = 0  # segments pushed into `rolls`
     samples_read: list[int] = field(default_factory=list)  # audio.stream_segments(lengths=)
     result: Transcription | None = None
     error: str | None = None
@@ -295,12 +295,15 @@ class Transcriber:
         tally.decode_s += time.perf_counter() - t_batch - encode_s
         finished = []
         for (item, _, _), seg in zip(batch, decoded):
-            item.segments.append(_compact(seg))
+            item.notes = item.notes or FileNotes()
+            item.notes.push(seg)
             item.carry = seg.carry_out
+            item.decoded += 1
             tally.tokens += _predicted_tokens(seg)
-            if len(item.segments) == item.num_segments:
+            if item.decoded == item.num_segments:
                 tail_s = None if item.last_start is None else item.last_start / SAMPLE_RATE
-                finished.append((item, to_notes(item.segments, item.duration_s, tail_s)))
+                finished.append((item, item.notes.finish(item.duration_s, tail_s)))
+                item.notes = None
         return finished
 
     def _roll_batch(self, batch: list[Row], timed: TimedBackend,
@@ -318,8 +321,8 @@ class Transcriber:
                 item.rolls = RollStream(fps, self.rolls.thresholds)
             keep = kept_frames(index, item.num_segments, fps, item.n_samples, item.last_start)
             item.rolls.push({k: rolls[k][r, keep] for k in ROLL_KEYS})
-            item.rolled += 1
-            if item.rolled == item.num_segments:
+            item.decoded += 1
+            if item.decoded == item.num_segments:
                 finished.append((item, item.rolls.finish()))
                 item.rolls = None
         tally.decode_s += time.perf_counter() - t_dec
@@ -396,12 +399,6 @@ def _row_specs(batch: list[Row]) -> list[RowSpec]:
         rows.append(RowSpec(index, prev, [] if prev is not None else list(item.carry)))
         where[id(item), index] = r
     return rows
-
-
-def _compact(seg: SegmentTokens) -> SegmentTokens:
-    """A decoded segment as kept until its file ends: tokens as 2-byte arrays, no carry (a
-    list of Python ints costs ~36 bytes a token: a 3 h file's would grow memory by ~30 MB)."""
-    return SegmentTokens(seg.segment, {k: array("h", v) for k, v in seg.tokens.items()}, [])
 
 
 def _predicted_tokens(seg: SegmentTokens) -> int:
