@@ -13,6 +13,7 @@ them). Without --ray-address a local Ray starts on this machine. docs/scale-out.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -238,23 +239,40 @@ class Summary:
                 f"{self.wall_s / self.audio_s if self.audio_s else 0:.3f})")
 
 
-def start_ray(address: str | None) -> None:
-    """Join `address`, or start a local Ray sized to this machine: no dashboard, and only its
-    errors on our stderr (the CLI prints one line per failed input and a summary)."""
+def start_ray(address: str | None, need: dict[str, float] | None = None) -> None:
+    """Join `address`, or start a local Ray sized to this machine (and to `need`, what the run's
+    actors and read tasks take: resources(), so a setting that asks for more threads than the
+    machine has cores still runs, oversubscribed as asked): no dashboard, and only its errors
+    on our stderr (the CLI prints one line per failed input and a summary). A Ray that cannot
+    hold `need` at once is a one-line CorpusError, not a pipeline that waits forever."""
     import logging
 
     import ray
 
-    if ray.is_initialized():
-        return
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    if address:
-        _reachable(address)
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    need = need or {}
+    if not ray.is_initialized():
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        if address:
+            _reachable(address)
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need.get("CPU", 0))), **kwargs)
+    have = ray.cluster_resources()
+    short = [f"{amount:g} {name}" for name, amount in need.items() if have.get(name, 0) < amount]
+    if short:
+        raise CorpusError(f"the actors and their read tasks need {' and '.join(short)} at once; "
+                          f"this Ray has {', '.join(f'{have.get(n, 0):g} {n}' for n in need)} "
+                          f"(use fewer --actors or --threads-per-actor)")
+
+
+def resources(actors: int, threads: int, gpu: bool) -> dict[str, float]:
+    """What a run holds at once: each actor its threads (and a GPU with a GPU backend), plus
+    one read task. Every actor holds its CPUs while it waits for audio, so without room for a
+    read task beside them nothing would ever reach them."""
+    need = {"CPU": actors * threads + READ_CPUS}
+    return {**need, "GPU": float(actors)} if gpu else need
 
 
 def _reachable(address: str, timeout_s: float = 10.0) -> None:
@@ -307,7 +325,7 @@ def _pipeline(todo: list[str], root: str, config: CorpusConfig, sha: str, actors
     """The Ray Data pipeline over the inputs to do; yields each input's results row."""
     import ray.data
 
-    start_ray(ray_address)
+    start_ray(ray_address, resources(actors, config.threads, config.backend != "cpu"))
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the CLI draws its own (files, audio hours)
     context.print_on_execution_start = False

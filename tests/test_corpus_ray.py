@@ -7,6 +7,8 @@ Ray is not installed or cannot start."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +116,26 @@ def test_corpus_end_to_end_and_resumable(local_ray, corpus, tmp_path):
     os.remove(corpus / "bad.wav")
     os.remove(corpus / "x" / "nan.wav")
     assert main(["corpus", str(corpus), "-o", str(tmp_path / "clean")]) == 0
+
+
+def test_a_ray_too_small_for_the_actors_is_one_line(local_ray, corpus, tmp_path, capsys):
+    """Every actor holds its CPUs while it waits for audio: a setting that leaves no room for a
+    read task would wait forever, so it is refused before anything runs."""
+    cpus = int(ray.cluster_resources()["CPU"])
+    code = main(["corpus", str(corpus), "-o", str(tmp_path / "out"), "--actors", str(cpus)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "need" in err and "--actors" in err, err
+
+
+def test_more_actors_than_cores_run_oversubscribed(corpus, tmp_path):
+    """The local Ray the command starts is sized to what was asked (actors x threads + a read
+    task), so --actors equal to the machine's cores still transcribes (it used to hang)."""
+    for rel in BAD:
+        os.remove(corpus / rel)
+    cmd = [sys.executable, "-m", "pianolm.runtime.cli", "corpus", str(corpus), "-o",
+           str(tmp_path / "out"), "--actors", str(os.cpu_count() or 1)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "out").rglob("*.mid"))) == len(GOOD)
