@@ -573,8 +573,27 @@ def _rolls(f: _Fields, enc: dict[str, Any]) -> RollsSpec | None:
 
 
 def load_manifest(folder: str | Path) -> Manifest:
-    """Read and validate `folder/manifest.json` (or the manifest file itself)."""
-    folder = Path(folder)
+    """Read and validate `folder/manifest.json` (or the manifest file itself): one reader per
+    section, each naming the field it rejects."""
+    folder, path, raw = _read_json(Path(folder))
+    f = _Fields(path)
+    f.only(raw, {"format", "format_version", "precision", "opset", "audio", "encoder", "vocab",
+                 "stages", "source", "versions", "default_decoder"}, "")
+    version = _header(f, raw)
+    sample_rate, segment_samples, input_peak = _audio(f, f.get(raw, "audio", dict, ""))
+    vocab_raw = _vocab(f, f.get(raw, "vocab", dict, ""))
+    encoder = _encoder(f, f.get(raw, "encoder", dict, ""), folder)
+    stages = _stages(f, f.get(raw, "stages", list, ""), folder, encoder)
+    source = _source(f, f.get(raw, "source", dict, ""))
+    versions = _versions(f, f.get(raw, "versions", dict, ""))
+    default_decoder = _default_decoder(f, raw, encoder)
+    return Manifest(f.get(raw, "precision", str, ""), f.get(raw, "opset", int, ""), sample_rate,
+                    segment_samples, encoder, stages, source, versions, vocab_raw, version,
+                    folder, default_decoder, input_peak)
+
+
+def _read_json(folder: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(model folder, manifest path, its JSON object)."""
     if folder.name == MANIFEST_FILE and folder.is_file():
         folder = folder.parent
     path = folder / MANIFEST_FILE
@@ -586,12 +605,13 @@ def load_manifest(folder: str | Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: not readable JSON: {e}") from e
-    f = _Fields(path)
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: top level must be an object")
-    f.only(raw, {"format", "format_version", "precision", "opset", "audio", "encoder", "vocab",
-                 "stages", "source", "versions", "default_decoder"}, "")
+    return folder, path, raw
 
+
+def _header(f: _Fields, raw: dict[str, Any]) -> int:
+    """format, format_version (returned), precision, opset."""
     fmt = f.get(raw, "format", str, "")
     if fmt != FORMAT:
         raise f.fail("format", f"is {fmt!r}, expected {FORMAT!r}")
@@ -609,23 +629,31 @@ def load_manifest(folder: str | Path) -> Manifest:
     opset = f.get(raw, "opset", int, "")
     if opset < MIN_OPSET:
         raise f.fail("opset", f"is {opset}; at least {MIN_OPSET} is required")
+    return version
 
-    audio = f.get(raw, "audio", dict, "")
+
+def _audio(f: _Fields, audio: dict[str, Any]) -> tuple[int, int, float | None]:
+    """(sample_rate, segment_samples, input_peak)."""
     f.only(audio, {"sample_rate", "segment_samples", "input_peak"}, "audio")
     sample_rate = f.positive(audio, "sample_rate", "audio")
     segment_samples = f.positive(audio, "segment_samples", "audio")
     input_peak = f.get(audio, "input_peak", (int, float), "audio", optional=True)
     if input_peak is not None and not 0 < input_peak <= 1:
         raise f.fail("audio.input_peak", f"must be in (0, 1], got {input_peak}")
+    return sample_rate, segment_samples, None if input_peak is None else float(input_peak)
 
-    vocab_raw = f.get(raw, "vocab", dict, "")
+
+def _vocab(f: _Fields, vocab_raw: dict[str, Any]) -> dict[str, Any]:
+    """Must be this runtime's vocabulary, entry for entry."""
     expected = vocab.as_dict()
     for key in sorted(set(vocab_raw) | set(expected)):
         if vocab_raw.get(key) != expected.get(key):
             raise f.fail(f"vocab.{key}", f"is {vocab_raw.get(key)!r}; this runtime's vocabulary "
                          f"(runtime/vocab.py) has {expected.get(key)!r}")
+    return dict(vocab_raw)
 
-    enc = f.get(raw, "encoder", dict, "")
+
+def _encoder(f: _Fields, enc: dict[str, Any], folder: Path) -> EncoderSpec:
     f.only(enc, {"name", "embed_dim", "frames_per_second", "frames_per_segment", "config",
                  "graph", "rolls"}, "encoder")
     embed_dim = f.positive(enc, "embed_dim", "encoder")
@@ -636,23 +664,27 @@ def load_manifest(folder: str | Path) -> Manifest:
     rolls = _rolls(f, enc)
     io, note = ((ENCODER_ROLLS_IO, " (with encoder.rolls)") if rolls else
                 (ENCODER_IO, " (without encoder.rolls)"))
-    enc_graph = _graph(f, f.get(enc, "graph", dict, "encoder"), "encoder.graph", io, folder,
-                       note)
+    graph = _graph(f, f.get(enc, "graph", dict, "encoder"), "encoder.graph", io, folder, note)
     roll_axes = {2: ROLL_LAYOUT["num_pitches"]} if rolls else {}
-    _expect_shape(f, enc_graph, "encoder.graph", {"embeddings": {2: embed_dim},
-                                                  **{k: roll_axes for k in ROLL_KEYS}})
-    encoder = EncoderSpec(f.get(enc, "name", str, "encoder"), embed_dim, float(fps), frames,
-                          f.get(enc, "config", dict, "encoder"), enc_graph, rolls)
+    _expect_shape(f, graph, "encoder.graph", {"embeddings": {2: embed_dim},
+                                              **{k: roll_axes for k in ROLL_KEYS}})
+    return EncoderSpec(f.get(enc, "name", str, "encoder"), embed_dim, float(fps), frames,
+                       f.get(enc, "config", dict, "encoder"), graph, rolls)
 
-    stages_raw = f.get(raw, "stages", list, "")
-    stages = tuple(_stage(f, s, f"stages[{i}]", folder, embed_dim, frames, float(fps))
+
+def _stages(f: _Fields, stages_raw: list[Any], folder: Path, encoder: EncoderSpec
+            ) -> tuple[StageSpec, ...]:
+    stages = tuple(_stage(f, s, f"stages[{i}]", folder, encoder.embed_dim,
+                          encoder.frames_per_segment, encoder.frames_per_second)
                    for i, s in enumerate(stages_raw))
     names = tuple(s.name for s in stages)
     if names not in STAGE_SETS:
         raise f.fail("stages", f"are {list(names)}; a model has exactly "
                      f"{' or '.join(str(list(s)) for s in STAGE_SETS)}, in that order")
+    return stages
 
-    src = f.get(raw, "source", dict, "")
+
+def _source(f: _Fields, src: dict[str, Any]) -> SourceSpec:
     f.only(src, {"checkpoint", "sha256", "random_init", "seed", "metadata"}, "source")
     sha = f.get(src, "sha256", str, "source", optional=True)
     if sha is not None and not _SHA256.match(sha):
@@ -663,21 +695,23 @@ def load_manifest(folder: str | Path) -> Manifest:
                         f.get(src, "metadata", dict, "source", optional=True) or {})
     if not source.random_init and source.sha256 is None:
         raise f.fail("source.sha256", "is required unless source.random_init is true")
+    return source
 
-    versions = f.get(raw, "versions", dict, "")
+
+def _versions(f: _Fields, versions: dict[str, Any]) -> dict[str, str]:
     for key, value in versions.items():
         if not isinstance(value, str):
             raise f.fail(f"versions.{key}", f"must be str, got {value!r}")
+    return dict(versions)
 
+
+def _default_decoder(f: _Fields, raw: dict[str, Any], encoder: EncoderSpec) -> str:
     default_decoder = f.get(raw, "default_decoder", str, "", optional=True) or "lm"
     if default_decoder not in DECODERS:
         raise f.fail("default_decoder", f"is {default_decoder!r}; known: {list(DECODERS)}")
     if default_decoder == "rolls" and encoder.rolls is None:
         raise f.fail("default_decoder", "is 'rolls', but the encoder graph has no roll outputs")
-
-    return Manifest(precision, opset, sample_rate, segment_samples, encoder, stages, source,
-                    dict(versions), dict(vocab_raw), version, folder, default_decoder,
-                    None if input_peak is None else float(input_peak))
+    return default_decoder
 
 
 def file_sha256(path: str | Path) -> str:
@@ -701,7 +735,7 @@ HASH_ON_LOAD_BYTES = 256 << 20
 def check_graph(manifest: Manifest, name: str, hash_: bool | None = None) -> None:
     """One graph file against the manifest, before ONNX Runtime sees it: present, the size it
     records, and (hash_=True, or None and the graph is small enough) its sha256. A corrupted
-    or truncated file otherwise loads and gives wrong notes silently (issue 16)."""
+    or truncated file otherwise loads and gives wrong notes silently."""
     graph = manifest.graphs()[name]
     path = manifest.path(graph)
     files = [path] + ([path.parent / graph.external_data] if graph.external_data else [])
