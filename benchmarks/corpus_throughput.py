@@ -1,4 +1,4 @@
-"""Throughput of `pianolm corpus` against actors and threads per actor, in one run (issue 18).
+"""Throughput of `pianolm corpus` against actors and threads per actor, in one run.
 
 Builds a corpus of the dev set's clips repeated (in sub-folders) to about --minutes of audio,
 then for each (actors, threads per actor) runs `pianolm corpus IN -o OUT_k` as a subprocess

@@ -1,4 +1,4 @@
-"""Peak memory and time of `pianolm transcribe` on long files (issue 16: flat memory).
+"""Peak memory and time of `pianolm transcribe` on long files (flat memory: README "Transcribe").
 
 Builds WAV files of the requested lengths by repeating the dev set's clips (16 kHz, 16-bit),
 runs `pianolm transcribe FILE -o OUT --decoder D` as a subprocess per (length, decoder), and

@@ -1,4 +1,4 @@
-"""Load on `pianolm serve`: throughput and latency against concurrency, in one run (issue 17).
+"""Load on `pianolm serve`: throughput and latency against concurrency, in one run.
 
 Starts `pianolm serve` on 127.0.0.1 (a free port) per decoder, then for each concurrency c
 sends the same requests (the dev set's clips, cycled) with c in flight at a time from an

@@ -1,4 +1,4 @@
-"""The LLaMA-style note decoder (DESIGN.md, "Model facts": decoder paragraph).
+"""The LLaMA-style note decoder (docs/model.md, "Decoders").
 
 One file, nanoGPT / lit-llama style. Each block is
 

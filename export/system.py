@@ -1,6 +1,6 @@
 """A whole transcription system: one frozen encoder shared by the stages' decoders.
 
-Hierarchical (default, DESIGN.md): decoders "onset", "velocity", "offset", all reading the same
+Hierarchical (default, docs/model.md "Decoders"): decoders "onset", "velocity", "offset", all reading the same
 encoder embeddings (one encoder pass feeds every stage). Flattened baseline: one decoder "flat".
 """
 

@@ -1,7 +1,7 @@
 """Audio input: read any WAV/FLAC/OGG, mix to mono, resample to 16 kHz, cut into 10 s segments.
 
-numpy + soundfile + soxr only (never torch). The model's input convention (DESIGN.md,
-"Model facts"): float32 mono at 16 kHz, non-overlapping 10 s segments of 160000 samples.
+numpy + soundfile + soxr only (never torch). The model's input convention (docs/model.md,
+"Audio"): float32 mono at 16 kHz, non-overlapping 10 s segments of 160000 samples.
 
     samples = load_audio("take.flac")            # float32 [n] at 16 kHz
     for first, batch in iter_segment_batches(samples, batch_size=8):
@@ -300,10 +300,10 @@ def tail_start(n_samples: int, align: int) -> int | None:
     """Where the last segment of an n-sample input starts for transcription, or None when no
     segment needs moving (a whole number of segments, or a single segment).
 
-    A segment that is mostly zero padding decodes badly (issue 16: the first second of a dev
-    clip alone gave 5 of its 10 notes). So the last partial segment is moved back to end at the
+    A segment that is mostly zero padding decodes badly (the first second of a dev clip
+    alone gave 5 of its 10 notes). So the last partial segment is moved back to end at the
     audio's end, overlapping the segment before it; the overlap is merged once by the decoders
-    (rolls.join_segments, decode.to_notes). Its start is rounded up to `align` samples (one
+    (rolls.kept_frames, decode.FileNotes). Its start is rounded up to `align` samples (one
     encoder frame, a whole number of 10 ms ticks) so its frames line up with the others'; at
     most align - 1 samples of padding remain.
     """

@@ -107,7 +107,7 @@ def find_clips(folder: str | os.PathLike) -> list[Clip]:
 
 def read_reference(path: str | os.PathLike) -> list[Note]:
     """Reference notes: a .tsv as written (pedal-extended already), a MIDI file with its
-    sustain pedal extending the offsets (DESIGN.md, "Evaluation")."""
+    sustain pedal extending the offsets (docs/model.md, "Reference offsets")."""
     if Path(path).suffix.lower() == ".tsv":
         return read_notes_tsv(path)
     return read_midi(path, extend_pedal=True)

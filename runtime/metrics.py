@@ -1,4 +1,4 @@
-"""Note-level transcription metrics (DESIGN.md, "Evaluation"), torch-free.
+"""Note-level transcription metrics (docs/model.md, "Evaluation"), torch-free.
 
     evaluate(pred, ref) -> {"onset_f": ..., "onset_offset_f": ..., "onset_offset_velocity_f": ...}
 
@@ -110,7 +110,7 @@ def score_notes(pred: Sequence[Note], ref: Sequence[Note]) -> dict[str, float]:
 
 
 def mean_scores(scores: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Per-key mean over clips (DESIGN.md reports the mean over the dev set's clips)."""
+    """Per-key mean over clips (the README reports the mean over the dev set's clips)."""
     rows = list(scores)
     if not rows:
         return {}

@@ -5,7 +5,7 @@ the manifest, same step bookkeeping) whose sessions bind their inputs and output
 past/present K/V are OrtValues on the device, each step's present becomes the next step's past
 without leaving it, and only tokens, positions and key_mask go up and the logits come down.
 Plain `InferenceSession.run` copies the whole cache to the host and back every step, which made
-ONNX Runtime on CUDA slower than PyTorch in other projects (DESIGN.md, known traps).
+ONNX Runtime on CUDA slower than PyTorch in other projects (docs/model.md, "Export traps").
 
 device="cpu" runs the same code on the CPU: that is how it is tested without a GPU, and it saves
 the numpy copies of the cache there too.

@@ -1,4 +1,4 @@
-"""The token vocabulary (DESIGN.md, "Tokens"): one flat id space shared by all stages.
+"""The token vocabulary (docs/tokens.md): one flat id space shared by all stages.
 
     0 pad, 1 sos, 2 eos, 3..6 task tokens, 7 note_sustain,
     time 0..1000 (10 ms steps inside a 10 s segment), pitch 21..108, velocity 0..127.

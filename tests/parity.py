@@ -8,15 +8,12 @@ velocity and offset stages running concurrently.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-DEVSET = Path(os.environ.get("PIANOLM_DEVSET", "/work/shared/devset"))
 
-
-def devset_audio(names: list[str] | None = None) -> list[Path]:
+def devset_audio(devset: Path, names: list[str] | None = None) -> list[Path]:
     """Dev-set audio files (wav and flac), optionally only the named clips."""
-    files = sorted(p for p in DEVSET.glob("dev_*") if p.suffix in (".wav", ".flac"))
+    files = sorted(p for p in devset.glob("dev_*") if p.suffix in (".wav", ".flac"))
     return [p for p in files if names is None or p.stem in names]
 
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +28,6 @@ from pianolm.runtime.audio import (
     segments_from_array,
     stream_segments,
 )
-
-DEVSET = Path("/work/shared/devset")
 
 
 def sine(freq: float, sr: int, seconds: float, amp: float = 0.5) -> np.ndarray:
@@ -528,11 +525,10 @@ def test_batch_segments_over_a_stream(tmp_path):
 # ----------------------------------------------------------------------------- dev set
 
 
-@pytest.mark.skipif(not DEVSET.is_dir(), reason="shared dev set not present")
-def test_devset_audio_loads():
-    clips = json.loads((DEVSET / "clips.json").read_text())
+def test_devset_audio_loads(devset):
+    clips = json.loads((devset / "clips.json").read_text())
     for clip in clips:
-        path = DEVSET / clip["audio"]
+        path = devset / clip["audio"]
         info = sf.info(path)
         assert (info.samplerate, info.channels) == (clip["sample_rate"], clip["channels"])
         y = load_audio(path)

@@ -1,6 +1,6 @@
 """A generated corpus of bad and edge inputs through `pianolm transcribe` as a subprocess, with
 the shipped default model: exit status, exactly one line on stderr (or none), no traceback,
-nothing partial or replaced (issue 16)."""
+nothing partial or replaced."""
 
 from __future__ import annotations
 

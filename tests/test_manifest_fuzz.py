@@ -1,4 +1,4 @@
-"""Fuzzing manifest parsing (issue 16): any JSON value in any field of the shipped manifest
+"""Fuzzing manifest parsing: any JSON value in any field of the shipped manifest
 gives a ManifestError (one line) or a manifest, never another exception."""
 
 from __future__ import annotations

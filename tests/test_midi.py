@@ -23,8 +23,6 @@ from pianolm.runtime.midi import (
 )
 from pianolm.runtime.notes import Note
 
-DEVSET = Path("/work/shared/devset")
-
 
 def key(n: Note):
     return (n.pitch, n.onset)  # pairs notes even when rounding reorders near-equal onsets
@@ -260,7 +258,6 @@ def test_pedal_intervals_and_plain_notes(tmp_path):
 
 
 def test_pedal_extension_on_read(tmp_path):
-    pytest.importorskip("pianolm.runtime.tokens")
     got = read_midi(_pedal_file(tmp_path), extend_pedal=True)
     assert_same_notes(got, [Note(0.0, 0.2, 65, 10), Note(0.0, 2.0, 60, 20),
                             Note(0.1, 1.0, 62, 30), Note(1.0, 2.0, 62, 40),
@@ -329,23 +326,15 @@ def test_tsv_without_velocity_and_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- dev set
 
-needs_devset = pytest.mark.skipif(not DEVSET.is_dir(), reason="shared dev set not present")
-
-
-def _clips():
-    return json.loads((DEVSET / "clips.json").read_text()) if DEVSET.is_dir() else []
-
-
-@needs_devset
-@pytest.mark.parametrize("clip", _clips(), ids=lambda c: c["name"])
-def test_devset_mid_and_tsv_agree(clip):
+def test_devset_mid_and_tsv_agree(devset, devset_clip):
     """The .mid has no CC64 and its plain reading equals the .tsv (both already extended)."""
-    mid_notes, pedal = read_midi_with_pedal(DEVSET / clip["midi"])
-    tsv_notes = read_notes_tsv(DEVSET / clip["tsv"])
+    clip = devset_clip
+    mid_notes, pedal = read_midi_with_pedal(devset / clip["midi"])
+    tsv_notes = read_notes_tsv(devset / clip["tsv"])
     assert pedal == []  # no pedal events: offsets are baked in
     assert len(mid_notes) == len(tsv_notes) == clip["n_notes"]
     assert_same_notes(mid_notes, tsv_notes, tol=1e-9)  # 0.5 ms grid, written from same notes
-    assert read_midi(DEVSET / clip["midi"], extend_pedal=True) == mid_notes  # no-op
+    assert read_midi(devset / clip["midi"], extend_pedal=True) == mid_notes  # no-op
     assert [min(n.pitch for n in tsv_notes), max(n.pitch for n in tsv_notes)] == \
         clip["pitch_range"]
     assert [min(n.velocity for n in tsv_notes), max(n.velocity for n in tsv_notes)] == \
@@ -353,13 +342,12 @@ def test_devset_mid_and_tsv_agree(clip):
     assert all(0 <= n.onset < n.offset <= clip["clip_len_s"] + 1e-3 for n in tsv_notes)
 
 
-@needs_devset
-@pytest.mark.parametrize("clip", _clips(), ids=lambda c: c["name"])
-def test_devset_offsets_are_pedal_extended(clip):
+def test_devset_offsets_are_pedal_extended(devset, devset_clip):
     """Evidence that the truth is pedal-extended although the .mid has no CC64: in clips with
     pedal, groups of notes end at the very same 0.5 ms tick (a pedal release); in pedal-free
     clips that only happens at the clip end (notes truncated to the window)."""
-    notes = read_notes_tsv(DEVSET / clip["tsv"])
+    clip = devset_clip
+    notes = read_notes_tsv(devset / clip["tsv"])
     groups = Counter(round(n.offset * 2000) for n in notes)
     end_tick = round(clip["clip_len_s"] * 2000)
     releases = [t for t, k in groups.items() if k >= 3 and abs(t - end_tick) > 2]

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parity import DEVSET, assert_runtime_matches_torch, devset_audio
+from tests.parity import assert_runtime_matches_torch, devset_audio
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
-pytestmark = pytest.mark.skipif(not DEVSET.is_dir(), reason=f"dev set not found at {DEVSET} "
-                                "(set PIANOLM_DEVSET)")
 
 
 @pytest.mark.parametrize("kind", ["hier", "flat"])
-def test_devset_notes_match_the_torch_reference(exported, kind):
+def test_devset_notes_match_the_torch_reference(exported, devset, kind):
     system = exported.hier if kind == "hier" else exported.flat
-    files = devset_audio()
+    files = devset_audio(devset)
     assert len(files) >= 6
     compared = assert_runtime_matches_torch(system, exported.dirs[kind], files)
     assert compared > 0

@@ -154,7 +154,6 @@ def test_describe_parameters(monkeypatch):
 def test_describe_parameters_real_encoders(name, dim, frames):
     """Also checks the encoder contract the decoders rely on (building is cheap; running the
     real encoders on a 2-core machine is not, so their outputs are tested beside them)."""
-    pytest.importorskip("pianolm.export.encoders")
     text = describe_parameters("small", name)
     print("\n" + text)
     assert f"embed_dim {dim}, {frames} frames" in text and "offset decoder" in text

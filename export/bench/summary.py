@@ -1,4 +1,5 @@
-"""The headline ratios of issue 6, each next to its target, with pass/fail.
+"""The headline ratios of `pianolm bench` (README "Benchmark"), each next to its target, with
+pass/fail.
 
 Every ratio is taken within one run (one machine, one moment). Targets are defined on the small
 preset (the bandwidth floor on small and base); when the run lacks that preset, the ratio is
