@@ -4,7 +4,7 @@ layout against the time-aligned one, trained on the same data).
 
     python benchmarks/lm_curves.py --run paper=work/runs/onset-paper-o \
         --run time=work/runs/onset-both-o --metric decode_onset_f \
-        --out benchmarks/results/default_model/lm_onset_curves.png
+        --out recipes/default_model/record/lm_onset_curves.png
 
 A run may be given as several folders joined by '+' (a continuation started with --init): their
 steps are laid end to end. Writes the plot and, beside it, a JSON with the plotted points.

@@ -1,7 +1,7 @@
 """Does the velocity curve that `pianolm train tune-rolls` fits generalise to pieces it was not
 fitted on? Leave-one-out over validation pieces: fit on the others, score the one left out.
 
-    python benchmarks/velocity_curve_cv.py --encoder-dir work/runs/hppnet-vl \
+    python benchmarks/probes/velocity_curve_cv.py --encoder-dir work/runs/hppnet-vl \
         --data work/data/synth2 --items 12
 
 Uses the roll thresholds stored in the encoder's encoder.json (its curve is refitted per fold).

@@ -3,15 +3,15 @@
 # training data, pre-train the encoder, embed, train the three LM stages, assemble, export,
 # evaluate on the dev set. About 8 hours on a 2-core machine.
 #
-#   bash scripts/install_renderers.sh && bash scripts/train_default_model.sh
+#   bash scripts/install_renderers.sh && bash recipes/default_model/train.sh
 #
 # This is the procedure the shipped model went through (engines/default/MODEL.md), with its
 # step counts; it is not bit-exact (the shipped run was stopped and resumed by hand at the
 # points the --until-step flags below mark, and threads interleave differently). The training
-# logs of the shipped run are in benchmarks/results/default_model/.
+# logs of the shipped run are in recipes/default_model/record/.
 # WORK (default work/) holds everything but the final export; OUT (default engines/default).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 work="${WORK:-work}"
 data="$work/data/synth1"
 runs="$work/runs"
@@ -102,4 +102,4 @@ step "assemble, export, evaluate"
 pianolm train assemble --encoder-dir "$enc3" --onset "$runs/onset-time" \
   --velocity "$runs/velocity-time" --offset "$runs/offset-time" --out "$runs/system"
 pianolm export --checkpoint "$runs/system" --out "$out" --default-decoder rolls --verify
-pianolm eval --data "$devset" --model "$out" --json benchmarks/results/default_model/eval_devset.json
+pianolm eval --data "$devset" --model "$out" --json recipes/default_model/record/eval_devset.json

@@ -3,7 +3,7 @@ given the true notes of the same validation segments and scored the same way (pe
 `pianolm train lm` validates the stage: mir_eval onset+offset+velocity F1, true onsets and
 offsets, so only velocity can miss).
 
-    python benchmarks/velocity_stage_vs_rolls.py --lm-dir work/runs2/lm-velocity \
+    python benchmarks/probes/velocity_stage_vs_rolls.py --lm-dir work/runs2/lm-velocity \
         --embeddings work/emb/vl-val --encoder-dir work/runs/hppnet-vl
 
 The roll is read at each note's onset frame of the stored embeddings (HPPNet's layout: onset,

@@ -3,14 +3,14 @@
 The shipped stage decoders were trained in a session whose LM checkpoints did not survive; their
 weights live on only in the exported ONNX graphs. This script reads them back out (every MatMul
 weight is named by the module scope the exporter records on its node), rebuilds the system with
-the committed encoder weights (benchmarks/results/default_model/encoder/), checks the rebuilt
+the committed encoder weights (recipes/default_model/record/encoder/), checks the rebuilt
 PyTorch modules against the old graphs on random inputs, saves a checkpoint and exports it over
 engines/default/ with the same roll thresholds and default decoder (MODEL.md and LICENSE.md
 stay). Used for manifest format 2 -> 3 (per-layer caches), and to ship a further-trained
 encoder beside the same stage decoders (`--encoder-dir`: the roll thresholds `pianolm train
 tune-rolls` stored in its encoder.json); kept as the record of how the shipped graphs were made.
 
-    python scripts/reexport_default_model.py [--checkpoint work/runs/default-system]
+    python recipes/default_model/reexport.py [--checkpoint work/runs/default-system]
         [--encoder-dir work/runs/hppnet-cpu2]
 """
 
@@ -37,9 +37,9 @@ from pianolm.export.system import SystemConfig, TranscriptionSystem
 from pianolm.export.train.encoder import load_encoder
 from pianolm.runtime.manifest import MANIFEST_FILE, load_manifest, write_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "engines" / "default"
-ENCODER_RUN = ROOT / "benchmarks" / "results" / "default_model" / "encoder"
+ENCODER_RUN = Path(__file__).resolve().parent / "record" / "encoder"
 KEEP = ("MODEL.md", "LICENSE.md")
 
 

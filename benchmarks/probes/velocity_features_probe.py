@@ -3,7 +3,7 @@ product: a gradient-boosted regressor (scikit-learn) learns MIDI velocity per no
 note features on train pieces, and replaces the roll's velocity of every decoded note of the
 validation pieces; mir_eval onset+offset+velocity F1 is compared with the roll's own.
 
-    python benchmarks/velocity_features_probe.py --encoder-dir work/runs/hppnet-vl \
+    python benchmarks/probes/velocity_features_probe.py --encoder-dir work/runs/hppnet-vl \
         --data work/data/synth2 --train-items 60 --val-items 50
 
 Feature sets (each note read at its onset frame b):
