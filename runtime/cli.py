@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 
@@ -312,15 +312,20 @@ def cmd_corpus(args: argparse.Namespace) -> None:
                         f"{Path(args.output) / 'results.parquet'})")
 
 
-# Torch-side commands: `pianolm NAME ...` hands every later word to an entry function that
-# parses its own options. NAME -> (module under pianolm.export, entry function, help).
+# Commands that parse their own options: `pianolm NAME ...` hands every later word to an entry
+# function. NAME -> (module, entry function, help). Modules under pianolm.export are the torch
+# side; build-engines is the runtime's (runtime/trt_build.py: the GPU server needs no torch).
 PASS_THROUGH = {
-    "data": ("data.dataset", "main_render", "training data: `pianolm data render --help`"),
-    "train": ("train", "main_train", "train encoder / LM stages: `pianolm train --help`"),
-    "export": ("onnx_export", "main_export", "export a model to ONNX: `pianolm export --help`"),
-    "build-engines": ("tensorrt", "main_build_engines",
+    "data": ("pianolm.export.data.dataset", "main_render",
+             "training data: `pianolm data render --help`"),
+    "train": ("pianolm.export.train", "main_train",
+              "train encoder / LM stages: `pianolm train --help`"),
+    "export": ("pianolm.export.onnx_export", "main_export",
+               "export a model to ONNX: `pianolm export --help`"),
+    "build-engines": ("pianolm.runtime.trt_build", "main_build_engines",
                       "TensorRT engines for an export: `pianolm build-engines --help`"),
-    "bench": ("bench", "main_bench", "measure decode cost side by side: `pianolm bench --help`"),
+    "bench": ("pianolm.export.bench", "main_bench",
+              "measure decode cost side by side: `pianolm bench --help`"),
 }
 
 
@@ -331,8 +336,9 @@ def cmd_pass_through(args: argparse.Namespace) -> None:
         if rest[:1] != ["render"]:
             raise UserError("usage: pianolm data render --out DIR [options]")
         rest = rest[1:]
-    with _torch_side_hint():
-        code = getattr(_torch_side(module), entry)(rest)
+    torch_side = module.startswith("pianolm.export.")
+    with _torch_side_hint() if torch_side else nullcontext():
+        code = getattr(importlib.import_module(module), entry)(rest)
     if code:
         raise SystemExit(code)
 

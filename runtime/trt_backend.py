@@ -1,8 +1,8 @@
 """TensorRT backend: runtime/backend.py's Backend / StageSession over the engines that
-`pianolm build-engines` writes (export/tensorrt.py).
+`pianolm build-engines` writes (runtime/trt_build.py).
 
-Engines: one per graph, `{graph file stem}.engine` (onset_step.onnx -> onset_step.engine), in the
-model folder unless built elsewhere, with one optimization profile each; `tensorrt.json` beside
+Engines: one per graph, named by trt_build.engine_file (onset_step.onnx -> onset_step.engine), in
+the model folder unless built elsewhere, with one optimization profile each; `tensorrt.json` beside
 them records the TensorRT version and the profile. The profile bounds what a session can do:
 batch, tokens per step (chunk) and cache length (past); the backend checks every call against
 it and says which `build-engines` range to widen.
@@ -44,9 +44,9 @@ from .manifest import (
     load_manifest,
 )
 from .ort_backend import OrtStageSession
+from .trt_build import BUILD_RECORD, engine_file
 
 Shape = tuple[int, ...]
-BUILD_RECORD = "tensorrt.json"  # written by build_engines beside the engines
 INSTALL_HINT = ("the TensorRT backend needs TensorRT's Python API and cuda-python on a machine "
                 "with an NVIDIA GPU: pip install 'pianolm[gpu]' and pip install "
                 "--extra-index-url https://pypi.nvidia.com tensorrt-cu12 (or tensorrt-cu13; "
@@ -55,11 +55,6 @@ INSTALL_HINT = ("the TensorRT backend needs TensorRT's Python API and cuda-pytho
 
 # ---------------------------------------------------------------------------------------------
 # Pure bookkeeping: file names, profile ranges, shapes, buffer sizes, row gathers
-
-
-def engine_file(graph: GraphSpec) -> str:
-    """The engine `pianolm build-engines` writes for a graph: its file name with .engine."""
-    return Path(graph.file).with_suffix(".engine").name
 
 
 def engine_paths(manifest: Manifest, folder: Path, record: Mapping[str, Any]) -> dict[str, Path]:

@@ -1,8 +1,9 @@
-"""export/tensorrt.py without TensorRT: the static compatibility check on hand-made graphs
-(green on a clean one, red on If / Loop / unsupported ops / bad types / dynamic rank),
-optimization profiles, the trtexec / polygraphy scripts, and `build_engines` driven through a
-fake `tensorrt` module (the real build is tested in test_export_onnx.py where TensorRT imports).
-The exported graphs themselves are checked in test_export_onnx.py."""
+"""TensorRT without TensorRT: export/tensorrt.py's static compatibility check on hand-made
+graphs (green on a clean one, red on If / Loop / unsupported ops / bad types / dynamic rank),
+and runtime/trt_build.py's optimization profiles, trtexec / polygraphy scripts, and
+`build_engines` driven through a fake `tensorrt` module (the real build is tested in
+test_export_onnx.py where TensorRT imports). The exported graphs themselves are checked in
+test_export_onnx.py."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from pianolm.export import tensorrt as trt_mod  # noqa: E402
-from pianolm.export.tensorrt import (  # noqa: E402
+from pianolm.export.tensorrt import check_tensorrt_compat  # noqa: E402
+from pianolm.runtime import trt_build as trt_mod  # noqa: E402
+from pianolm.runtime.trt_build import (  # noqa: E402
     TensorRTUnavailable,
     build_engines,
     check_profile,
-    check_tensorrt_compat,
     default_profile,
     input_shapes,
     main_build_engines,

@@ -1,6 +1,7 @@
 """The runtime must import and run with torch absent: a subprocess whose import system refuses
 torch (and pianolm.export, which is the torch side)."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -68,3 +69,40 @@ def test_torch_side_command_says_which_extra_to_install(argv):
     """, blocked=("torch",))
     assert res.returncode == 2
     assert "pip install 'pianolm[export]'" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("flags, code", [(["--commands-only"], 0), ([], 2)])
+def test_build_engines_needs_neither_torch_nor_onnx(tmp_path, flags, code):
+    """The GPU server's install (runtime, the gpu extra, TensorRT; no torch, no onnx): the
+    scripts are written and the onnx-based check says it was skipped; here, with TensorRT
+    absent too, the build then says what to install."""
+    from pianolm.runtime.transcriber import default_model_dir
+
+    folder = tmp_path / "model"  # the shipped export, its graphs linked, not copied
+    folder.mkdir()
+    for f in default_model_dir().iterdir():
+        if f.name.endswith(".onnx"):
+            (folder / f.name).symlink_to(f)
+        else:
+            shutil.copy(f, folder)
+    res = _run(f"""
+        import sys
+        from pianolm.runtime.cli import main
+        code = main(['build-engines', {str(folder)!r}, *{flags!r}])
+        heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'tensorrt'))
+        assert not heavy, heavy
+        raise SystemExit(code)
+    """, blocked=("torch", "onnx", "tensorrt"))
+    print(res.stdout, res.stderr)
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == ("TensorRT check: skipped (needs onnx, not installed here: pip install "
+                        f"'pianolm[export]', or run `pianolm build-engines {folder} "
+                        "--commands-only` where the model was exported)")
+    assert not any("graphs ok" in line for line in lines)
+    assert "trtexec --onnx=onset_step.onnx" in (folder / "trtexec.sh").read_text()
+    assert "polygraphy run onset_step.onnx" in (folder / "polygraphy.sh").read_text()
+    if code:  # no TensorRT: the gpu extra and NVIDIA's index, not the torch side
+        assert "pip install 'pianolm[gpu]'" in res.stderr and "tensorrt-cu12" in res.stderr
+        assert "pianolm[export]" not in res.stderr

@@ -1,7 +1,7 @@
 """TensorRTBackend (runtime/trt_backend.py).
 
 Everywhere: its bookkeeping against the exporter's own rules, with no TensorRT: engine file names
-against `pianolm build-engines`' (export/tensorrt.py), the build record's version check, step
+against `pianolm build-engines`' (runtime/trt_build.py), the build record's version check, step
 shapes and cache buffer sizes against the optimization profile build-engines uses, the
 device-side row gather (`select_copies`, run here through a byte-level emulation of
 cudaMemcpy2D's documented semantics), engine IO against the manifest, and the one-line errors
@@ -19,7 +19,7 @@ import json
 import numpy as np
 import pytest
 
-from pianolm.runtime import vocab
+from pianolm.runtime import trt_build, vocab
 from pianolm.runtime.backend import BackendUnavailable
 from pianolm.runtime.manifest import ManifestError
 from pianolm.runtime.trt_backend import (
@@ -47,11 +47,10 @@ def manifest(tmp_path):
 
 
 def _profile_ranges(manifest, graph, **dims) -> dict[str, ProfileRange]:
-    """The ranges build-engines gives this graph's inputs (export/tensorrt.py)."""
-    tensorrt = pytest.importorskip("pianolm.export.tensorrt", reason="needs onnx (export side)")
-    profile = tensorrt.default_profile(manifest)
+    """The ranges build-engines gives this graph's inputs (runtime/trt_build.py)."""
+    profile = trt_build.default_profile(manifest)
     profile.update(dims)
-    shapes = tensorrt.input_shapes(graph.inputs, profile)
+    shapes = trt_build.input_shapes(graph.inputs, profile)
     return {name: ProfileRange(lo, hi) for name, (lo, _, hi) in shapes.items()}
 
 
@@ -60,10 +59,9 @@ def _profile_ranges(manifest, graph, **dims) -> dict[str, ProfileRange]:
 
 
 def test_engine_names_are_build_engines_names(manifest, tmp_path):
-    tensorrt = pytest.importorskip("pianolm.export.tensorrt", reason="needs onnx (export side)")
     graphs = manifest.graphs()
     for graph in graphs.values():
-        assert engine_file(graph) == tensorrt._engine_name(graph)
+        assert engine_file(graph) == trt_build.engine_file(graph)
     assert engine_file(graphs["onset.step"]) == "onset_step.engine"
     paths = engine_paths(manifest, tmp_path, {})
     assert paths["encoder"] == tmp_path / "encoder.engine" and len(paths) == 7
@@ -232,8 +230,8 @@ def engines(request, tmp_path_factory):
     if MISSING:
         print(f"TensorRT backend tests skipped: {MISSING}")
         pytest.skip(MISSING)
-    from pianolm.export.tensorrt import build_engines, default_profile
     from pianolm.runtime.manifest import load_manifest
+    from pianolm.runtime.trt_build import build_engines, default_profile
 
     exported = request.getfixturevalue("exported")
     folder = exported.dirs["hier"]
