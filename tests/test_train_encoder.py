@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from pianolm.export.train.embeddings import embed_dataset, load_embeddings_index, load_items
-from pianolm.export.train.encoder import (
-    CropSource,
-    make_batch,
-    read_encoder_meta,
-    roll_losses,
-    train_encoder,
-    tune_rolls,
-)
+from pianolm.export.train.encoder import read_encoder_meta, roll_losses, train_encoder
+from pianolm.export.train.examples import CropSource, make_batch
 from pianolm.export.train.targets import TargetConfig
+from pianolm.export.train.thresholds import tune_rolls
 from pianolm.runtime.audio import segment_audio
 from tests.train_stub import StubEncoder, make_dataset
 
@@ -182,7 +177,7 @@ def test_level_aware_encoder_starts_from_a_plain_run(tmp_path):
 
 def test_crops_are_scaled_as_the_runtime_scales_their_whole_file(dataset):
     """CropSource(input_peak=p): a crop gets the gain that brings its whole item to peak p."""
-    from pianolm.export.train.encoder import CropSource
+    from pianolm.export.train.examples import CropSource
 
     plain, scaled = CropSource(dataset, "train"), CropSource(dataset, "train", input_peak=0.5)
     for seed in range(3):

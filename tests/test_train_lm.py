@@ -11,15 +11,13 @@ import pytest
 import torch
 
 from pianolm.export.train.embeddings import load_items, write_index, write_item
-from pianolm.export.train.lm import (
+from pianolm.export.train.examples import (
     EmbeddingStore,
     build_examples,
     clean_ticknotes,
-    decode_scores,
-    load_decoder,
     shifted_segments,
-    train_lm,
 )
+from pianolm.export.train.lm import decode_scores, load_decoder, train_lm
 from pianolm.runtime import vocab as V
 from pianolm.runtime.notes import Note
 from pianolm.runtime.tokens import TickNote, encode, quantize, segment_notes
@@ -233,8 +231,8 @@ def test_mix_embeddings(emb_dir, tmp_path):
 def test_assemble_system_checkpoint(tmp_path):
     from pianolm.export.checkpoint import load_system
     from pianolm.export.encoders import build_encoder
+    from pianolm.export.train.assembly import assemble_system
     from pianolm.export.train.encoder import save_encoder
-    from pianolm.export.train.lm import assemble_system
 
     torch.manual_seed(0)
     encoder = build_encoder("hppnet")

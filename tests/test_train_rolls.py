@@ -97,7 +97,8 @@ def test_tuning_fits_a_velocity_curve_that_undoes_a_bent_roll():
     mir_eval's own per-piece line cannot undo. Tuning fits the bend back (~v^2 / 127) and keeps
     it because onset+offset+velocity F1 rises; a linear squeeze gains nothing there, so it gets
     no curve; nor does a roll whose velocity falls as the reference rises."""
-    from pianolm.export.train.encoder import ScoredPiece, fit_velocity_curve, tune_roll_thresholds
+    from pianolm.export.train.encoder import ScoredPiece
+    from pianolm.export.train.thresholds import fit_velocity_curve, tune_roll_thresholds
 
     rng = np.random.default_rng(0)
     grids = dict(onset_grid=(0.5,), frame_grid=(0.5,), offset_grid=(0.5,))

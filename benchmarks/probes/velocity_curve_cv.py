@@ -16,13 +16,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from pianolm.export.train.encoder import (
-    fit_velocity_curve,
-    load_encoder,
-    roll_config,
-    validation_pieces,
-)
+from pianolm.export.train.encoder import load_encoder, roll_config, validation_pieces
 from pianolm.export.train.evaluate import score_notes
+from pianolm.export.train.thresholds import fit_velocity_curve
 from pianolm.runtime.rolls import decode_rolls
 
 

@@ -29,16 +29,11 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 
 from pianolm.export.data.dataset import load_item
 from pianolm.export.hppnet import HPPNET_SP_CPU_VL, key_levels
-from pianolm.export.train.encoder import (
-    dataset_entries,
-    load_encoder,
-    matched_pairs,
-    piece_notes,
-    roll_config,
-    transcribe_rolls,
-)
+from pianolm.export.train.encoder import load_encoder, roll_config, transcribe_rolls
 from pianolm.export.train.evaluate import score_notes
+from pianolm.export.train.examples import dataset_entries, piece_notes
 from pianolm.runtime.audio import normalise_peak, segment_audio
+from pianolm.runtime.metrics import matched_pairs
 from pianolm.runtime.notes import Note
 from pianolm.runtime.rolls import decode_rolls, join_segments
 from pianolm.runtime.vocab import MIN_PITCH

@@ -20,13 +20,8 @@ import torch
 from pianolm.export.train.embeddings import load_embeddings_index, load_items
 from pianolm.export.train.encoder import read_encoder_meta, roll_config
 from pianolm.export.train.evaluate import evaluate, mean_scores
-from pianolm.export.train.lm import (
-    EmbeddingStore,
-    _segment_notes_local,
-    build_examples,
-    decode_scores,
-    load_decoder,
-)
+from pianolm.export.train.examples import EmbeddingStore, build_examples
+from pianolm.export.train.lm import _segment_notes_local, decode_scores, load_decoder
 from pianolm.runtime.notes import Note
 from pianolm.runtime.rolls import ROLL_KEYS, RollDecodeConfig
 from pianolm.runtime.vocab import MIN_PITCH, NUM_PITCHES

@@ -17,7 +17,7 @@ Layout:
 
 One .npy per piece and shift rather than per segment: fewer files, and np.load(mmap_mode="r")
 reads one segment's rows. A segment's notes follow from the piece's notes and the shift
-(export/train/lm.py re-segments them with runtime.tokens).
+(export/train/examples.py re-segments them with runtime.tokens).
 
 Augmentation with frozen embeddings. The encoder's receptive field (biGRU / BiLSTM over the
 whole segment) makes a segment's embedding depend on where the segment starts, so a shifted
@@ -51,15 +51,8 @@ from pianolm.runtime.midi import read_notes_tsv, write_notes_tsv
 from pianolm.runtime.notes import Note
 
 from .common import atomic_write_text, set_threads
-from .encoder import (
-    ENCODER_FILE,
-    ROLL_LOSS_KEYS,
-    SAMPLE_RATE,
-    dataset_entries,
-    encoder_info,
-    load_encoder,
-    piece_notes,
-)
+from .encoder import ENCODER_FILE, ROLL_LOSS_KEYS, encoder_info, load_encoder
+from .examples import SAMPLE_RATE, dataset_entries, piece_notes
 
 FORMAT = "pianolm-embeddings"
 VERSION = 1

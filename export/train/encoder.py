@@ -24,6 +24,9 @@ dataset's validation split in 10 s segments, as at inference; scores are frame F
 roll (threshold 0.5) and note-level F1 of roll decoding (runtime/rolls.py), plus the roll
 losses. The dev set (../shared/devset) is measured the same way; it is never trained on and
 never used to choose anything.
+
+Crops and their targets come from examples.py, the loop's bookkeeping (resume, log, state.pt)
+from loop.py; thresholds.py tunes roll decoding for a trained encoder (`tune-rolls`).
 """
 
 from __future__ import annotations
@@ -31,15 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -47,29 +47,15 @@ from torch import Tensor, nn
 
 from pianolm.export.encoders import ENCODERS
 from pianolm.runtime.audio import normalise_peak, segment_audio
-from pianolm.runtime.metrics import matched_pairs
 from pianolm.runtime.notes import Note
 from pianolm.runtime.rolls import RollDecodeConfig, decode_rolls, join_segments
-from pianolm.runtime.tokens import extend_by_pedal
 
-from .common import (
-    STATE_FILE,
-    JsonlLog,
-    atomic_torch_save,
-    atomic_write_text,
-    config_from,
-    graceful_stop,
-    load_state,
-    lr_at,
-    restore_rng,
-    rng_state,
-    set_lr,
-    set_threads,
-)
+from .common import atomic_write_text, graceful_stop
 from .evaluate import load_devset, mean_scores, score_notes
+from .examples import SAMPLE_RATE, CropSource, dataset_entries, make_batch, piece_notes
+from .loop import Meter, Run, open_run
 from .targets import TargetConfig, roll_targets
 
-SAMPLE_RATE = 16000
 ENCODER_FILE = "encoder.safetensors"
 ENCODER_JSON = "encoder.json"
 BEST_FILE = "best.safetensors"
@@ -114,131 +100,6 @@ class EncoderTrainConfig:
         return TargetConfig(frames_per_second=frames_per_second, soft=self.soft_targets,
                             onset_width=self.onset_width, offset_width=self.offset_width,
                             velocity_radius=self.velocity_radius)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-def dataset_entries(root: str | os.PathLike, split: str | None = None) -> list[dict]:
-    """The index entries of a rendered dataset (export/data/dataset.py), optionally one split.
-
-    Reads index.json; while a render is still running (no index yet) the per-item <id>.json
-    files already written stand in for it.
-    """
-    from pianolm.export.data.dataset import load_index
-
-    root = Path(root)
-    if (root / "index.json").is_file():
-        items = load_index(root)["items"]
-    else:
-        items = []
-        for path in sorted(root.glob("*/*.json")):
-            try:
-                entry = json.loads(path.read_text())
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and "audio" in entry and "notes" in entry:
-                items.append(entry)
-        if not items:
-            raise FileNotFoundError(f"{root}: no index.json and no rendered items")
-    return [e for e in items if split is None or e["split"] == split]
-
-
-def piece_notes(root: str | os.PathLike, entry: Mapping) -> list[Note]:
-    """An item's notes with pedal-extended offsets (the targets' convention)."""
-    from pianolm.export.data.dataset import read_pedal_tsv
-    from pianolm.runtime.midi import read_notes_tsv
-
-    base = Path(root)
-    notes = read_notes_tsv(base / entry["notes"])
-    pedal = read_pedal_tsv(base / entry["pedal"]) if entry.get("pedal") else []
-    return extend_by_pedal(notes, pedal)
-
-
-class CropSource:
-    """Random fixed-length crops (audio + notes) from one split of a rendered dataset.
-
-    input_peak: scale each crop by the gain that brings its whole item to this peak, as the
-    runtime scales a whole file (the encoder's `input_peak`); None: crops as rendered."""
-
-    def __init__(self, root: str | os.PathLike, split: str = "train",
-                 input_peak: float | None = None) -> None:
-        self.root = Path(root)
-        self.input_peak = input_peak
-        self._peak: dict[int, float] = {}
-        self.entries = dataset_entries(root, split)
-        if not self.entries:
-            raise ValueError(f"{root}: no items in split {split!r}")
-        self.notes = [piece_notes(root, e) for e in self.entries]
-        self._info: dict[int, tuple[int, bool]] = {}
-        self._decoded: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def _length(self, i: int) -> tuple[int, bool]:
-        """(samples, whether it can be read in place: a 16 kHz mono file)."""
-        if i not in self._info:
-            info = sf.info(str(self.root / self.entries[i]["audio"]))
-            direct = info.samplerate == SAMPLE_RATE and info.channels == 1
-            n = info.frames if direct else len(self._full(i))
-            self._info[i] = (int(n), direct)
-        return self._info[i]
-
-    def _full(self, i: int) -> np.ndarray:
-        if i not in self._decoded:  # other rates / channels: decode and resample once
-            from pianolm.runtime.audio import load_audio
-
-            self._decoded[i] = load_audio(self.root / self.entries[i]["audio"])
-        return self._decoded[i]
-
-    def read(self, i: int, start: int, n: int) -> np.ndarray:
-        """n samples from `start` (zero-padded past the end)."""
-        total, direct = self._length(i)
-        stop = min(start + n, total)
-        if direct:
-            x = sf.read(str(self.root / self.entries[i]["audio"]), start=start, stop=stop,
-                        dtype="float32", always_2d=False)[0]
-        else:
-            x = self._full(i)[start:stop]
-        out = np.zeros(n, np.float32)
-        out[: len(x)] = x
-        return out
-
-    def peak(self, i: int) -> float:
-        """The largest |sample| of item i (read once)."""
-        if i not in self._peak:
-            total, _ = self._length(i)
-            self._peak[i] = float(np.max(np.abs(self.read(i, 0, total)))) if total else 0.0
-        return self._peak[i]
-
-    def sample(self, rng: np.random.Generator, n_samples: int
-               ) -> tuple[np.ndarray, list[Note], float]:
-        """A random crop: (audio [n_samples], the piece's notes, crop start in seconds)."""
-        i = int(rng.integers(len(self.entries)))
-        total, _ = self._length(i)
-        start = int(rng.integers(max(total - n_samples, 0) + 1))
-        x = self.read(i, start, n_samples)
-        if self.input_peak is not None and self.peak(i) > 0:
-            x = x * np.float32(self.input_peak / self.peak(i))
-        return x, self.notes[i], start / SAMPLE_RATE
-
-
-def make_batch(source: CropSource, rng: np.random.Generator, batch: int, n_samples: int,
-               n_frames: int, target_cfg: TargetConfig, gain_db: float = 0.0
-               ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(waveforms [B, n_samples], targets {onset, offset, frame, velocity, velocity_mask}:
-    [B, n_frames, 88])."""
-    audio, targets = [], []
-    for _ in range(batch):
-        x, notes, start = source.sample(rng, n_samples)
-        if gain_db:
-            x = x * np.float32(10 ** (rng.uniform(-gain_db, gain_db) / 20))
-        audio.append(np.clip(x, -1.0, 1.0))
-        targets.append(roll_targets(notes, n_frames, target_cfg, start=start).as_dict())
-    return (torch.from_numpy(np.stack(audio)),
-            {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,55 +280,6 @@ def devset_pieces(encoder: nn.Module, devset: str | None) -> list[ScoredPiece]:
             for name, audio, ref in clips]
 
 
-def tune_roll_thresholds(pieces: Sequence[ScoredPiece], fps: float,
-                         base: RollDecodeConfig | None = None,
-                         onset_grid: Iterable[float] = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45,
-                                                        0.5, 0.6),
-                         frame_grid: Iterable[float] = (0.1, 0.2, 0.3, 0.4, 0.5),
-                         offset_grid: Iterable[float] = (0.2, 0.3, 0.4, 0.5, 1.01),
-                         ) -> tuple[RollDecodeConfig, dict[str, float]]:
-    """Coordinate search on validation pieces: the onset threshold for onset F1, then frame and
-    offset thresholds together for onset+offset F1 (offset 1.01 = ignore offset peaks), then a
-    velocity curve (`fit_velocity_curve`) if it raises onset+offset+velocity F1.
-    Returns the best config and its mean scores."""
-    cfg = base or RollDecodeConfig()
-
-    def score(c: RollDecodeConfig) -> dict[str, float]:
-        return mean_scores(score_notes(decode_rolls(p.rolls, fps, c), p.reference)
-                           for p in pieces)
-
-    best = max((replace(cfg, onset_threshold=t) for t in onset_grid),
-               key=lambda c: score(c)["onset_f"])
-    best = max((replace(best, frame_threshold=f, offset_threshold=o)
-                for f in frame_grid for o in offset_grid),
-               key=lambda c: score(c)["onset_offset_f"])
-    scores = score(best)
-    curved = replace(best, velocity_curve=fit_velocity_curve(pieces, fps, best))
-    if curved.velocity_curve:  # kept only where it helps on these pieces
-        curved_scores = score(curved)
-        if curved_scores["onset_offset_velocity_f"] > scores["onset_offset_velocity_f"]:
-            return curved, curved_scores
-    return best, scores
-
-
-def fit_velocity_curve(pieces: Sequence[ScoredPiece], fps: float, cfg: RollDecodeConfig,
-                       degree: int = 2) -> tuple[float, ...]:
-    """A least-squares polynomial from the velocity roll (x 127) to the reference velocity,
-    over the notes `cfg` decodes that match a reference onset (50 ms, same pitch). mir_eval
-    fits a line per piece anyway, so what a curve adds is its bend: the roll regresses toward
-    the mean. () where it would not rise over 1..127, or with too few notes to fit."""
-    plain = replace(cfg, velocity_curve=())
-    pairs = [(p_.velocity, r.velocity) for p in pieces
-             for p_, r in matched_pairs(decode_rolls(p.rolls, fps, plain), p.reference)]
-    if len(pairs) < 10 * (degree + 1):
-        return ()
-    x, y = np.array(pairs, np.float64).T
-    coef = np.polyfit(x, y, degree)
-    if np.any(np.diff(np.polyval(coef, np.arange(1, 128))) <= 0):
-        return ()
-    return tuple(float(c) for c in coef)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 
@@ -489,15 +301,6 @@ def head_parameters(model: nn.Module, heads: Sequence[str]) -> list[nn.Parameter
     return chosen
 
 
-def _train_config(overrides: Mapping[str, Any], saved: Mapping[str, Any] | None
-                  ) -> EncoderTrainConfig:
-    if saved is not None:
-        return config_from(EncoderTrainConfig, saved, overrides)
-    if not overrides.get("data_root"):
-        raise ValueError("a new encoder run needs data_root (--data)")
-    return config_from(EncoderTrainConfig, {}, overrides)
-
-
 def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
                   out_dir: str | os.PathLike = "runs/encoder", steps: int | None = None,
                   batch: int | None = None, crop_seconds: float | None = None,
@@ -512,20 +315,12 @@ def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
     """
     from pianolm.export.encoders import build_encoder
 
-    out = Path(out_dir)
-    saved = load_state(out) if resume else None
-    if resume and saved is None:
-        print(f"{out}: nothing to resume, starting a new run", file=sys.stderr)
     given = {"data_root": data_root, "encoder": encoder_name, "steps": steps, "batch": batch,
              "crop_seconds": crop_seconds, "lr": lr, **options}
-    given = {k: v for k, v in given.items() if v is not None}
-    given["out_dir"] = str(out)
-    cfg = _train_config(given, saved["config"] if saved else None)
-    if "until_step" not in given:  # a stop point belongs to one invocation, not to the run
-        cfg = replace(cfg, until_step=None)
-    set_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, saved, out = open_run(EncoderTrainConfig, out_dir, resume, given, ("data_root",),
+                               "a new encoder run needs data_root (--data)")
 
+    # model and optimizer (seeded), then a resumed run's saved state on top
     torch.manual_seed(cfg.seed)
     model = encoder if encoder is not None else build_encoder(cfg.encoder)
     fps = float(model.frames_per_second)
@@ -538,50 +333,20 @@ def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
     params = head_parameters(model, heads) if heads else list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    step, best_f = 0, -1.0
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_rng(saved["rng"], rng)
-        step, best_f = int(saved["step"]), float(saved.get("best_f", -1.0))
-    log = JsonlLog(out, resume_step=step if saved is not None else None, quiet=quiet)
+    run = Run(cfg, out, model, optimizer, rng, best_key="best_f", best=-1.0)
+    run.start(saved, quiet)
     source = CropSource(cfg.data_root, "train", model.input_peak)
-    last_val: dict[str, float] = dict(saved.get("last_val", {})) if saved else {}
 
-    def save() -> None:
-        atomic_torch_save({"step": step, "model": model.state_dict(),
-                           "optimizer": optimizer.state_dict(), "rng": rng_state(rng),
-                           "config": asdict(cfg), "best_f": best_f, "last_val": last_val},
-                          out / STATE_FILE)
-        save_encoder(model, cfg.encoder, out, {"step": step, "targets": asdict(target_cfg),
-                                               "val": last_val, "train_config": asdict(cfg)})
-
-    def validate() -> None:
-        nonlocal best_f, last_val
-        model.eval()
-        pieces = validation_pieces(model, cfg.data_root, cfg.val_items)
-        if pieces:
-            last_val = score_pieces(pieces, fps, target_cfg, RollDecodeConfig())
-            log.write("val", step, **last_val)
-            if last_val["onset_f"] > best_f:
-                best_f = last_val["onset_f"]
-                save_encoder(model, cfg.encoder, out, file=BEST_FILE)
-        dev = devset_pieces(model, cfg.devset)
-        if dev:
-            log.write("devset", step, **score_pieces(dev, fps, target_cfg, RollDecodeConfig()))
-        model.train()
-
-    stop_at = min(cfg.steps, cfg.until_step) if cfg.until_step is not None else cfg.steps
     model.train()
-    sums: dict[str, float] = {}
+    meter = Meter()
     last_loss: float | None = None
-    t0, n_timed = time.perf_counter(), 0
     with graceful_stop() as flag:
-        while step < stop_at and not flag.stop:
-            lr_now = lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-            set_lr(optimizer, lr_now)
+        while run.step < run.stop_at and not flag.stop:
+            # data: random crops of the training split and their roll targets
+            lr_now = run.set_lr()
             wave, targets = make_batch(source, rng, cfg.batch, n_samples, n_frames, target_cfg,
                                        cfg.gain_db)
+            # forward / backward
             losses = roll_losses(model(wave).rolls, targets)
             if heads:
                 losses["loss"] = sum(losses[h] for h in heads)
@@ -590,53 +355,49 @@ def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
             last_loss = float(losses["loss"].detach())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             optimizer.step()
-            step += 1
-            n_timed += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if step % cfg.log_every == 0 or step == stop_at:
-                dt = (time.perf_counter() - t0) / n_timed
-                log.write("train", step, **{k: v / n_timed for k, v in sums.items()},
-                          lr=lr_now, grad_norm=grad_norm, sec_per_step=dt,
-                          sec_per_step_per_crop_second=dt / (cfg.batch * cfg.crop_seconds))
-                sums, t0, n_timed = {}, time.perf_counter(), 0
-            if cfg.val_every and step % cfg.val_every == 0:
-                validate()
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
-    if step >= cfg.steps and cfg.val_every and step % cfg.val_every:
-        validate()  # final scores for a finished run
-    save()
-    return {"step": step, "finished": step >= cfg.steps, "out_dir": str(out), "val": last_val,
-            "last_loss": last_loss}
+            run.step += 1
+            # log: means over the steps since the last train line
+            meter.add(**{k: float(v.detach()) for k, v in losses.items()})
+            if run.log_due():
+                dt = meter.elapsed() / meter.steps
+                run.log.write("train", run.step, **meter.means(), lr=lr_now, grad_norm=grad_norm,
+                              sec_per_step=dt,
+                              sec_per_step_per_crop_second=dt / (cfg.batch * cfg.crop_seconds))
+                meter.reset()
+            # validate
+            if run.every(cfg.val_every):
+                _validate(run, fps, target_cfg)
+            # save
+            if run.every(cfg.save_every):
+                _save(run, target_cfg)
+    if run.final_validation_due(cfg.val_every):
+        _validate(run, fps, target_cfg)  # final scores for a finished run
+    _save(run, target_cfg)
+    return run.summary(val=run.last_val, last_loss=last_loss)
 
 
-def tune_rolls(encoder_dir: str | os.PathLike, data_root: str | os.PathLike,
-               n_items: int = 32, best: bool = True, devset: str | None = "",
-               encoder: nn.Module | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Tune roll-decoding thresholds on validation pieces, store them in encoder.json
-    ("rolls"), and report validation (and dev-set) scores with them."""
-    model, meta = load_encoder(encoder_dir, best=best, encoder=encoder)
-    fps = float(meta["frames_per_second"])
-    pieces = validation_pieces(model, data_root, n_items)
-    if not pieces:
-        raise ValueError(f"{data_root}: no validation pieces to tune on")
-    cfg, val = tune_roll_thresholds(pieces, fps)
-    meta["rolls"] = cfg.to_dict()
-    meta["rolls_tuned_on"] = {"data_root": str(data_root), "items": len(pieces),
-                              "weights": BEST_FILE if best else ENCODER_FILE}
-    result: dict[str, Any] = {"rolls": cfg.to_dict(), "validation": val}
-    dev = devset_pieces(model, devset)
+def _validate(run: Run, fps: float, target_cfg: TargetConfig) -> None:
+    """Score whole validation pieces (best.safetensors on a new best onset F1), then the dev
+    set (logged only)."""
+    model, cfg = run.model, run.cfg
+    model.eval()
+    pieces = validation_pieces(model, cfg.data_root, cfg.val_items)
+    if pieces:
+        if run.validated(score_pieces(pieces, fps, target_cfg, RollDecodeConfig()), "onset_f"):
+            save_encoder(model, cfg.encoder, run.out, file=BEST_FILE)
+    dev = devset_pieces(model, cfg.devset)
     if dev:
-        per_clip = {p.name: score_notes(decode_rolls(p.rolls, fps, cfg), p.reference)
-                    for p in dev}
-        result["devset"] = mean_scores(per_clip.values())
-        result["devset_clips"] = per_clip
-    meta["rolls_scores"] = {k: v for k, v in result.items() if k != "devset_clips"}
-    atomic_write_text(Path(encoder_dir) / ENCODER_JSON, json.dumps(meta, indent=1) + "\n")
-    if not quiet:
-        print(json.dumps(result, indent=1))
-    return result
+        run.log.write("devset", run.step, **score_pieces(dev, fps, target_cfg,
+                                                          RollDecodeConfig()))
+    model.train()
+
+
+def _save(run: Run, target_cfg: TargetConfig) -> None:
+    """state.pt, and the latest weights with encoder.json."""
+    run.save_state()
+    save_encoder(run.model, run.cfg.encoder, run.out,
+                 {"step": run.step, "targets": asdict(target_cfg), "val": run.last_val,
+                  "train_config": asdict(run.cfg)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,15 +429,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="start from another encoder run's weights (fine-tuning)")
     p.set_defaults(func=_run_train)
 
-    t = sub.add_parser("tune-rolls", help="tune roll-decoding thresholds on validation pieces")
-    t.add_argument("--encoder-dir", required=True, help="encoder run folder")
-    t.add_argument("--data", required=True, help="rendered dataset root")
-    t.add_argument("--items", type=int, default=32, help="validation pieces to tune on")
-    t.add_argument("--last", action="store_true", help="tune encoder.safetensors, not best")
-    t.add_argument("--devset", default="")
-    t.add_argument("--threads", type=int, default=None)
-    t.set_defaults(func=_run_tune)
-
 
 def _run_train(args: argparse.Namespace) -> int:
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
@@ -684,8 +436,3 @@ def _run_train(args: argparse.Namespace) -> int:
     print(json.dumps(summary, default=str))
     return 0
 
-
-def _run_tune(args: argparse.Namespace) -> int:
-    set_threads(args.threads)
-    tune_rolls(args.encoder_dir, args.data, args.items, best=not args.last, devset=args.devset)
-    return 0

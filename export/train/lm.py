@@ -26,6 +26,9 @@ flat -> all three. Plus the share of segments whose predicted tokens are exactly
 
 Run folder: state.pt (resume), decoder.safetensors + decoder.json (latest), best.safetensors
 (lowest validation loss), log.jsonl.
+
+Examples, batches and sampling live in examples.py, the loop's bookkeeping (resume, log,
+state.pt) in loop.py; assembly.py puts trained stages and their encoder into a checkpoint.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -57,34 +59,22 @@ from pianolm.runtime.decode import (
     decode_onsets,
     decode_velocities,
 )
-from pianolm.runtime.grammar import REPEAT_TICKS
 from pianolm.runtime.notes import Note
-from pianolm.runtime.tokens import (
-    ALL_STAGES,
-    SegmentNotes,
-    TickNote,
-    decode,
-    encode,
-    quantize,
-    segment_notes,
-)
+from pianolm.runtime.tokens import ALL_STAGES, SegmentNotes, decode
 
-from .common import (
-    STATE_FILE,
-    JsonlLog,
-    atomic_torch_save,
-    atomic_write_text,
-    config_from,
-    graceful_stop,
-    load_state,
-    lr_at,
-    restore_rng,
-    rng_state,
-    set_lr,
-    set_threads,
-)
-from .embeddings import EmbeddingItem, load_embeddings_index, load_items
+from .common import atomic_write_text, graceful_stop
+from .embeddings import load_embeddings_index, load_items
 from .evaluate import evaluate, mean_scores
+from .examples import (
+    EmbeddingStore,
+    EpochSampler,
+    Example,
+    TrainBatch,
+    build_examples,
+    collate,
+    spread_examples,
+)
+from .loop import Meter, Run, open_run
 
 DECODER_FILE = "decoder.safetensors"
 DECODER_JSON = "decoder.json"
@@ -143,122 +133,7 @@ class LMTrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Examples
-
-
-def clean_ticknotes(notes: Sequence[TickNote]) -> list[TickNote]:
-    """Make notes obey the decode grammar: onsets of one key at least REPEAT_TICKS apart (of
-    those closer, the first; at one tick the loudest, then longest), and a note ends no later
-    than the next onset of its key."""
-    by_key: dict[int, list[TickNote]] = {}
-    for n in notes:
-        by_key.setdefault(n.pitch, []).append(n)
-    out = []
-    for key_notes in by_key.values():
-        key_notes.sort(key=lambda n: (n.onset_tick, -n.velocity, -n.offset_tick))
-        kept: list[TickNote] = []
-        for n in key_notes:
-            if kept and n.onset_tick - kept[-1].onset_tick < REPEAT_TICKS:
-                continue
-            kept.append(n)
-        for a, b in zip(kept, kept[1:]):
-            end = min(a.offset_tick, b.onset_tick)
-            out.append(a if end == a.offset_tick else TickNote(a.onset_tick, end, a.pitch,
-                                                                a.velocity))
-        if kept:
-            out.append(kept[-1])
-    return sorted(out, key=lambda n: (n.onset_tick, n.pitch, n.offset_tick, n.velocity))
-
-
-def shifted_segments(notes: Sequence[Note], shift: float, n_segments: int
-                     ) -> list[SegmentNotes]:
-    """The segments of the grid that starts `shift` seconds into the piece (0 <= shift < 10).
-
-    Row k of the embeddings covers [shift + 10 k, shift + 10 k + 10). Ticks are moved so that a
-    virtual segment 0 covers the time before the shifted grid: notes from it are carried into
-    the first real segment, as they sound there. Returns those real segments (indices 1..S).
-    """
-    shift_ticks = int(round(shift * V.TICKS_PER_SECOND))
-    if not 0 <= shift_ticks < V.SEGMENT_TICKS:
-        raise ValueError(f"grid shift must lie in [0, 10) s, got {shift}")
-    base = V.SEGMENT_TICKS - shift_ticks
-    ticks = [TickNote(n.onset_tick + base, n.offset_tick + base, n.pitch, n.velocity)
-             for n in clean_ticknotes(quantize(notes))]
-    return segment_notes(ticks, n_segments + 1)[1:]
-
-
-@dataclass
-class Example:
-    item: int  # index into the split's EmbeddingItems
-    shift: float
-    row: int  # row of the item's [S, T, E] embeddings
-    segment: SegmentNotes
-    tokens: np.ndarray  # int64 [L]
-    predicted: np.ndarray  # bool [L]
-
-
-def build_examples(items: Sequence[EmbeddingItem], stage: str, shifts: Sequence[float] | None,
-                   max_len: int) -> tuple[list[Example], int]:
-    """Every segment of every item and shift that has a token to predict; returns (examples,
-    number skipped as longer than max_len)."""
-    examples, skipped = [], 0
-    for i, item in enumerate(items):
-        for shift in sorted(item.files):
-            if shifts is not None and not any(abs(shift - s) < 1e-6 for s in shifts):
-                continue
-            n = int(item.segments(shift).shape[0])
-            for row, seg in enumerate(shifted_segments(item.notes, shift, n)):
-                tokens, predicted = encode(stage, seg)
-                if not any(predicted):  # e.g. velocity stage, no own notes: nothing to learn
-                    continue
-                if len(tokens) > max_len:
-                    skipped += 1
-                    continue
-                examples.append(Example(i, shift, row, seg, np.asarray(tokens, np.int64),
-                                        np.asarray(predicted, bool)))
-    return examples, skipped
-
-
-class EmbeddingStore:
-    """Memory-mapped embeddings, one segment (row) at a time, as float32."""
-
-    def __init__(self, items: Sequence[EmbeddingItem]) -> None:
-        self.items = items
-        self._open: dict[tuple[int, float], np.ndarray] = {}
-
-    def get(self, item: int, shift: float, row: int) -> np.ndarray:
-        key = (item, shift)
-        if key not in self._open:
-            self._open[key] = self.items[item].segments(shift)
-        return np.asarray(self._open[key][row], dtype=np.float32)
-
-
-@dataclass
-class TrainBatch:
-    """Teacher-forced inputs [B, L-1], targets [B, L-1], loss mask [B, L-1], embeddings
-    [B, T, E], and the inputs' query ticks [B, L-1] (vocab.query_ticks: what the runtime feeds
-    a time-aligned decoder)."""
-
-    inputs: Tensor
-    targets: Tensor
-    mask: Tensor
-    emb: Tensor
-    query_ticks: Tensor
-
-
-def collate(examples: Sequence[Example], store: EmbeddingStore) -> TrainBatch:
-    """Right padding with pad tokens, masked out of the loss; a causal decoder never lets
-    padding influence the real positions before it."""
-    length = max(len(e.tokens) for e in examples)
-    tokens = np.full((len(examples), length), V.PAD, np.int64)
-    mask = np.zeros((len(examples), length), bool)
-    for b, e in enumerate(examples):
-        tokens[b, : len(e.tokens)] = e.tokens
-        mask[b, : len(e.tokens)] = e.predicted
-    emb = np.stack([store.get(e.item, e.shift, e.row) for e in examples])
-    t = torch.from_numpy(tokens)
-    return TrainBatch(t[:, :-1], t[:, 1:], torch.from_numpy(mask[:, 1:]), torch.from_numpy(emb),
-                      torch.from_numpy(V.query_ticks(tokens[:, :-1])))
+# Loss
 
 
 def lm_loss(decoder: Decoder, batch: TrainBatch) -> tuple[Tensor, Tensor]:
@@ -269,33 +144,6 @@ def lm_loss(decoder: Decoder, batch: TrainBatch) -> tuple[Tensor, Tensor]:
     sel = logits[batch.mask]
     tgt = batch.targets[batch.mask]
     return F.cross_entropy(sel.float(), tgt), (sel.argmax(-1) == tgt).sum()
-
-
-class EpochSampler:
-    """Shuffled passes over all examples; its state goes into state.pt."""
-
-    def __init__(self, n: int, rng: np.random.Generator) -> None:
-        self.n, self.rng = n, rng
-        self.order = rng.permutation(n)
-        self.pos = 0
-        self.epoch = 0
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos >= self.n:
-                self.order, self.pos = self.rng.permutation(self.n), 0
-                self.epoch += 1
-            out.append(int(self.order[self.pos]))
-            self.pos += 1
-        return out
-
-    def state(self) -> dict[str, Any]:
-        return {"order": self.order.tolist(), "pos": self.pos, "epoch": self.epoch}
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        self.order = np.asarray(state["order"], np.int64)
-        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,14 +267,6 @@ def validation_loss(decoder: Decoder, examples: Sequence[Example], store: Embedd
     return {"val_loss": total / max(count, 1), "val_token_acc": correct / max(count, 1)}
 
 
-def _spread(examples: Sequence[Example], k: int) -> list[Example]:
-    """k examples spread evenly over the list (deterministic)."""
-    if k >= len(examples):
-        return list(examples)
-    idx = np.linspace(0, len(examples) - 1, k).round().astype(int)
-    return [examples[i] for i in idx]
-
-
 @torch.no_grad()
 def align_time_embeddings(decoder: Decoder, frames_per_second: float) -> None:
     """Initialise the embedding of time token t as the position vector the audio memory adds
@@ -503,22 +343,13 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     Arguments left None come from the saved run when resuming, else from LMTrainConfig's
     defaults; `options` are further LMTrainConfig fields (e.g. val_every=0, shifts=(0.0,)).
     """
-    out = Path(out_dir)
-    saved = load_state(out) if resume else None
-    if resume and saved is None:
-        print(f"{out}: nothing to resume, starting a new run", file=sys.stderr)
     given = {"stage": stage, "embeddings_dir": embeddings_dir, "preset": preset,
              "steps": steps, "batch": batch, "lr": lr, **options}
-    given = {k: v for k, v in given.items() if v is not None}
-    given["out_dir"] = str(out)
-    if saved is None and not (given.get("stage") and given.get("embeddings_dir")):
-        raise ValueError("a new LM run needs stage and embeddings_dir")
-    cfg: LMTrainConfig = config_from(LMTrainConfig, saved["config"] if saved else {}, given)
-    if "until_step" not in given:  # a stop point belongs to one invocation, not to the run
-        cfg = replace(cfg, until_step=None)
-    set_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, saved, out = open_run(LMTrainConfig, out_dir, resume, given,
+                               ("stage", "embeddings_dir"),
+                               "a new LM run needs stage and embeddings_dir")
 
+    # data: every segment of every piece and grid shift; fixed validation subsets
     index = load_embeddings_index(cfg.embeddings_dir)
     dcfg = DecoderConfig.from_preset(
         cfg.preset, int(index["embed_dim"]),
@@ -532,9 +363,12 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     if not train_ex:
         raise ValueError(f"{cfg.embeddings_dir}: no {cfg.train_split} segments")
     train_store, val_store = EmbeddingStore(train_items), EmbeddingStore(val_items)
-    val_loss_ex = _spread(val_ex, cfg.val_segments)
-    val_decode_ex = _spread(val_ex, cfg.decode_segments)
+    val = _Validation(spread_examples(val_ex, cfg.val_segments),
+                      spread_examples(val_ex, cfg.decode_segments), val_store,
+                      {k: index.get(k) for k in ("encoder", "embed_dim", "frames_per_segment",
+                                                 "frames_per_second", "source")})
 
+    # model, optimizer, sampler (seeded), then a resumed run's saved state on top
     torch.manual_seed(cfg.seed)
     decoder = Decoder(dcfg)
     if cfg.align_time_init and saved is None and not cfg.init_from:
@@ -546,150 +380,100 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(cfg.seed)
     sampler = EpochSampler(len(train_ex), rng)
-    step, best_loss = 0, float("inf")
-    last_val: dict[str, float] = {}
     if saved is None and cfg.init_from:
         load_init_decoder(decoder, cfg.init_from, f"a {cfg.preset} one for "
                           f"{cfg.embeddings_dir}")
+    run = Run(cfg, out, decoder, optimizer, rng, best_key="best_loss", best=float("inf"),
+              lower_is_better=True)
+    run.start(saved, quiet)
     if saved is not None:
-        decoder.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_rng(saved["rng"], rng)
         sampler.load(saved["sampler"])
-        step, best_loss = int(saved["step"]), float(saved["best_loss"])
-        last_val = dict(saved.get("last_val", {}))
-    log = JsonlLog(out, resume_step=step if saved is not None else None, quiet=quiet)
-    if saved is None:
-        log.write("data", 0, train_segments=len(train_ex), val_segments=len(val_ex),
-                  skipped_too_long=skipped, parameters=sum(p.numel() for p in
-                                                           decoder.parameters()))
-    encoder_facts = {k: index.get(k) for k in ("encoder", "embed_dim", "frames_per_segment",
-                                               "frames_per_second", "source")}
+    else:
+        run.log.write("data", 0, train_segments=len(train_ex), val_segments=len(val_ex),
+                      skipped_too_long=skipped, parameters=sum(p.numel() for p in
+                                                               decoder.parameters()))
 
-    def meta() -> dict[str, Any]:
-        return {"format": "pianolm-decoder", "version": 1, "stage": cfg.stage,
-                "preset": cfg.preset, "config": dcfg.to_dict(), "encoder": encoder_facts,
-                "step": step, "val": last_val, "best_val_loss": best_loss,
-                "train_config": asdict(cfg)}
-
-    def save() -> None:
-        atomic_torch_save({"step": step, "model": decoder.state_dict(),
-                           "optimizer": optimizer.state_dict(), "rng": rng_state(rng),
-                           "sampler": sampler.state(), "config": asdict(cfg),
-                           "best_loss": best_loss, "last_val": last_val}, out / STATE_FILE)
-        save_decoder(decoder, out, meta())
-
-    def validate() -> None:
-        nonlocal best_loss, last_val
-        if not val_loss_ex:
-            return
-        last_val = validation_loss(decoder, val_loss_ex, val_store, cfg.batch)
-        if val_decode_ex:
-            t0 = time.perf_counter()
-            scores = decode_scores(cfg.stage, decoder, val_decode_ex, val_store, cfg.batch)
-            wanted = STAGE_METRICS[cfg.stage]  # the other scores use reference values
-            last_val.update({f"decode_{k}": v for k, v in scores.items()
-                             if k[:-2] in wanted or k == "exact"})
-            last_val["decode_seconds"] = time.perf_counter() - t0
-        log.write("val", step, **last_val)
-        if last_val["val_loss"] < best_loss:
-            best_loss = last_val["val_loss"]
-            save_decoder(decoder, out, meta(), file=BEST_FILE)
-
-    stop_at = min(cfg.steps, cfg.until_step) if cfg.until_step is not None else cfg.steps
     decoder.train()
-    sums: dict[str, float] = {}
+    meter = Meter()
     last_loss: float | None = None
-    t0, n_timed, tokens_seen = time.perf_counter(), 0, 0
     with graceful_stop() as flag:
-        while step < stop_at and not flag.stop:
-            lr_now = lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-            set_lr(optimizer, lr_now)
+        while run.step < run.stop_at and not flag.stop:
+            # data: the next shuffled examples, feature dropout on their embeddings
+            lr_now = run.set_lr()
             batch_ex = [train_ex[i] for i in sampler.take(cfg.batch)]
             data = collate(batch_ex, train_store)
             if cfg.emb_dropout:
                 data.emb = F.dropout(data.emb, cfg.emb_dropout, training=True)
+            # forward / backward
             loss, correct = lm_loss(decoder, data)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(decoder.parameters(),
                                                              cfg.grad_clip))
             optimizer.step()
-            step += 1
-            n_timed += 1
+            run.step += 1
+            # log: means over the steps since the last train line
             last_loss = float(loss.detach())
-            n_pred = int(data.mask.sum())
-            tokens_seen += data.inputs.numel()
-            sums["loss"] = sums.get("loss", 0.0) + last_loss
-            sums["token_acc"] = sums.get("token_acc", 0.0) + int(correct) / max(n_pred, 1)
-            if step % cfg.log_every == 0 or step == stop_at:
-                dt = time.perf_counter() - t0
-                log.write("train", step, **{k: v / n_timed for k, v in sums.items()},
-                          lr=lr_now, grad_norm=grad_norm, steps_per_s=n_timed / dt,
-                          tokens_per_s=tokens_seen / dt, epoch=sampler.epoch)
-                sums, t0, n_timed, tokens_seen = {}, time.perf_counter(), 0, 0
-            if cfg.val_every and step % cfg.val_every == 0:
-                validate()
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
-    if step >= cfg.steps and cfg.val_every and step % cfg.val_every:
-        validate()
-    save()
-    return {"step": step, "finished": step >= cfg.steps, "out_dir": str(out),
-            "last_loss": last_loss, "val": last_val, "train_segments": len(train_ex)}
+            meter.add(tokens=data.inputs.numel(), loss=last_loss,
+                      token_acc=int(correct) / max(int(data.mask.sum()), 1))
+            if run.log_due():
+                dt = meter.elapsed()
+                run.log.write("train", run.step, **meter.means(), lr=lr_now, grad_norm=grad_norm,
+                              steps_per_s=meter.steps / dt, tokens_per_s=meter.tokens / dt,
+                              epoch=sampler.epoch)
+                meter.reset()
+            # validate
+            if run.every(cfg.val_every):
+                _validate(run, val)
+            # save
+            if run.every(cfg.save_every):
+                _save(run, sampler, val.encoder_facts)
+    if run.final_validation_due(cfg.val_every):
+        _validate(run, val)
+    _save(run, sampler, val.encoder_facts)
+    return run.summary(last_loss=last_loss, val=run.last_val, train_segments=len(train_ex))
 
 
-# ---------------------------------------------------------------------------------------------
-# Assembling a TranscriptionSystem checkpoint
+@dataclass
+class _Validation:
+    """What an LM run validates on: segments for the teacher-forced loss, segments to decode
+    greedily, their embeddings, and the encoder facts that go into decoder.json."""
+
+    loss_examples: list[Example]
+    decode_examples: list[Example]
+    store: EmbeddingStore
+    encoder_facts: dict[str, Any]
 
 
-def assemble_system(encoder_dir: str | os.PathLike, decoder_dirs: Mapping[str, str | os.PathLike],
-                    out_dir: str | os.PathLike, best: bool = True, encoder_best: bool = False,
-                    force: bool = False) -> Path:
-    """Encoder run + one LM run per stage -> a checkpoint folder (export/checkpoint.py).
+def _validate(run: Run, val: _Validation) -> None:
+    """Teacher-forced loss and greedy-decode scores (best.safetensors on a new lowest loss)."""
+    if not val.loss_examples:
+        return
+    cfg, decoder = run.cfg, run.model
+    scores = validation_loss(decoder, val.loss_examples, val.store, cfg.batch)
+    if val.decode_examples:
+        t0 = time.perf_counter()
+        decoded = decode_scores(cfg.stage, decoder, val.decode_examples, val.store, cfg.batch)
+        wanted = STAGE_METRICS[cfg.stage]  # the other scores use reference values
+        scores.update({f"decode_{k}": v for k, v in decoded.items()
+                       if k[:-2] in wanted or k == "exact"})
+        scores["decode_seconds"] = time.perf_counter() - t0
+    if run.validated(scores, "val_loss"):
+        save_decoder(decoder, run.out, _decoder_meta(run, val.encoder_facts), file=BEST_FILE)
 
-    The decoders must have been trained on embeddings of these very encoder weights (checked
-    through the embeddings index's sha256 unless `force`). Roll-decoding thresholds tuned for
-    the encoder travel in the checkpoint's metadata ("rolls").
-    """
-    from pianolm.export.checkpoint import checkpoint_hash, save_system
-    from pianolm.export.system import SystemConfig, TranscriptionSystem
 
-    from .encoder import BEST_FILE as ENC_BEST
-    from .encoder import ENCODER_FILE, load_encoder
+def _save(run: Run, sampler: EpochSampler, encoder_facts: Mapping[str, Any]) -> None:
+    """state.pt (with the sampler's place), and the latest weights with decoder.json."""
+    run.save_state(sampler=sampler.state())
+    save_decoder(run.model, run.out, _decoder_meta(run, encoder_facts))
 
-    encoder, emeta = load_encoder(encoder_dir, best=encoder_best)
-    enc_file = Path(encoder_dir) / (ENC_BEST if encoder_best and
-                                    (Path(encoder_dir) / ENC_BEST).is_file() else ENCODER_FILE)
-    enc_sha = checkpoint_hash(enc_file)
-    stages = tuple(decoder_dirs)
-    if set(stages) not in ({"onset", "velocity", "offset"}, {"flat"}):
-        raise ValueError(f"need decoders for onset, velocity, offset (or flat), got {stages}")
-    decoders, metas = {}, {}
-    for stage, folder in decoder_dirs.items():
-        dec, meta = load_decoder(folder, best=best)
-        if meta["stage"] != stage:
-            raise ValueError(f"{folder}: trained for stage {meta['stage']!r}, not {stage!r}")
-        src = (meta.get("encoder") or {}).get("source") or {}
-        if not force and src.get("sha256") and src["sha256"] != enc_sha:
-            raise ValueError(f"{folder}: trained on embeddings of other encoder weights "
-                             f"({src.get('encoder_dir')}); pass force=True to combine anyway")
-        decoders[stage], metas[stage] = dec, meta
-    hierarchical = stages != ("flat",)
-    config = SystemConfig(encoder=emeta["encoder"],
-                          decoder={s: decoders[s].cfg for s in (V.STAGES if hierarchical
-                                                                 else ("flat",))},
-                          hierarchical=hierarchical)
-    system = TranscriptionSystem(config, encoder=encoder, decoder_device="meta")
-    for stage, dec in decoders.items():
-        system.decoders[stage].load_state_dict(dec.state_dict(), strict=True, assign=True)
-        system.decoders[stage].reset_buffers()
-    metadata = {"encoder_run": str(encoder_dir), "encoder_sha256": enc_sha,
-                "encoder_step": emeta.get("step"), "rolls": emeta.get("rolls"),
-                "targets": emeta.get("targets"),
-                "decoders": {s: {"run": str(decoder_dirs[s]), "step": m.get("step"),
-                                 "val": m.get("val"), "best": best} for s, m in metas.items()}}
-    return save_system(system, out_dir, metadata=metadata)
+
+def _decoder_meta(run: Run, encoder_facts: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = run.cfg
+    return {"format": "pianolm-decoder", "version": 1, "stage": cfg.stage,
+            "preset": cfg.preset, "config": run.model.cfg.to_dict(), "encoder": encoder_facts,
+            "step": run.step, "val": run.last_val, "best_val_loss": run.best,
+            "train_config": asdict(cfg)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,28 +511,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         "width; any stage)")
     p.set_defaults(func=_run_train)
 
-    a = sub.add_parser("assemble", help="encoder + stage decoders -> a system checkpoint")
-    a.add_argument("--encoder-dir", required=True)
-    for stage in ALL_STAGES:
-        a.add_argument(f"--{stage}", metavar="DIR", help=f"{stage} LM run folder")
-    a.add_argument("--out", required=True, help="checkpoint folder to write")
-    a.add_argument("--last", action="store_true", help="latest decoder weights, not best")
-    a.add_argument("--encoder-best", action="store_true", help="encoder best.safetensors")
-    a.add_argument("--force", action="store_true", help="skip the encoder-weights check")
-    a.set_defaults(func=_run_assemble)
-
 
 def _run_train(args: argparse.Namespace) -> int:
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     if "shifts" in opts:
         opts["shifts"] = tuple(opts["shifts"])
     print(json.dumps(train_lm(**opts), default=str))
-    return 0
-
-
-def _run_assemble(args: argparse.Namespace) -> int:
-    dirs = {s: getattr(args, s) for s in ALL_STAGES if getattr(args, s)}
-    path = assemble_system(args.encoder_dir, dirs, args.out, best=not args.last,
-                           encoder_best=args.encoder_best, force=args.force)
-    print(f"wrote {path}")
     return 0
