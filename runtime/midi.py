@@ -281,8 +281,9 @@ def read_midi_with_pedal(path: str | os.PathLike
 def read_midi(path: str | os.PathLike, extend_pedal: bool = False) -> list[Note]:
     """Read the notes of a MIDI file (seconds), optionally with offsets extended by the pedal.
 
-    extend_pedal=True applies the sustain rule (docs/model.md, "Reference offsets"): a key released while
-    CC64 >= 64 sounds until the pedal is released or the same key is struck again.
+    extend_pedal=True applies the sustain rule (docs/model.md, "Reference offsets"): a key
+    released while CC64 >= 64 sounds until the pedal is released or the same key is struck
+    again.
     """
     notes, pedal = read_midi_with_pedal(path)
     if extend_pedal and pedal:

@@ -2,17 +2,10 @@
 
 `OrtBackend(model_dir)` loads the manifest (runtime/manifest.py), opens one InferenceSession per
 graph and checks each session's inputs and outputs against the manifest. `start(stage, emb)`
-runs the stage's cross-KV graph once and returns an `OrtStageSession`, which feeds chunks to the
-step graph and keeps the self-attention cache between calls.
-
-Per-session state lives in two places only, so a device variant (runtime/ort_iobinding.py:
-cache kept on the device as OrtValues; runtime/trt_backend.py: TensorRT device buffers)
-replaces the cache and `OrtStageSession._run` and nothing else:
-- `RowPositions` (runtime/backend.py): per-row real-token counts -> RoPE positions, and the
-  key-mask history, shared with export/torch_backend.py so both backends follow one rule.
-- the cache (`KVCache` here): past K/V (grown by each step) and the segment's cross K/V, one
-  tensor per layer and kind, in the graphs' order (manifest.kv_names); it knows its batch size
-  and can `select` rows (StageSession.keep).
+runs the stage's cross-KV graph once and returns an `OrtStageSession`, which feeds chunks to
+the step graph and keeps the self-attention cache between calls: runtime/step_session.py's
+StepSession (the bookkeeping every step-graph backend shares) over its host KVCache, with the
+step run by `InferenceSession.run`.
 
 Torch-free: numpy and onnxruntime only.
 """
@@ -20,15 +13,13 @@ Torch-free: numpy and onnxruntime only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from .backend import RowPositions, check_audio, check_chunk, check_embeddings, check_rows
+from .backend import check_audio, check_embeddings
 from .manifest import (
-    DecoderSpec,
     GraphSpec,
     Manifest,
     ManifestError,
@@ -36,78 +27,15 @@ from .manifest import (
     load_manifest,
 )
 from .rolls import ROLL_KEYS
+from .step_session import KVCache, StepSession, empty_past
 
 # ONNX Runtime's type strings for the manifest's dtypes
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)",
               "int64": "tensor(int64)", "int32": "tensor(int32)", "bool": "tensor(bool)"}
 
 
-class SessionCache(Protocol):
-    """What OrtStageSession needs of a cache; `_run` alone reads and writes its contents."""
-
-    @property
-    def batch(self) -> int: ...
-
-    def select(self, rows: np.ndarray) -> SessionCache:
-        """The cache of batch rows `rows` only (StageSession.keep)."""
-        ...
-
-
-def empty_past(graph: GraphSpec, decoder: DecoderSpec, batch: int) -> list[np.ndarray]:
-    """The prefill's past: per layer a K and a V of length 0 [B, H, 0, Dh], in the step graph's
-    dtype."""
-    dtype = graph.input(decoder.past_names[0]).dtype
-    return [np.zeros((batch, decoder.n_heads, 0, decoder.head_dim), dtype)
-            for _ in decoder.past_names]
-
-
-@dataclass
-class KVCache:
-    """One session's attention state, as step-graph inputs: host arrays for the CPU backend."""
-
-    past: list[np.ndarray]  # per layer K, V [B, H, P, Dh] (decoder.past_names order)
-    cross: list[np.ndarray]  # decoder.cross_names: per layer K^T, V (+ pointer keys); fixed
-
-    @property
-    def batch(self) -> int:
-        return int(self.cross[0].shape[0])
-
-    def select(self, rows: np.ndarray) -> KVCache:
-        return KVCache([a[rows] for a in self.past], [a[rows] for a in self.cross])
-
-
-class OrtStageSession:
-    """One stage's decoder over one batch of segments (runtime/backend.py StageSession).
-
-    The bookkeeping (chunk checks, positions, length limit, keep) is shared by the device
-    sessions, which subclass this with their own cache and `_run`.
-    """
-
-    def __init__(self, session: Any, decoder: DecoderSpec, cache: SessionCache) -> None:
-        self.session = session
-        self.decoder = decoder
-        self.cache = cache
-        self.batch = cache.batch
-        self.rows = RowPositions.empty(self.batch)
-
-    def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        tokens, mask = check_chunk(tokens, mask, self.batch)
-        positions, key_mask = self.rows.advance(mask)
-        if self.rows.counts.max(initial=0) > self.decoder.max_seq_len:
-            raise ValueError(f"a row passed {self.decoder.max_seq_len} tokens, the longest "
-                             f"sequence this model serves (decoder max_seq_len)")
-        feeds = {"tokens": tokens, "positions": positions, "key_mask": key_mask}
-        if self.decoder.time_aligned:
-            feeds["query_ticks"] = self.rows.advance_ticks(tokens, mask)
-        logits = self._run(feeds)
-        return logits.astype(np.float32, copy=False)
-
-    def keep(self, rows: np.ndarray) -> None:
-        """Drop every batch row not in `rows` (the optional StageSession.keep)."""
-        rows = check_rows(rows, self.batch)
-        self.rows.select(rows)
-        self.cache = self.cache.select(rows)
-        self.batch = len(rows)
+class OrtStageSession(StepSession):
+    """StepSession on an ONNX Runtime InferenceSession over host arrays (KVCache)."""
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """feeds: the host inputs (DecoderSpec.step_inputs) -> logits; the cache moves on."""

@@ -22,7 +22,8 @@ import onnxruntime as ort
 
 from .backend import BackendUnavailable, check_embeddings
 from .manifest import DecoderSpec
-from .ort_backend import OrtBackend, OrtStageSession, empty_past
+from .ort_backend import OrtBackend
+from .step_session import StepSession, empty_past
 
 DEVICES = ("cuda", "cpu")
 CUDA_HINT = ("install onnxruntime-gpu: pip install 'pianolm[gpu]'; if the CPU onnxruntime is "
@@ -56,8 +57,8 @@ class DeviceKVCache:
         return DeviceKVCache(cut(self.past), cut(self.cross), self.device, self.device_id)
 
 
-class IoBindingStageSession(OrtStageSession):
-    """OrtStageSession whose step graph runs with IO binding over a DeviceKVCache."""
+class IoBindingStageSession(StepSession):
+    """StepSession whose step graph runs with IO binding over a DeviceKVCache."""
 
     cache: DeviceKVCache
 

@@ -15,8 +15,8 @@ nothing is allocated per step. Per step only tokens, positions and key_mask go u
 logits come down, with one stream synchronisation. `keep(rows)` gathers the kept rows with
 device-to-device 2-D copies (`select_copies`).
 
-The step bookkeeping (chunk checks, RoPE positions, key mask, keep) is OrtStageSession's
-(runtime/ort_backend.py); only the cache and `_run` are TensorRT's. tensorrt and cuda-python
+The step bookkeeping (chunk checks, RoPE positions, key mask, keep) is StepSession's
+(runtime/step_session.py); only the cache and `_run` are TensorRT's. tensorrt and cuda-python
 are imported by the constructor, which says what to install when either is missing.
 """
 
@@ -43,7 +43,7 @@ from .manifest import (
     cache_shape,
     load_manifest,
 )
-from .ort_backend import OrtStageSession
+from .step_session import StepSession
 from .trt_build import BUILD_RECORD, engine_file
 
 Shape = tuple[int, ...]
@@ -416,8 +416,8 @@ class TrtKVCache:
         return self
 
 
-class TensorRTStageSession(OrtStageSession):
-    """OrtStageSession's bookkeeping; the step runs on a TensorRT engine over a TrtKVCache."""
+class TensorRTStageSession(StepSession):
+    """StepSession's bookkeeping; the step runs on a TensorRT engine over a TrtKVCache."""
 
     cache: TrtKVCache
     session: Engine

@@ -18,8 +18,9 @@ ort = pytest.importorskip("onnxruntime")
 from pianolm.runtime import vocab  # noqa: E402
 from pianolm.runtime.backend import BackendUnavailable, RowPositions, check_rows  # noqa: E402
 from pianolm.runtime.decode import RowSpec, decode_batch  # noqa: E402
-from pianolm.runtime.ort_backend import OrtBackend, OrtStageSession  # noqa: E402
+from pianolm.runtime.ort_backend import OrtBackend  # noqa: E402
 from pianolm.runtime.ort_iobinding import OrtIoBindingBackend  # noqa: E402
+from pianolm.runtime.step_session import StepSession  # noqa: E402
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 NO_CUDA = (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
@@ -77,13 +78,13 @@ def test_cpu_logits_equal_ort_backend(backends, batch):
 def test_cpu_decode_is_token_identical(backends, rows, monkeypatch):
     ref, iob = backends
     kept: list[int] = []
-    keep = OrtStageSession.keep
+    keep = StepSession.keep
 
     def counted_keep(self, r: np.ndarray) -> None:
         kept.append(len(r))
         keep(self, r)
 
-    monkeypatch.setattr(OrtStageSession, "keep", counted_keep)
+    monkeypatch.setattr(StepSession, "keep", counted_keep)
     audio = _audio(len(rows), seed=1)
     want = decode_batch(ref, audio, rows, max_notes=20)
     n_ref = len(kept)
