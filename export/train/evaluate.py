@@ -31,7 +31,7 @@ __all__ = ["DEFAULT_DEVSET", "METRICS", "OFFSET_MIN_TOLERANCE", "OFFSET_RATIO",
            "ONSET_TOLERANCE", "devset_path", "evaluate", "load_devset", "mean_scores",
            "reference_notes", "score_notes"]
 
-DEFAULT_DEVSET = "../shared/devset"  # DESIGN.md: beside the checkout; $PIANOLM_DEVSET wins
+DEFAULT_DEVSET = "../shared/devset"  # beside the checkout (README "Evaluate"); $PIANOLM_DEVSET wins
 
 
 def devset_path(path: str | os.PathLike | None = None) -> Path:

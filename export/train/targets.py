@@ -5,7 +5,7 @@
     t.onset, t.offset, t.frame, t.velocity, t.velocity_mask   # float32 [n_frames, 88]
 
 Frame i is centred at `start + i / fps` (the encoders' frames are centred: T = samples // hop
-+ 1). Notes must be pedal-extended already (DESIGN.md: the targets' offsets are), which also
++ 1). Notes must be pedal-extended already (docs/model.md "Reference offsets"), which also
 ends a held note when its key is struck again.
 
 Onset / offset targets: Kong et al.'s regression targets (soft, default) -- a triangle
