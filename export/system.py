@@ -1,7 +1,8 @@
 """A whole transcription system: one frozen encoder shared by the stages' decoders.
 
-Hierarchical (default, docs/model.md "Decoders"): decoders "onset", "velocity", "offset", all reading the same
-encoder embeddings (one encoder pass feeds every stage). Flattened baseline: one decoder "flat".
+Hierarchical (default, docs/model.md "Decoders"): decoders "onset", "velocity", "offset", all
+reading the same encoder embeddings (one encoder pass feeds every stage). Flattened baseline:
+one decoder "flat".
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`pianolm bench`: the cost of decoding, measured side by side on identical work (README "Benchmark").
+"""`pianolm bench`: the cost of decoding, measured side by side on identical work (README
+"Benchmark").
 
     pianolm bench --presets tiny small --batches 1 4 16 --repeats 3 --plots \\
         --out benchmarks/results/NAME.json
