@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from pianolm.export.decoder import PRESETS, sharpen
-from pianolm.export.onnx_export import EX_SAMPLES, convert_model, export_model, graph_parity
+from pianolm.export.onnx_export import EX_SAMPLES, export_model
+from pianolm.export.parity import graph_parity
+from pianolm.export.precision import convert_model
 from pianolm.export.system import SystemConfig, TranscriptionSystem
 from pianolm.export.tensorrt import check_model
 from pianolm.runtime.manifest import load_manifest

@@ -26,13 +26,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from pianolm.export.onnx_export import (
-    EXTERNAL_DATA_BYTES,
-    _is_head,
-    _to_int8,
-    logger_at,
-    random_step_inputs,
-)
+from pianolm.export.parity import random_step_inputs
+from pianolm.export.precision import EXTERNAL_DATA_BYTES, _is_head, _to_int8, logger_at
 from pianolm.runtime.manifest import load_manifest
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .frontend import EncoderOutput, LogMel, LogMelConfig
+from .rnn_weights import onnx_rnn_weights
 
 try:  # torch >= 2.8: emit arbitrary ONNX ops from the module during torch.onnx.export
     from torch.onnx import ops as onnx_ops
@@ -75,18 +76,9 @@ class GRU(nn.GRU):
         steps, batch = y.shape[0], y.shape[1]
         finals = []
         for layer in range(self.num_layers):
-            w, r, b = [], [], []
-            for suffix in ("", "_reverse")[:dirs]:
-                w_ih, w_hh, b_ih, b_hh = (
-                    getattr(self, f"{name}_l{layer}{suffix}")
-                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-                )
-                w.append(_zrn(w_ih, h))
-                r.append(_zrn(w_hh, h))
-                b.append(torch.cat((_zrn(b_ih, h), _zrn(b_hh, h))))
             out, final = onnx_ops.symbolic_multi_out(
                 "GRU",
-                [y, torch.stack(w), torch.stack(r), torch.stack(b)],
+                [y, *onnx_rnn_weights(self, layer, _zrn)],
                 {
                     "hidden_size": h,
                     "direction": "bidirectional" if dirs == 2 else "forward",

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .frontend import CQT, ROLL_KEYS, CQTConfig, EncoderOutput
+from .rnn_weights import onnx_rnn_weights
 
 try:  # torch >= 2.8: emit arbitrary ONNX ops from the module during torch.onnx.export
     from torch.onnx import ops as onnx_ops
@@ -236,18 +237,9 @@ class LSTM(nn.LSTM):
         steps, batch = y.shape[0], y.shape[1]
         finals_h, finals_c = [], []
         for layer in range(self.num_layers):
-            w, r, b = [], [], []
-            for suffix in ("", "_reverse")[:dirs]:
-                w_ih, w_hh, b_ih, b_hh = (
-                    getattr(self, f"{name}_l{layer}{suffix}")
-                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-                )
-                w.append(_iofc(w_ih, h))
-                r.append(_iofc(w_hh, h))
-                b.append(torch.cat((_iofc(b_ih, h), _iofc(b_hh, h))))
             out, final_h, final_c = onnx_ops.symbolic_multi_out(
                 "LSTM",
-                [y, torch.stack(w), torch.stack(r), torch.stack(b)],
+                [y, *onnx_rnn_weights(self, layer, _iofc)],
                 {"hidden_size": h, "direction": "bidirectional" if dirs == 2 else "forward"},
                 dtypes=(x.dtype,) * 3,
                 shapes=([steps, dirs, batch, h], [dirs, batch, h], [dirs, batch, h]),

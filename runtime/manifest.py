@@ -39,7 +39,7 @@ MANIFEST_FILE = "manifest.json"
 MIN_OPSET = 17
 
 PRECISIONS = ("fp32", "fp16", "int8")
-# int8 graphs hold ONNX Runtime contrib ops (export/onnx_export.py _to_int8): ORT only.
+# int8 graphs hold ONNX Runtime contrib ops (export/precision.py _to_int8): ORT only.
 INT8_IS_ORT_ONLY = ("int8 exports use ONNX Runtime's MatMulNBits (8-bit weight blocks), "
                     "which TensorRT cannot parse")
 DTYPES = ("float32", "float16", "int64", "int32", "bool")

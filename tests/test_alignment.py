@@ -26,7 +26,8 @@ from pianolm.export.decoder import (  # noqa: E402
     LookAhead,
     sharpen,
 )
-from pianolm.export.onnx_export import export_model, graph_parity  # noqa: E402
+from pianolm.export.onnx_export import export_model  # noqa: E402
+from pianolm.export.parity import graph_parity  # noqa: E402
 from pianolm.export.system import SystemConfig, TranscriptionSystem  # noqa: E402
 from pianolm.export.tensorrt import check_model  # noqa: E402
 from pianolm.export.torch_backend import CachedSession, TorchBackend  # noqa: E402

@@ -195,7 +195,7 @@ class FixtureStore(ModelStore):
             return self.exported.dirs["flat"]
         out = self.root / f"flat-{precision}"
         if not out.exists():
-            from pianolm.export.onnx_export import convert_model
+            from pianolm.export.precision import convert_model
 
             convert_model(self.exported.dirs["flat"], out, precision)
         return out

@@ -33,7 +33,11 @@ EXPECTED = {
     # HPPNet-sp at half width with the level-aware velocity head (the shipped encoder)
     "hppnet-cpu-vl": (352, 50, 501, (0.37e6, 0.39e6)),
 }
-EDGE_FRAMES = 8  # frames at each end of a waveform that see the front-end's reflect padding
+# Frames at each end of a waveform within the time receptive field of the front-end's reflect
+# padding (HPPNet: three 7x7 convs and three 5x1 time convs reach +-15 frames). There the
+# log-CQT turns rounding into errors that decay over ~12 frames: up to 8.8e-4 at frame 8 on an
+# Intel Xeon (AVX-512), 1.5e-4 from frame 16 on; the interior's ~5e-5.
+EDGE_FRAMES = 16
 FORBIDDEN_OPS = {"DFT", "STFT", "If", "Loop", "Scan"}  # no TensorRT DFT; no control flow
 
 
@@ -183,8 +187,9 @@ def test_onnx_export_and_ort_parity(run: _Run, tmp_path, monkeypatch):
             w = w.numpy()
             # The first and last frames see reflect padding, under which the lowest CQT bins
             # nearly cancel (frame 0 is real-valued): there the log-CQT turns rounding into
-            # ~2e-3 (measured: HPPNet frames 1-6, identical with ORT's optimisations off).
-            # The interior is held to `tol`, the edges to 1e-2.
+            # ~2e-3 (measured: HPPNet frames 1-6 on an AMD EPYC, up to frame 11 on an Intel
+            # Xeon; identical with ORT's optimisations off). The interior is held to `tol`,
+            # the edges (EDGE_FRAMES) to 1e-2.
             inner = (slice(None), slice(EDGE_FRAMES, -EDGE_FRAMES))
             rel = float(np.abs(g[inner] - w[inner]).max() / np.abs(w).max())
             assert rel <= tol, f"{run.name}/{name}: max rel error {rel:.2e} > {tol:.1e}"

@@ -23,13 +23,14 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from pianolm.export.decoder import sharpen  # noqa: E402
-from pianolm.export.onnx_export import EX_SAMPLES, export_model, graph_parity  # noqa: E402
+from pianolm.export.onnx_export import EX_SAMPLES, export_model  # noqa: E402
+from pianolm.export.parity import graph_parity  # noqa: E402
 from pianolm.export.system import SystemConfig, TranscriptionSystem  # noqa: E402
 from pianolm.export.tensorrt import check_model  # noqa: E402
 from pianolm.export.torch_backend import TorchBackend  # noqa: E402
 from pianolm.runtime.decode import RowSpec, decode_batch  # noqa: E402
 from pianolm.runtime.ort_backend import OrtBackend  # noqa: E402
-from tests.parity import DEVSET, assert_runtime_matches_torch, devset_audio  # noqa: E402
+from tests.parity import assert_runtime_matches_torch, devset_audio  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["hppnet", "crnn"])
@@ -60,12 +61,11 @@ def test_decode_is_token_identical(exported):
     assert [s.tokens for s in got] == [s.tokens for s in ref]
 
 
-@pytest.mark.skipif(not DEVSET.is_dir(), reason=f"dev set not found at {DEVSET}")
-def test_devset_notes_match_the_torch_reference(exported):
+def test_devset_notes_match_the_torch_reference(exported, devset):
     """Transcriber on ONNX Runtime vs the PyTorch reference, real encoder, dev-set audio
     (a 16 kHz WAV and the 44.1 kHz stereo FLAC): batch 1 and 8, one and several files."""
     name, system, folder = exported
-    files = devset_audio(["dev_01", "dev_03"])
+    files = devset_audio(devset, ["dev_01", "dev_03"])
     assert len(files) == 2
     assert assert_runtime_matches_torch(system, folder, files, max_notes=24) > 0
 

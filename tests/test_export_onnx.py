@@ -23,14 +23,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from pianolm.export.onnx_export import (  # noqa: E402
-    CrossKVGraph,
-    _cross_plan,
-    _export,
-    convert_model,
-    graph_parity,
-    random_step_inputs,
-)
+from pianolm.export.onnx_export import CrossKVGraph, _cross_plan, _export  # noqa: E402
+from pianolm.export.parity import graph_parity, random_step_inputs  # noqa: E402
+from pianolm.export.precision import convert_model  # noqa: E402
 from pianolm.export.tensorrt import check_model  # noqa: E402
 from pianolm.export.torch_backend import TorchBackend  # noqa: E402
 from pianolm.runtime import vocab  # noqa: E402
@@ -95,7 +90,9 @@ def test_graph_parity_fp32(exported, batch, past, chunk):
                               chunk=chunk):
             print(p)
             assert p.max_rel <= REL_TOL, p
-            assert p.max_abs > 0 or p.output == "embeddings"  # inputs were really random
+            # inputs were really random: every output is non-trivial (the error itself may be
+            # exactly 0 where ONNX Runtime and PyTorch run the same kernel, as on AVX-512)
+            assert p.scale > 0, p
             worst = max(worst, p.max_rel)
     print(f"batch {batch}, past {past}, chunk {chunk}: max rel error {worst:.1e}")
 
@@ -296,7 +293,7 @@ def test_build_real_engines_or_skip(exported, tmp_path):
         import tensorrt  # noqa: F401
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"TensorRT not importable here ({type(e).__name__}: {e})")
-    from pianolm.export.tensorrt import build_engines
+    from pianolm.runtime.trt_build import build_engines
 
     profile = {"batch": (1, 2, 4), "chunk": (1, 1, 4), "past": (0, 16, 64),
                "frames": (51, 51, 51), "samples": (160000, 160000, 160000)}

@@ -17,7 +17,8 @@ from torch import nn
 from pianolm.export.crnn import GRU
 from pianolm.export.decoder import sharpen
 from pianolm.export.frontend import ROLL_KEYS, EncoderOutput
-from pianolm.export.onnx_export import EX_SAMPLES, convert_model, export_model
+from pianolm.export.onnx_export import EX_SAMPLES, export_model
+from pianolm.export.precision import convert_model
 from pianolm.export.system import SystemConfig, TranscriptionSystem
 
 

@@ -25,8 +25,8 @@ from pianolm.export.system import SystemConfig, TranscriptionSystem
 from pianolm.runtime.backend import Backend, BackendUnavailable
 
 _EXPORT = Path(__file__).resolve().parents[1]
-_SOURCES = ("decoder.py", "system.py", "onnx_export.py", "encoders.py", "crnn.py", "hppnet.py",
-            "frontend.py")
+_SOURCES = ("decoder.py", "system.py", "onnx_export.py", "precision.py", "encoders.py", "crnn.py",
+            "hppnet.py", "rnn_weights.py", "frontend.py")
 STAMP = "bench-model.json"
 
 
@@ -77,7 +77,8 @@ class ModelStore:
     def folder(self, key: ModelKey, precision: str, system: TranscriptionSystem | None = None
                ) -> Path:
         """The export of `key` at `precision` ("fp32" or "int8"); `system` saves a rebuild."""
-        from pianolm.export.onnx_export import convert_model, export_model
+        from pianolm.export.onnx_export import export_model
+        from pianolm.export.precision import convert_model
 
         out = self.root / key.name / precision
         stamp = {"key": asdict(key), "precision": precision, "fingerprint": fingerprint(key)}
@@ -108,12 +109,12 @@ class Opened:
 
 
 def _tensorrt(folder: Path) -> Backend:
-    from pianolm.export.tensorrt import TensorRTUnavailable, build_engines
     from pianolm.runtime.trt_backend import TensorRTBackend
+    from pianolm.runtime.trt_build import BUILD_RECORD, TensorRTUnavailable, build_engines
 
     engines = folder.parent / f"{folder.name}-trt"
     try:
-        if not (engines / "tensorrt.json").is_file():
+        if not (engines / BUILD_RECORD).is_file():
             build_engines(folder, out_dir=engines)
         return TensorRTBackend(folder, engines_dir=engines)
     except TensorRTUnavailable as e:
