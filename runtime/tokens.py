@@ -471,6 +471,14 @@ class Stitcher:
         self.open: list[_Open] = []
         self.segments = 0  # pushed so far
 
+    @classmethod
+    def over(cls, segments: Sequence[SegmentResult]) -> Stitcher:
+        """A Stitcher that has pushed `segments`, in order."""
+        stitcher = cls()
+        for seg in segments:
+            stitcher.push(seg)
+        return stitcher
+
     def push(self, seg: SegmentResult) -> None:
         k = self.segments
         start = k * SEGMENT_TICKS
@@ -552,26 +560,20 @@ def clip_to(notes: list[Note], end: float) -> list[Note]:
 
 def stitch(segments: Sequence[SegmentResult], end: float | None = None) -> list[Note]:
     """Join consecutive segments' results into one note list (Stitcher, all at once)."""
-    stitcher = Stitcher()
-    for seg in segments:
-        stitcher.push(seg)
+    stitcher = Stitcher.over(segments)
     return stitcher.finish(end)
 
 
 def stitch_tail(segments: Sequence[SegmentResult], tail: SegmentResult, tail_start: float,
                 end: float) -> list[Note]:
     """stitch() for a file whose last segment was end-aligned (Stitcher.finish_tail)."""
-    stitcher = Stitcher()
-    for seg in segments:
-        stitcher.push(seg)
+    stitcher = Stitcher.over(segments)
     return stitcher.finish_tail(tail, tail_start, end)
 
 
 def carried_into(segments: Sequence[SegmentResult]) -> list[int]:
     """Stitcher.carried() after `segments`."""
-    stitcher = Stitcher()
-    for seg in segments:
-        stitcher.push(seg)
+    stitcher = Stitcher.over(segments)
     return stitcher.carried()
 
 
