@@ -35,14 +35,14 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO
 
 import mido
 import numpy as np
 
 from .errors import one_line
-from .notes import Note
+from .notes import Note, sort_notes, sorted_notes
 
 DEFAULT_TEMPO_BPM = 120.0
 DEFAULT_TICKS_PER_BEAT = 480
@@ -101,29 +101,33 @@ def _check_note(i: int, n: Note) -> None:
         raise ValueError(f"note {i} has velocity {n.velocity!r} outside 0..127: {n}")
 
 
-def _note_ticks(notes: Iterable[Note], ticks_per_second: float
-                ) -> list[tuple[int, int, int, int]]:
-    """Quantise to ticks and resolve same-pitch overlaps: [(on, off, pitch, velocity)]."""
-    by_pitch: dict[int, list[list[int]]] = {}
+def _note_ticks(notes: Iterable[Note], ticks_per_second: float) -> np.ndarray:
+    """Quantise to ticks and resolve same-pitch overlaps: an int64 array of rows (on, off,
+    pitch, velocity). In numpy, not a Python list per note: at the end of a long file this
+    is where memory peaks."""
+    notes = notes if isinstance(notes, Sequence) else list(notes)
     for i, n in enumerate(notes):
         _check_note(i, n)
-        on = max(0, int(round(n.onset * ticks_per_second)))
-        off = max(int(round(n.offset * ticks_per_second)), on + 1)
-        by_pitch.setdefault(int(n.pitch), []).append([on, off, max(1, int(n.velocity))])
-    out = []
-    for pitch, items in by_pitch.items():
-        items.sort()
-        kept: list[list[int]] = []
-        for on, off, vel in items:
-            if kept and on == kept[-1][0]:  # same pitch, same tick: one note
-                kept[-1][1] = max(kept[-1][1], off)
-                kept[-1][2] = max(kept[-1][2], vel)
-                continue
-            if kept and on < kept[-1][1]:  # struck again while sounding: cut the earlier
-                kept[-1][1] = on
-            kept.append([on, off, vel])
-        out.extend((on, off, pitch, vel) for on, off, vel in kept)
-    return out
+    if not notes:
+        return np.empty((0, 4), np.int64)
+
+    def column(name: str) -> np.ndarray:
+        return np.fromiter((getattr(n, name) for n in notes), np.float64, len(notes))
+
+    on = np.maximum(0, np.rint(column("onset") * ticks_per_second).astype(np.int64))
+    off = np.maximum(np.rint(column("offset") * ticks_per_second).astype(np.int64), on + 1)
+    pitch = column("pitch").astype(np.int64)
+    vel = np.maximum(1, column("velocity").astype(np.int64))
+    order = np.lexsort((vel, off, on, pitch))  # by pitch, then onset
+    on, off, pitch, vel = on[order], off[order], pitch[order], vel[order]
+    # same pitch, same tick: one note, as long and as loud as the longest and loudest
+    first = np.flatnonzero(np.r_[True, (pitch[1:] != pitch[:-1]) | (on[1:] != on[:-1])])
+    on, pitch = on[first], pitch[first]
+    off, vel = np.maximum.reduceat(off, first), np.maximum.reduceat(vel, first)
+    # struck again while sounding: the earlier note ends where the next begins
+    again = np.flatnonzero(pitch[1:] == pitch[:-1])
+    off[again] = np.minimum(off[again], on[again + 1])
+    return np.column_stack((on, off, pitch, vel))
 
 
 def write_midi(notes: Iterable[Note], path: str | os.PathLike, tempo_bpm: float = 120.0,
@@ -142,25 +146,22 @@ def write_midi(notes: Iterable[Note], path: str | os.PathLike, tempo_bpm: float 
         raise ValueError(f"tempo_bpm {tempo_bpm!r} is out of the range a MIDI file can store")
     ticks_per_second = ticks_per_beat * 1e6 / tempo
 
-    # events (tick, kind: 0 off / 1 on, pitch, velocity) in time order, as one int array
-    ticks = np.array(_note_ticks(notes, ticks_per_second), dtype=np.int64).reshape(-1, 4)
-    n = len(ticks)
-    events = np.empty((2 * n, 4), np.int64)
-    events[:n] = np.column_stack((ticks[:, 0], np.ones(n, np.int64), ticks[:, 2], ticks[:, 3]))
-    events[n:] = np.column_stack((ticks[:, 1], np.zeros(n, np.int64), ticks[:, 2],
-                                  np.full(n, NOTE_OFF_VELOCITY, np.int64)))
-    events = events[np.lexsort(events.T[::-1])]
+    # events (tick, kind: 0 off / 1 on, pitch, velocity) in time order, each packed into one
+    # int64 whose numeric order is that order (pitch and velocity take 7 bits, kind 1)
+    on, off, pitch, vel = _note_ticks(notes, ticks_per_second).T
+    events = np.sort(np.concatenate((((on << 1 | 1) << 7 | pitch) << 7 | vel,
+                                     ((off << 1) << 7 | pitch) << 7 | NOTE_OFF_VELOCITY)))
 
     def messages() -> Iterator[mido.Message | mido.MetaMessage]:
         # made one at a time while mido encodes them: a list of Message objects would cost
-        # ~350 bytes a note at the end of a long file (51 MB for 3 h of piano)
+        # hundreds of bytes a note at the end of a long file
         yield mido.MetaMessage("track_name", name="Piano", time=0)
         yield mido.MetaMessage("set_tempo", tempo=tempo, time=0)
         yield mido.MetaMessage("time_signature", numerator=4, denominator=4, time=0)
         yield mido.Message("program_change", channel=0, program=0, time=0)
         now = 0
-        for row in events:
-            tick, kind, pitch, vel = row.tolist()
+        for event in map(int, events):  # one Python int at a time, not a list of them
+            tick, kind, pitch, vel = event >> 15, event >> 14 & 1, event >> 7 & 127, event & 127
             yield mido.Message("note_on" if kind else "note_off", channel=0, note=pitch,
                                velocity=vel, time=tick - now)
             now = tick
@@ -274,7 +275,7 @@ def read_midi_with_pedal(path: str | os.PathLike
     for start in pedal_down.values():
         if end > start:
             pedal.append((start, end))
-    notes.sort(key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    sort_notes(notes)
     return notes, _merge_intervals(pedal)
 
 
@@ -289,8 +290,7 @@ def read_midi(path: str | os.PathLike, extend_pedal: bool = False) -> list[Note]
     if extend_pedal and pedal:
         from pianolm.runtime.tokens import extend_by_pedal  # lazy: one implementation
 
-        notes = sorted(extend_by_pedal(notes, pedal),
-                       key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+        notes = sorted_notes(extend_by_pedal(notes, pedal))
     return notes
 
 
@@ -361,8 +361,7 @@ def read_notes_tsv(path: str | os.PathLike) -> list[Note]:
         except (ValueError, IndexError) as e:
             raise MidiError(f"{name}:{lineno}: bad note line {line.strip()!r} ({e})") from None
         notes.append(Note(onset, offset, pitch, velocity))
-    notes.sort(key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
-    return notes
+    return sort_notes(notes)
 
 
 def _fmt_time(t: float) -> str:
@@ -374,7 +373,7 @@ def write_notes_tsv(notes: Iterable[Note], path: str | os.PathLike) -> None:
 
     Times in seconds with 6 decimals (1 us), sorted by (onset, pitch). Written atomically.
     """
-    rows = sorted(notes, key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    rows = sorted_notes(notes)
     text = "\t".join(TSV_HEADER) + "\n" + "".join(
         f"{_fmt_time(n.onset)}\t{_fmt_time(n.offset)}\t{int(n.pitch)}\t{int(n.velocity)}\n"
         for n in rows)
@@ -388,7 +387,7 @@ def write_notes_json(notes: Iterable[Note], path: str | os.PathLike,
     Times in seconds (rounded to 1 us), sorted by (onset, pitch). `metadata`, when given, is
     stored under "metadata" (it must be JSON-serialisable). Written atomically.
     """
-    rows = sorted(notes, key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
+    rows = sorted_notes(notes)
     doc: dict = {"notes": [{"onset": round(float(n.onset), 6), "offset": round(float(n.offset), 6),
                             "pitch": int(n.pitch), "velocity": int(n.velocity)} for n in rows]}
     if metadata is not None:
@@ -411,5 +410,4 @@ def read_notes_json(path: str | os.PathLike) -> list[Note]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise MidiError(f"{name}: not a pianolm note list ({one_line(e)})") \
             from None
-    notes.sort(key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
-    return notes
+    return sort_notes(notes)

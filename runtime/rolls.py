@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .notes import Note
+from .notes import Note, sort_notes
 from .vocab import MIN_PITCH, NUM_PITCHES, SEGMENT_SECONDS
 
 ROLL_KEYS = ("onset", "offset", "frame", "velocity")
@@ -148,8 +148,7 @@ def decode_rolls(rolls: Mapping[str, np.ndarray], frames_per_second: float,
             t_off = max(t_off, t_on + 1.0 / fps / 2)
             vel = cfg.velocity(float(velocity[bgn, k]))
             notes.append(Note(start + t_on, start + t_off, int(k) + MIN_PITCH, vel))
-    notes.sort(key=lambda x: (x.onset, x.pitch, x.offset, x.velocity))
-    return notes
+    return sort_notes(notes)
 
 
 def kept_frames(index: int, count: int, frames_per_second: float, n_samples: int | None = None,
@@ -248,8 +247,7 @@ class RollStream:
         self._decide(self._total, final=True)
         assert not self._open
         notes, self._notes = self._notes, []
-        notes.sort(key=lambda x: (x.onset, x.pitch, x.offset, x.velocity))
-        return notes
+        return sort_notes(notes)
 
     # -- internals: frames [self._done, upto) become decided
 

@@ -16,7 +16,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from pianolm.runtime.notes import Note
+from pianolm.runtime.notes import Note, sort_notes
 from pianolm.runtime.vocab import (
     EOS,
     MAX_PITCH,
@@ -515,7 +515,7 @@ class Stitcher:
             self.notes.append(Note(_seconds(n.onset), max(end_seconds, _seconds(n.onset + 1)),
                                    n.pitch, n.velocity))
         self.open = []
-        return _sorted(self.notes)
+        return sort_notes(self.notes)
 
     def finish_tail(self, tail: SegmentResult, tail_start: float, end: float) -> list[Note]:
         """finish() for a file whose last segment was end-aligned (runtime/audio.py
@@ -539,13 +539,7 @@ class Stitcher:
             self.notes.append(Note(onset, offset, note.pitch, note.velocity))
         self.open = []
         self.notes += [n for n in tail_notes if n.onset >= boundary]
-        return _sorted(self.notes)
-
-
-def _sorted(notes: list[Note]) -> list[Note]:
-    """Sorted in place (a long file's notes are not copied)."""
-    notes.sort(key=lambda n: (n.onset, n.pitch, n.offset, n.velocity))
-    return notes
+        return sort_notes(self.notes)
 
 
 def clip_to(notes: list[Note], end: float) -> list[Note]:
