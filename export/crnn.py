@@ -59,7 +59,7 @@ class GRU(nn.GRU):
     """nn.GRU (batch_first) that exports as native ONNX GRU nodes, in time independent of T.
 
     The dynamo exporter handles nn.GRU, but computes its shapes by unrolling the GRU cell over
-    every time step in fake-tensor mode, in several passes: ~3 minutes for this model at 101
+    every time step in fake-tensor mode, in several passes: minutes for this model at 101
     frames here, far longer at the 1001 of a segment. Under torch.onnx.export this emits one
     ONNX GRU per layer directly (weights reordered from PyTorch's r, z, n gates to ONNX's
     z, r, h; linear_before_reset=1 is PyTorch's formulation). Eager behaviour and parameter

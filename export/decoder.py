@@ -63,7 +63,8 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     # the encoder matters far more than LM size, and the encoder here already gives a roll.
     "tiny": (2, 256, 4),
     # The shipped default's size: 2 layers, d 192, ~2.3 M per stage (hppnet), so the whole
-    # system is ~28 MB in fp32 (the package budget is 40 MB) and trains in CPU hours.
+    # system fits the package's 40 MB budget in fp32 (its size: README, "The default model")
+    # and trains in CPU hours.
     "mini": (2, 192, 3),
 }
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pianolm.runtime.graphs import ENCODER_ROLLS_IO
+
 from .crnn import CRNN, CRNNConfig
 from .frontend import ROLL_KEYS, EncoderOutput
 from .hppnet import HPPNET_SP_CPU, HPPNET_SP_CPU_VL, HPPNet, HPPNetConfig
@@ -54,7 +56,7 @@ ENCODERS: dict[str, tuple[type[nn.Module], Any]] = {
 }
 
 # Graph output order of `EncoderGraph`: the embedding, then the four rolls.
-ENCODER_OUTPUT_NAMES: tuple[str, ...] = ("embeddings", *ROLL_KEYS)
+ENCODER_OUTPUT_NAMES: tuple[str, ...] = ENCODER_ROLLS_IO[1]  # the graph contract's names
 
 
 def build_encoder(name: str, config: Any = None) -> nn.Module:

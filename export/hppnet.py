@@ -18,7 +18,8 @@ Variants, as in the authors' configurations (WX-Wei/HPPNet, `hpp_sp` / `hpp_base
   frame rate (max-pool by 2 along time in, bilinear upsampling of the posteriors back out).
 - "base" (~0.8 M): one trunk shared by all four heads.
 `HPPNET_SP_CPU` (ours, not the authors'): "sp" at half the width after the harmonic conv
-(model_size 64: 0.38 M parameters), ~2.2x cheaper to train and run on CPU.
+(model_size 64: 0.38 M parameters), cheaper to train and run on CPU (the training-step
+ratio: README, "The default model").
 
 Level-aware velocity (ours, `velocity_level`): the InstanceNorm after every conv makes the
 trunk nearly blind to the input's level (the plain "hppnet-cpu" gives velocities only ~3
@@ -71,8 +72,7 @@ class HPPNetConfig:
 
 # A CPU-sized "sp": the 7x7 and harmonic stages as in the paper (16 channels), the trunk after
 # them and the BiLSTMs at half width (64; 32 per direction). 375,300 parameters instead of
-# 1,239,428. Measured on one 2-core EPYC core (torch, 1 thread, interleaved with "sp"): a
-# training step at batch 4 x 4 s 8.0 s vs 17.4 s, inference 1.85 s vs 3.7 s per 10 s.
+# 1,239,428; its CPU training step against "sp": README, "The default model".
 # Its checkpoints are not interchangeable with "sp" ones (different shapes).
 HPPNET_SP_CPU = HPPNetConfig(model_size=64)
 # ... with a level-aware velocity head: the level at the key, the octave below (is the key
@@ -118,7 +118,7 @@ class FreqMaxPool(nn.Module):
     """Max over groups of `size` adjacent frequency bins: [B, C, T, F] -> [B, C, T, F / size].
 
     nn.MaxPool2d((1, size)) as a reduction over a reshaped view, which is faster on CPU
-    (max_pool2d's kernel for this shape runs ~1.5x slower in training and ~4x at inference).
+    (max_pool2d's kernel for this shape is slower in training, and more so at inference).
     With autograd, max(dim) routes the gradient to the first maximum as max_pool2d does;
     without it, amax is the fastest. The ONNX export keeps MaxPool.
     """
@@ -145,7 +145,7 @@ class HarmonicDilatedConv(nn.Module):
     shared by all, and +-d_i), so their taps are regrouped by offset (the centre taps summed)
     and applied to the shifted copies of the input stacked along channels. Same function with
     17/24 of the multiply-adds, as one large GEMM instead of 8 thin dilated convolutions and
-    7 full-size additions: the trunk's costliest layer gets ~2x faster in PyTorch on CPU,
+    7 full-size additions: the trunk's costliest layer gets faster in PyTorch on CPU,
     forward and backward. The ONNX export keeps the separate convs (see `forward`).
     """
 

@@ -12,7 +12,7 @@ named (sherpa-onnx's Whisper export style):
                             past_key_values.{i}.key/value, the cross-KV outputs -> logits
                             [batch, vocab], present.{i}.key/value
 
-(runtime/manifest.py step_io). One step graph serves prefill (chunk > 1, past 0) and steps:
+(runtime/graphs.py step_io). One step graph serves prefill (chunk > 1, past 0) and steps:
 there is no If/Loop, every length comes from an input shape, past length 0 works. Dynamic axes
 carry fixed names (batch, samples, frames, chunk, past, past_plus_chunk), shared across inputs
 (every past key and value says "past").
@@ -48,9 +48,17 @@ from pianolm.export.encoders import EncoderGraph
 from pianolm.export.precision import EXTERNAL_DATA_BYTES, convert_model, graph_spec
 from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
 from pianolm.runtime import vocab
+from pianolm.runtime.graphs import (
+    ENCODER_ROLLS_IO,
+    cache_length_axis,
+    cache_shape,
+    cross_kv_io,
+    cross_names,
+    kv_names,
+    step_io,
+)
 from pianolm.runtime.manifest import (
     DECODERS,
-    ENCODER_ROLLS_IO,
     MANIFEST_FILE,
     MIN_OPSET,
     PRECISIONS,
@@ -61,13 +69,7 @@ from pianolm.runtime.manifest import (
     RollsSpec,
     SourceSpec,
     StageSpec,
-    cache_length_axis,
-    cache_shape,
-    cross_kv_io,
-    cross_names,
-    kv_names,
     load_manifest,
-    step_io,
     write_manifest,
 )
 from pianolm.runtime.provenance import package_versions
@@ -158,7 +160,7 @@ def _encoder_plan(encoder: nn.Module, samples: int) -> _Plan:
 
 
 def _cache_axes(names: Sequence[str], length: str) -> dict[str, dict[int, str]]:
-    """Dynamic axes of per-layer caches (manifest.cache_length_axis says where the length is)."""
+    """Dynamic axes of per-layer caches (graphs.cache_length_axis says where the length is)."""
     return {name: {0: "batch", cache_length_axis(name): length} for name in names}
 
 

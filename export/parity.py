@@ -20,7 +20,8 @@ from pianolm.export.encoders import EncoderGraph
 from pianolm.export.onnx_export import CrossKVGraph, DecoderStepGraph
 from pianolm.export.system import TranscriptionSystem
 from pianolm.runtime.backend import RowPositions
-from pianolm.runtime.manifest import GraphSpec, cache_shape, load_manifest
+from pianolm.runtime.graphs import cache_shape
+from pianolm.runtime.manifest import GraphSpec, load_manifest
 
 
 @dataclass(frozen=True)

@@ -198,9 +198,9 @@ def logger_at(name: str | None, level: int) -> Iterator[None]:
 
 
 # int8 = 8-bit weight blocks (MatMulNBits) with int8 arithmetic (accuracy_level 4; level 0, fp32
-# arithmetic, ran 4x slower than fp32). Small preset onset step, batch 1, 2 cores: 1.7-2.1x fp32,
-# a few per cent faster than ORT dynamic quantization (MatMulInteger, the previous int8) with
-# less logit error; block 128 vs 32 / 256: no clear winner (benchmarks/int8_variants.py).
+# arithmetic, ran slower than fp32). Against fp32, ORT dynamic quantization (MatMulInteger, the
+# previous int8) and blocks of 32 / 256: docs/manifest.md, "Precisions", and
+# benchmarks/results/int8_variants_small.json (benchmarks/int8_variants.py).
 INT8_BLOCK_SIZE = 128
 INT8_ACCURACY_LEVEL = 4
 
@@ -229,8 +229,8 @@ def convert_model(src_dir: str | Path, out_dir: str | Path, precision: str,
 
     The encoder stays fp32 in both: its front-end needs fp32 range (power spectra overflow
     fp16), ONNX Runtime CPU crashed optimising fp16 conv+GRU graphs (1.32, ORT_ENABLE_ALL), and
-    int8 ConvInteger/MatMulInteger ran 2-3x slower than fp32 there. It runs once per segment;
-    the decoders run once per token.
+    int8 ConvInteger/MatMulInteger ran slower than fp32 there (docs/manifest.md, "Precisions").
+    It runs once per segment; the decoders run once per token.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")

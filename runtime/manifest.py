@@ -2,11 +2,13 @@
 
 An exported model is a folder: `manifest.json` plus ONNX graphs (an encoder, and per stage a
 cross-KV graph and a decoder-step graph). The manifest names every file, every graph input and
-output with its dtype and shape, the decoder configs, the vocabulary layout, the precision and
-where the weights came from. `load_manifest` validates all of it and raises `ManifestError`
-naming the file and the field; a runtime never guesses.
+output with its dtype and shape (the names and their order: runtime/graphs.py), the decoder
+configs, the vocabulary layout, the precision and where the weights came from. `load_manifest`
+validates all of it and raises `ManifestError` naming the file and the field; a runtime never
+guesses.
 
-Torch-free: json, hashlib, pathlib and the runtime's vocabulary and roll decoder only.
+Torch-free: json, hashlib, pathlib and the runtime's vocabulary, graph contract and roll
+decoder only.
 """
 
 from __future__ import annotations
@@ -19,11 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from . import vocab
+from .graphs import (
+    ENCODER_IO,
+    ENCODER_ROLLS_IO,
+    POINTER_KEY,
+    ROLL_LAYOUT,
+    cache_length_axis,
+    cross_kv_io,
+    cross_names,
+    kv_names,
+    step_inputs,
+    step_io,
+)
 from .rolls import ROLL_KEYS, RollDecodeConfig
 
 FORMAT = "pianolm-model"
 # 2: the encoder graph may also output the four piano rolls, described by `encoder.rolls`.
-# 3: the decoder graphs take and give their caches per layer (see `step_io`), the cross K
+# 3: the decoder graphs take and give their caches per layer (see graphs.step_io), the cross K
 #    transposed. Folders of versions 1 and 2 (one stacked [layers, ...] cache tensor) are
 #    refused with a re-export hint: their step graphs copy the whole cache every step.
 # 4: optional `audio.input_peak`: the runtime scales each input file to this peak before
@@ -45,68 +59,6 @@ INT8_IS_ORT_ONLY = ("int8 exports use ONNX Runtime's MatMulNBits (8-bit weight b
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 # Stage lists the decode loop serves (runtime/decode.py), in decode order.
 STAGE_SETS = (vocab.STAGES, ("flat",))
-
-# The graph interface: fixed input/output names, in this order.
-ENCODER_IO = (("waveform",), ("embeddings",))
-ENCODER_ROLLS_IO = (("waveform",), ("embeddings", *ROLL_KEYS))  # with `encoder.rolls`
-# The one roll layout runtime/rolls.py decodes: column k is MIDI key min_pitch + k, and the
-# velocity roll x velocity_scale is the MIDI velocity.
-ROLL_LAYOUT = {"min_pitch": vocab.MIN_PITCH, "num_pitches": vocab.NUM_PITCHES,
-               "velocity_scale": 127}
-IO = tuple[tuple[str, ...], tuple[str, ...]]  # a graph's input names, output names
-
-
-def kv_names(prefix: str, n_layers: int) -> tuple[str, ...]:
-    """Per-layer cache tensor names, ONNX Runtime GenAI style: `{prefix}.{layer}.key` and
-    `.value`, layer by layer. Prefixes: `past_key_values` (step inputs), `present` (step
-    outputs, past ++ chunk), `cross` (the cross-KV graph's outputs, step inputs)."""
-    return tuple(f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value"))
-
-
-POINTER_KEY = "cross.pointer.key"  # a pointer time head's keys^T [batch, 1, head_dim, frames]
-
-
-def cache_length_axis(name: str) -> int:
-    """Where a per-layer cache tensor keeps its length: axis 2 of [batch, heads, length,
-    head_dim], axis 3 for a cross K, stored transposed [batch, heads, head_dim, frames]."""
-    return 3 if name.startswith("cross.") and name.endswith(".key") else 2
-
-
-def cache_shape(name: str, batch: int, heads: int, head_dim: int, length: int
-                ) -> tuple[int, int, int, int]:
-    """The shape of per-layer cache tensor `name` (kv_names, or POINTER_KEY: one head) holding
-    `length` positions."""
-    heads = 1 if name == POINTER_KEY else heads
-    if cache_length_axis(name) == 3:
-        return batch, heads, head_dim, length
-    return batch, heads, length, head_dim
-
-
-def cross_names(n_layers: int, pointer: bool = False) -> tuple[str, ...]:
-    """The cross-KV graph's outputs, which the step graph takes: per layer K^T and V, then a
-    pointer time head's keys."""
-    return (*kv_names("cross", n_layers), *((POINTER_KEY,) if pointer else ()))
-
-
-def step_inputs(time_aligned: bool = False) -> tuple[str, ...]:
-    """The step graph's host-side inputs, fed fresh every step (the caches follow them)."""
-    return ("tokens", "positions", "key_mask", *(("query_ticks",) if time_aligned else ()))
-
-
-def cross_kv_io(n_layers: int, pointer: bool = False) -> IO:
-    """embeddings [batch, frames, E] -> per layer cross.{i}.key [batch, heads, head_dim, frames]
-    (transposed: q K^T reads it as it is) and cross.{i}.value [batch, heads, frames, head_dim];
-    with a pointer time head, cross.pointer.key [batch, 1, head_dim, frames]."""
-    return ("embeddings",), cross_names(n_layers, pointer)
-
-
-def step_io(n_layers: int, time_aligned: bool = False, pointer: bool = False) -> IO:
-    """tokens, positions [batch, chunk]; key_mask [batch, past_plus_chunk]; time-aligned:
-    query_ticks [batch, chunk]; past_key_values.{i}.key/value [batch, heads, past, head_dim];
-    the cross-KV graph's outputs -> logits [batch, vocab]; present.{i}.key/value [batch, heads,
-    past_plus_chunk, head_dim]."""
-    return ((*step_inputs(time_aligned), *kv_names("past_key_values", n_layers),
-             *cross_names(n_layers, pointer)), ("logits", *kv_names("present", n_layers)))
 
 _DECODER_INT_FIELDS = ("n_layers", "d_model", "n_heads", "enc_dim", "vocab_size", "max_seq_len",
                        "audio_pe_dim", "max_frames")
@@ -727,8 +679,8 @@ def model_sha256(folder: str | Path) -> str:
     return file_sha256(Path(folder) / MANIFEST_FILE)
 
 
-# Hashing is cheap next to loading a graph (35 MB in ~0.1 s), so every graph up to this size
-# is hashed on every load; bigger ones get the size check, and the hash on request.
+# Hashing is cheap next to loading a graph, so every graph up to this size is hashed on every
+# load; bigger ones get the size check, and the hash on request.
 HASH_ON_LOAD_BYTES = 256 << 20
 
 

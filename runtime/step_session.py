@@ -6,7 +6,7 @@ rule), the length limit, and `keep`. A backend subclasses it with its own `_run`
 ONNX Runtime on the host (runtime/ort_backend.py, over `KVCache` here), with IO binding
 (runtime/ort_iobinding.py: the cache stays on the device as OrtValues), TensorRT
 (runtime/trt_backend.py: device buffers). A cache holds past K/V (grown by each step) and the
-segment's cross K/V, one tensor per layer and kind in the graphs' order (manifest.kv_names),
+segment's cross K/V, one tensor per layer and kind in the graphs' order (graphs.kv_names),
 knows its batch size and can `select` rows.
 
 Torch-free: numpy only.

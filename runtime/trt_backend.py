@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 
 from .backend import BackendUnavailable, check_audio, check_embeddings
+from .graphs import cache_shape
 from .manifest import (
     INT8_IS_ORT_ONLY,
     DecoderSpec,
     GraphSpec,
     Manifest,
     ManifestError,
-    cache_shape,
     load_manifest,
 )
 from .step_session import StepSession

@@ -32,12 +32,8 @@ from pianolm.export.system import SystemConfig, TranscriptionSystem  # noqa: E40
 from pianolm.export.tensorrt import check_model  # noqa: E402
 from pianolm.export.torch_backend import CachedSession, TorchBackend  # noqa: E402
 from pianolm.runtime.decode import RowSpec, decode_batch  # noqa: E402
-from pianolm.runtime.manifest import (  # noqa: E402
-    MANIFEST_FILE,
-    POINTER_KEY,
-    ManifestError,
-    load_manifest,
-)
+from pianolm.runtime.graphs import POINTER_KEY  # noqa: E402
+from pianolm.runtime.manifest import MANIFEST_FILE, ManifestError, load_manifest  # noqa: E402
 from pianolm.runtime.ort_backend import OrtBackend  # noqa: E402
 from pianolm.runtime.ort_iobinding import OrtIoBindingBackend  # noqa: E402
 from tests.tiny_model import TinyEncoder  # noqa: E402

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from pianolm.runtime import vocab
+from pianolm.runtime.graphs import ENCODER_IO, ENCODER_ROLLS_IO, cross_kv_io, kv_names, step_io
 from pianolm.runtime.manifest import (
-    ENCODER_IO,
-    ENCODER_ROLLS_IO,
     FORMAT_VERSION,
     MANIFEST_FILE,
     DecoderSpec,
@@ -25,11 +24,8 @@ from pianolm.runtime.manifest import (
     SourceSpec,
     StageSpec,
     TensorSpec,
-    cross_kv_io,
     file_sha256,
-    kv_names,
     load_manifest,
-    step_io,
     verify_files,
     write_manifest,
 )

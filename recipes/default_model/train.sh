@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped default model (engines/default/) from nothing, on a CPU: render the
 # training data, pre-train the encoder, embed, train the three LM stages, assemble, export,
-# evaluate on the dev set. About 8 hours on a 2-core machine.
+# evaluate on the dev set. Its time on a 2-core machine: README, "The default model".
 #
 #   bash scripts/install_renderers.sh && bash recipes/default_model/train.sh
 #
