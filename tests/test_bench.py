@@ -2,7 +2,8 @@
 
 - the codec-built workload: teacher-forced sequences have the codec's lengths for known notes;
 - forcing through the runtime's decode loop returns exactly the codec's tokens;
-- the analytic FLOP / byte count matches a hand count;
+- the analytic FLOP / byte count matches a hand count; the floor is the step's bytes over a
+  read-only stream's rate measured over that many bytes; old (copy floor) reports still read;
 - `--quick` runs end to end on the tiny models the export tests share (tests/tiny_model.py: the
   real encoders' exports take minutes) with a small dev-set slice, and writes the JSON.
 """
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from pianolm.export.bench.workload import (  # noqa: E402
     row_counts,
 )
 from pianolm.export.decoder import Decoder, DecoderConfig  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 # A window starting at 20 s: one note carried in (begun at 18 s), four own notes (one of them
 # sounding past the window's end), one after the window, one long before it (ended).
@@ -153,9 +157,60 @@ def test_analytic_counts_match_a_hand_count():
     assert read == p.total
 
 
-def test_copy_bandwidth_is_positive():
-    bw = analytic.copy_bandwidth(megabytes=8, repeats=3)
-    assert bw["gb_per_s"] > 0 and bw["min_gb_per_s"] <= bw["gb_per_s"] <= bw["max_gb_per_s"]
+def test_stream_bandwidth_reads_the_bytes_given_at_a_positive_rate():
+    nbytes = 3 * 2**20 + 5  # not whole rows: rounded up to the next 4 KB row
+    bw = analytic.stream_bandwidth(nbytes, repeats=3)
+    row = 4 * analytic.STREAM_COLUMNS
+    assert nbytes <= bw["bytes"] < nbytes + row and bw["bytes"] % row == 0
+    assert math.isfinite(bw["bytes_per_s"]) and bw["bytes_per_s"] > 0
+    assert 0 < bw["min_gb_per_s"] <= bw["gb_per_s"] <= bw["max_gb_per_s"]
+    assert bw["repeats"] == 3
+
+
+def test_floor_is_the_steps_bytes_over_the_stream_rate_measured_over_them():
+    cfg = DecoderConfig(n_layers=2, d_model=256, n_heads=4, enc_dim=3, vocab_size=100)
+    frames = 40
+    out = analytic.describe(cfg, frames, repeats=2)
+    assert out["floor_method"] == analytic.FLOOR_METHOD and "bandwidth_gb_per_s" not in out
+    for precision in ("fp32", "int8"):
+        floor = out[precision]["floor"]
+        cost = analytic.step_cost(cfg, chunk=1, past=analytic.FLOOR_PAST, frames=frames,
+                                  precision=precision)
+        assert floor["method"] == analytic.FLOOR_METHOD
+        assert (floor["chunk"], floor["past"], floor["frames"]) == (1, analytic.FLOOR_PAST,
+                                                                   frames)
+        assert (floor["weight_bytes"], floor["kv_bytes"], floor["bytes"]) == (
+            cost.weight_bytes, cost.kv_bytes, cost.bytes)
+        assert out[precision]["weight_bytes"] == cost.weight_bytes
+        # streamed over the step's own byte count, not a fixed buffer
+        assert cost.bytes <= floor["stream"]["bytes"] < cost.bytes + 4 * analytic.STREAM_COLUMNS
+        rate = floor["stream"]["bytes_per_s"]
+        assert math.isfinite(rate) and rate > 0
+        assert out[precision]["floor_ms"] == floor["floor_ms"]
+        assert floor["floor_ms"] == pytest.approx(cost.bytes / rate * 1e3, rel=1e-3, abs=1e-4)
+    assert out["int8"]["floor"]["bytes"] < out["fp32"]["floor"]["bytes"]
+
+
+@pytest.mark.parametrize("name", ["bench_cpu_small_hppnet.json", "bench_cpu_base_hppnet.json"])
+def test_copy_floor_reports_still_summarize_and_plot(name, tmp_path):
+    """The committed reports predate the read-only stream: their floor (a copy's rate) is read
+    back as what it was, and their plots still draw."""
+    from pianolm.export.bench.summary import COPY_FLOOR, format_summary, summarize_report
+
+    report = json.loads((RESULTS / name).read_text())
+    summary = summarize_report(report)
+    floors = [k for k in summary if k.startswith("step_vs_floor")]
+    assert floors
+    for key in floors:
+        assert summary[key]["floor_method"] == COPY_FLOOR
+        assert summary[key]["floor_ms"] == report["summary"][key]["floor_ms"]
+        assert summary[key]["measured"] == report["summary"][key]["measured"]
+    assert "step_vs_floor" in format_summary(summary)
+    pytest.importorskip("matplotlib")
+    from pianolm.export.bench.plots import write_plots
+
+    paths = write_plots(report, tmp_path / name)
+    assert len(paths) == 3 and all(p.stat().st_size > 0 for p in paths)
 
 
 def test_quick_options_and_explicit_wins():
@@ -165,6 +220,9 @@ def test_quick_options_and_explicit_wins():
     assert parse_config(["--quick", "--batches", "2"]).batches == (2,)
     with pytest.raises(SystemExit):
         parse_config(["--repeats", "0"])
+    assert parse_config(["--stream-repeats", "3"]).stream_repeats == 3
+    with pytest.raises(SystemExit):
+        parse_config(["--stream-repeats", "0"])
 
 
 def test_cli_passes_bench_through(capsys):
@@ -232,7 +290,7 @@ def test_quick_run_end_to_end(exported, tmp_path):
         plots = True
     except ModuleNotFoundError:  # plots are the `bench` extra's; the rest runs without
         plots = False
-    cfg = replace(parse_config(argv + ["--plots"] if plots else argv), copy_mb=16)
+    cfg = replace(parse_config(argv + ["--plots"] if plots else argv), stream_repeats=2)
     lines: list[str] = []
     run_bench(cfg, build=lambda key: exported.hier if key.hierarchical else exported.flat,
               store=FixtureStore(exported, tmp_path / "models"), log=lines.append)
@@ -274,11 +332,18 @@ def test_quick_run_end_to_end(exported, tmp_path):
         assert set(entry[fig]) == {"median", "min", "max", "n"}, fig
     assert entry["peak_rss_mb"] > 0
     assert report["analytic"][tag]["fp32"]["floor_ms"] > 0
+    assert report["bandwidth"]["method"] == analytic.FLOOR_METHOD
+    assert report["bandwidth"]["repeats"] == 2
+    for precision in ("fp32", "int8"):
+        floor = report["analytic"][tag][precision]["floor"]
+        assert floor["stream"]["repeats"] == 2
+        assert report["bandwidth"]["by_model"][tag][precision]["bytes"] == floor["bytes"]
     summary = report["summary"]
     assert len(summary) == len(TARGETS)
     for e in summary.values():
         assert {"target", "measured", "pass", "preset"} <= set(e)
         assert e["measured"] is not None, e
+    assert summary["step_vs_floor_tiny"]["floor_method"] == analytic.FLOOR_METHOD
     if plots:
         assert len(report["plots"]) == 3
         for name in report["plots"]:

@@ -10,7 +10,7 @@ Modules, one concern each:
   forcing.py   teacher forcing through the runtime's own decode loop (ForcedBackend)
   models.py    random-init systems, cached exports (work/bench-models/), backends by name
   measure.py   timed runs -> medians / min / max, per-step latency by past length, peak RSS
-  analytic.py  FLOPs and bytes per step, copy bandwidth, the bandwidth floor
+  analytic.py  FLOPs and bytes per step; the floor: a read-only stream of a step's bytes, timed
   identity.py  greedy decode through the runtime and the PyTorch references, token for token
   summary.py   headline ratios next to the issue's targets
   plots.py     PNGs beside the JSON (matplotlib: the `bench` extra)

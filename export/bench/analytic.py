@@ -17,20 +17,42 @@ Bytes: the weights a step reads (fp32: 4 per weight; int8: the quantized MatMul 
 byte plus a per-output-channel scale and zero point, the LM head, norms and embedding stay
 fp32), plus the K/V it reads: the self-attention cache (past and chunk) and the cross K/V.
 
-The floor of a step is its weight bytes over the machine's copy bandwidth: a numpy copy of a
-256 MB buffer, counting the bytes it moves (read + written; the convention of the issue's "a copy
-moves about 22 GB/s"). At batch 1 a step cannot beat reading its weights once; a matrix-vector
-product that only streams reads can run somewhat above a copy's rate (seen on the base preset).
+The floor of a step is the time the machine takes to stream its bytes once, read only: the
+weights plus the K/V of a 1-token onset step at past 0 over the model's audio frames
+(`FLOOR_PAST`; past 0 has the least K/V of any onset step, so the floor bounds every step of the
+decode from below; on the small preset a step at past 145, mid-decode of the densest window,
+reads 2 % more). At batch 1 a step cannot beat reading its weights and K/V once.
+
+`stream_bandwidth` measures that rate in the same run, over a buffer of the step's own byte
+count (fp32 and int8 separately: whether the bytes fit the last-level cache decides their rate,
+as in the step itself), as a float32 matrix-vector product `W @ x`: it reads every byte of W
+once, writes one float per 4 KB row, and numpy's BLAS runs it on every core, as ONNX Runtime runs
+the step. Of the read-only passes timed on the 2-core dev machine (pinned to one core, one
+thread, 111 and 36 MB: the small preset's fp32 and int8 steps) it was the fastest: `W @ x` 13.2 /
+14.2 GB/s, `np.max` 11.2 / 12.5, `np.dot(a, a)` 11.0 / 12.3, an integer `bitwise_or.reduce` 10.8
+/ 5.0, `np.sum` 8.1 / 9.4, `np.count_nonzero` 7.6 / 8.2 GB/s read.
+
+Reports written before this (no `floor` entry per precision; `bandwidth_gb_per_s` beside
+`frames`) divided the weight bytes by a numpy copy's rate, read + written bytes counted, of a
+256 MB buffer: a copy runs on one thread, and the 2-thread step beat that "floor" (0.81x on a
+quiet machine).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from pianolm.export.decoder import DecoderConfig
+
+from .measure import limit_threads
+
+FLOOR_METHOD = "read-only stream of weight + K/V bytes"
+FLOOR_PAST = 0  # the onset step the floor's K/V bytes are counted at (module docstring)
+STREAM_COLUMNS = 1024  # W's row length in the stream: 4 KB rows
 
 
 @dataclass(frozen=True)
@@ -99,36 +121,56 @@ def step_cost(cfg: DecoderConfig, *, chunk: int = 1, past: int = 0, frames: int 
     return StepCost(flops, weight_bytes(cfg, precision, chunk, batch), kv)
 
 
-def copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> dict:
-    """Bytes moved (read + written) per second by a numpy copy of a `megabytes` buffer: median
-    (min, max) over repeats."""
-    n = megabytes * 2**20
-    src = np.ones(n, dtype=np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in
+def stream_bandwidth(nbytes: int, repeats: int = 7, threads: int | None = None) -> dict:
+    """Bytes read per second by one pass of `W @ x` over a float32 W of `nbytes` (rounded up to
+    whole 4 KB rows; x cached): median (min, max) over `repeats` after one untimed pass. `threads`:
+    numpy's BLAS threads (threadpoolctl, the bench extra; None or without it: BLAS's default,
+    every core)."""
+    rows = max(1, -(-nbytes // (4 * STREAM_COLUMNS)))
+    w = np.ones((rows, STREAM_COLUMNS), dtype=np.float32)  # written: the pages are faulted in
+    x = np.ones(STREAM_COLUMNS, dtype=np.float32)
+    y = np.empty(rows, dtype=np.float32)
+    applied = threads is not None and importlib.util.find_spec("threadpoolctl") is not None
     seconds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        seconds.append(time.perf_counter() - t0)
-    rates = sorted(2 * n / s for s in seconds)
-    return {"bytes": n, "gb_per_s": round(float(np.median(rates)) / 1e9, 2),
-            "min_gb_per_s": round(rates[0] / 1e9, 2), "max_gb_per_s": round(rates[-1] / 1e9, 2),
-            "repeats": repeats}
+    with limit_threads(threads):
+        np.matmul(w, x, out=y)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            np.matmul(w, x, out=y)
+            seconds.append(time.perf_counter() - t0)
+    seconds.sort()
+    median = float(np.median(seconds))
+    return {"how": f"float32 W @ x, W [{rows}, {STREAM_COLUMNS}]", "bytes": w.nbytes,
+            "bytes_per_s": w.nbytes / median, "gb_per_s": round(w.nbytes / median / 1e9, 2),
+            "min_gb_per_s": round(w.nbytes / seconds[-1] / 1e9, 2),
+            "max_gb_per_s": round(w.nbytes / seconds[0] / 1e9, 2), "repeats": repeats,
+            "blas_threads": threads if applied else "BLAS default"}
 
 
-def describe(cfg: DecoderConfig, frames: int, bandwidth_gb_s: float,
+def step_floor(cfg: DecoderConfig, frames: int, precision: str = "fp32", repeats: int = 7,
+               threads: int | None = None) -> dict:
+    """The floor of a 1-token step at batch 1 (module docstring): the bytes it must read, the
+    read-only stream measured over that many bytes now, and floor_ms = bytes / its rate."""
+    cost = step_cost(cfg, chunk=1, past=FLOOR_PAST, frames=frames, precision=precision)
+    stream = stream_bandwidth(cost.bytes, repeats, threads)
+    return {"method": FLOOR_METHOD, "chunk": 1, "past": FLOOR_PAST, "frames": frames,
+            "weight_bytes": cost.weight_bytes, "kv_bytes": cost.kv_bytes, "bytes": cost.bytes,
+            "floor_ms": round(cost.bytes / stream["bytes_per_s"] * 1e3, 4), "stream": stream}
+
+
+def describe(cfg: DecoderConfig, frames: int, repeats: int = 7, threads: int | None = None,
              pasts: tuple[int, ...] = (0, 100, 250, 500)) -> dict:
     """Per stage kind (1-token onset/flat steps, 3-token velocity/offset chunks) and precision:
-    FLOPs, bytes and the bandwidth floor at batch 1, at a few past lengths."""
+    FLOPs and bytes at batch 1 at a few past lengths, and the floor (`step_floor`, measured)."""
     out: dict = {"params": {**asdict(step_params(cfg)), "matmul": step_params(cfg).matmul,
                             "total": step_params(cfg).total},
-                 "frames": frames, "bandwidth_gb_per_s": bandwidth_gb_s}
+                 "frames": frames, "floor_method": FLOOR_METHOD}
     for precision in ("fp32", "int8"):
-        wb = weight_bytes(cfg, precision)
+        floor = step_floor(cfg, frames, precision, repeats, threads)
         out[precision] = {
-            "weight_bytes": wb,
-            "floor_ms": round(wb / (bandwidth_gb_s * 1e9) * 1e3, 3),
+            "weight_bytes": weight_bytes(cfg, precision),
+            "floor_ms": floor["floor_ms"],
+            "floor": floor,
             "steps": [{"chunk": n, "past": p, **asdict(step_cost(
                 cfg, chunk=n, past=p, frames=frames, precision=precision))}
                 for n in (1, 3) for p in pasts],

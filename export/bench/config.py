@@ -54,7 +54,9 @@ class BenchConfig:
     target_notes: int = 150  # the issue's segment density; the dev set may not reach it
     identity_notes: int = 32  # note limit of the greedy identity check
     bucket: int = 32  # past-length bucket width (positions) for the per-step curves
-    copy_mb: int = 256
+    # passes of the read-only stream that gives each model's bandwidth floor (analytic.py),
+    # timed over the fp32 and int8 steps' own byte counts
+    stream_repeats: int = 7
     seed: int = 0
     models_dir: Path = Path(DEFAULT_MODELS_DIR)
     out: Path | None = None
@@ -65,7 +67,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         bad = [b for b in self.batches + self.full_batches + self.nocache_batches
                + self.encoder_batches if b < 1]
-        if bad or self.repeats < 1 or self.warmup < 0 or self.nocache_repeats < 1:
+        if (bad or self.repeats < 1 or self.warmup < 0 or self.nocache_repeats < 1
+                or self.stream_repeats < 1):
             raise ValueError("batches and repeats must be >= 1, warmup >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError("--threads must be >= 1")
@@ -147,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "tensorrt on a GPU machine)")
     ap.add_argument("--devset", type=Path, help="folder of reference notes (*.tsv) and audio "
                                                 "(default $PIANOLM_DEVSET, else ../shared/devset)")
+    ap.add_argument("--stream-repeats", type=int, default=7,
+                    help="timed passes of the read-only stream over each model's fp32 and int8 "
+                         "step bytes (weights + K/V) that gives the bandwidth floor (default 7; "
+                         "median, min, max)")
     ap.add_argument("--identity-notes", type=int, default=32,
                     help="note limit of the greedy identity check (default 32)")
     ap.add_argument("--models-dir", type=Path, default=Path(DEFAULT_MODELS_DIR),
@@ -179,7 +186,7 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
             nocache_batches=tuple(args.nocache_batches), nocache_repeats=args.nocache_repeats,
             encoder_batches=tuple(args.encoder_batches),
             threads=args.threads, torch_device=args.torch_device, devset=args.devset,
-            identity_notes=args.identity_notes,
+            identity_notes=args.identity_notes, stream_repeats=args.stream_repeats,
             models_dir=args.models_dir, out=args.out, plots=args.plots, quick=args.quick,
             extra={"argv": list(argv) if argv is not None else None})
     except ValueError as e:

@@ -19,6 +19,7 @@ backends' leftovers included.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Iterable
@@ -32,6 +33,18 @@ from pianolm.runtime.report import TimedBackend, Timings, peak_rss_mb
 
 from .forcing import ForcedBackend
 from .workload import HIERARCHICAL, Row, row_counts
+
+
+def limit_threads(threads: int | None) -> contextlib.AbstractContextManager:
+    """numpy/scipy BLAS and OpenMP pools (librosa, torch's BLAS) at `threads`, when threadpoolctl
+    is there (it comes with the bench extra's scikit-learn); None: as they are."""
+    if threads is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads)
 
 
 @dataclass

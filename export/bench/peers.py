@@ -65,6 +65,7 @@ from pianolm.runtime.metrics import (
 from pianolm.runtime.notes import Note
 from pianolm.runtime.provenance import git_info, package_version, package_versions
 
+from .measure import limit_threads
 from .runner import devset_folder, machine, write_json
 
 SCHEMA = "pianolm.bench.peers/1"
@@ -367,16 +368,6 @@ def run_system(peer: Peer, clips: Sequence[Clip], references: Sequence[list[Note
     return run
 
 
-def _limit_threads(threads: int) -> contextlib.AbstractContextManager:
-    """numpy/scipy BLAS and OpenMP pools (librosa, torch's BLAS) at `threads`, when
-    threadpoolctl is there (it comes with the bench extra's scikit-learn)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=threads)
-
-
 def run_peers(data: Path, systems: Sequence[str] = SYSTEMS, threads: int = 2,
               max_clips: int | None = None, peers: Sequence[Peer] | None = None,
               note: str | None = None, command: str | None = None,
@@ -387,7 +378,7 @@ def run_peers(data: Path, systems: Sequence[str] = SYSTEMS, threads: int = 2,
     require_mir_eval()
     started = machine()
     runs = []
-    with _limit_threads(threads):
+    with limit_threads(threads):
         for peer in peers if peers is not None else make_peers(systems):
             runs.append(run_system(peer, clips, references, threads, log))
     with contextlib.suppress(OSError):

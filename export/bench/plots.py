@@ -1,7 +1,8 @@
 """PNG plots of a bench report (matplotlib: `pip install 'pianolm[bench]'`, never a runtime need).
 
 - `<stem>_step_vs_past.png`: onset-stage step latency vs past length, per backend, batch 1, with
-  the fp32 bandwidth floor;
+  the fp32 bandwidth floor (a read-only stream of the step's bytes; a copy's rate in older
+  reports);
 - `<stem>_throughput_vs_batch.png`: notes/s vs batch, per backend (hierarchical, in the
   runtime's velocity/offset schedule);
 - `<stem>_hier_vs_flat.png`: decode time of the same notes, hierarchical (sequential and
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .summary import runtime_schedule
+from .summary import COPY_FLOOR, floor_of, runtime_schedule
 
 COLORS = {"torch-nocache": "tab:red", "torch-cache": "tab:orange", "ort-fp32": "tab:blue",
           "ort-int8": "tab:green", "ort-cuda": "tab:purple", "tensorrt": "tab:brown"}
@@ -40,9 +41,10 @@ def step_vs_past(report: dict, plt, presets: list[str]) -> object:  # noqa: ANN0
             x = [(b["past_lo"] + b["past_hi"]) / 2 for b in buckets]
             ax.plot(x, [b["median"] for b in buckets], marker=".", label=r["backend"],
                     color=COLORS.get(r["backend"]))
-        floor = report["analytic"].get(f"{preset}/{encoder}", {}).get("fp32", {}).get("floor_ms")
+        floor, method = floor_of(report["analytic"].get(f"{preset}/{encoder}", {}))
         if floor:
-            ax.axhline(floor, color="gray", linestyle="--", label="fp32 floor")
+            how = "copy bandwidth" if method == COPY_FLOOR else "read-only stream"
+            ax.axhline(floor, color="gray", linestyle="--", label=f"fp32 floor ({how})")
         ax.set(title=f"{preset}: onset step, batch 1", xlabel="past length (positions)",
                ylabel="ms per step (median)", yscale="log")
         ax.grid(alpha=0.3)

@@ -30,7 +30,7 @@ from . import analytic, identity
 from .config import BenchConfig
 from .measure import measure, reset_peak_rss, stats, time_encoder
 from .models import ModelKey, ModelStore, Opened, build_system, open_backend
-from .summary import format_summary, summarize
+from .summary import format_summary, summarize_report
 from .workload import Row, Window, Workload
 
 SCHEMA = "pianolm.bench/1"
@@ -200,14 +200,14 @@ def run_bench(cfg: BenchConfig, *, build: Callable[[ModelKey], torch.nn.Module] 
     out_path = cfg.out_path
     workload = Workload.from_devset(devset_folder(cfg.devset), cfg.window_stride_s)
     log(f"workload: {workload.describe(cfg.target_notes)['note']}")
-    bandwidth = analytic.copy_bandwidth(cfg.copy_mb)
-    log(f"copy bandwidth {bandwidth['gb_per_s']} GB/s ({cfg.copy_mb} MB numpy copy, read + "
-        f"written, median)")
     report: dict = {
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "versions": versions(), "git": git_info(), "args": cfg.to_dict(),
-        "bandwidth": bandwidth, "workload": workload.describe(cfg.target_notes), "models": {},
+        # the floor's method here; its measurements per model: analytic.<tag>.<precision>.floor
+        "bandwidth": {"method": analytic.FLOOR_METHOD, "past": analytic.FLOOR_PAST, "chunk": 1,
+                      "repeats": cfg.stream_repeats, "by_model": {}},
+        "workload": workload.describe(cfg.target_notes), "models": {},
         "analytic": {}, "encoder": {}, "backends": {}, "identity": {}, "results": [],
         "summary": {},
         # velocity/offset schedule the runtime picks per backend here (throughput runs and the
@@ -221,12 +221,7 @@ def run_bench(cfg: BenchConfig, *, build: Callable[[ModelKey], torch.nn.Module] 
         for encoder in cfg.encoders:
             run = ModelRun(cfg, preset, encoder, workload, embeddings, report, log)
             _bench_model(run, store, build, out_path)
-    first = cfg.encoders[0]
-    ctx = {"schedules": report["schedules"],
-           "identity": {p: report["identity"].get(f"{p}/{first}", {}) for p in cfg.presets},
-           "analytic": {p: report["analytic"].get(f"{p}/{first}", {}) for p in cfg.presets}}
-    report["summary"] = summarize([r for r in report["results"] if r["encoder"] == first],
-                                  list(cfg.presets), ctx)
+    report["summary"] = summarize_report(report)
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     if cfg.plots:
         from .plots import write_plots
@@ -260,8 +255,18 @@ def _bench_model(run: ModelRun, store: ModelStore,
                                         next(iter(system.decoders.values())).parameters()),
         "encoder_params": sum(p.numel() for p in system.encoder.parameters()),
         "exports_built_s": dict(store.built)}
-    report["analytic"][tag] = analytic.describe(decoder_cfg, frames,
-                                                report["bandwidth"]["gb_per_s"])
+    report["analytic"][tag] = analytic.describe(decoder_cfg, frames, cfg.stream_repeats,
+                                                cfg.threads)
+    streams = {}
+    for precision in ("fp32", "int8"):
+        floor = report["analytic"][tag][precision]["floor"]
+        streams[precision] = {"bytes": floor["bytes"], "gb_per_s": floor["stream"]["gb_per_s"],
+                              "floor_ms": floor["floor_ms"]}
+        run.log(f"{tag}: {precision} floor {floor['floor_ms']:.3f} ms: read-only stream of "
+                f"{floor['bytes'] / 1e6:.1f} MB (weights + K/V of a 1-token step at past "
+                f"{floor['past']}, {frames} frames) at {floor['stream']['gb_per_s']} GB/s "
+                f"(median of {cfg.stream_repeats})")
+    report["bandwidth"]["by_model"][tag] = streams
     del system
     report["backends"][tag] = {}
     greedy: dict[str, dict] = {}  # mode -> backend -> greedy tokens
