@@ -498,7 +498,8 @@ class Decoder(nn.Module):
         to later queries); past: per layer (K, V), each [B, H, P, Dh] (P may be 0); cross: from
         `cross_kv`; query_ticks: int64 [B, n], "time" decoders only (the runtime tracks them,
         backend.RowPositions).
-        Returns logits [B, V] of the chunk's last position and present: per layer (K, V), each
+        Returns logits [B, n, V], after each of the chunk's positions (the decode loop reads
+        the last; a speculative verify reads them all), and present: per layer (K, V), each
         [B, H, P+n, Dh].
         """
         mask = self_attention_mask(key_mask, tokens.shape[1])
@@ -508,12 +509,7 @@ class Decoder(nn.Module):
         for blk, (past_k, past_v), (cross_k, cross_v) in zip(self.blocks, past, cross.layers):
             x, k, v = blk(x, rope, mask, past_k, past_v, cross_k, cross_v)
             present.append((k, v))
-        h = self.norm(x[:, -1])
-        if self.pointer is None:  # [B, d] @ head: one Gemm in the graph, as it always was
-            return self.head(h), present
-        last = Rope(rope.cos[:, :, -1:], rope.sin[:, :, -1:], rope.query_cos[:, :, -1:],
-                    rope.query_sin[:, :, -1:])
-        return self._logits(h[:, None], last, cross)[:, 0], present
+        return self._logits(self.norm(x), rope, cross), present
 
     def empty_cache(self, batch: int) -> list[KV]:
         """Per layer a past K and V of length 0, [B, H, 0, Dh] each."""

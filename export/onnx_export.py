@@ -120,7 +120,7 @@ class DecoderStepGraph(nn.Module):
     tokens, positions [batch, chunk] int64; key_mask [batch, past_plus_chunk] bool; a
     time-aligned decoder's query_ticks [batch, chunk] int64; then the caches, flat: per layer
     past K, V [batch, heads, past, head_dim], then CrossKVGraph's outputs -> logits [batch,
-    vocab] (after the chunk's last token), per layer present K, V [batch, heads,
+    chunk, vocab] (after each of the chunk's tokens), per layer present K, V [batch, heads,
     past_plus_chunk, head_dim] (past ++ the chunk).
     """
 
@@ -188,7 +188,7 @@ def _step_plan(decoder: Decoder) -> _Plan:
     return _Plan(DecoderStepGraph(decoder), example, step_io(c.n_layers, c.time_aligned, pointer), {
         "tokens": {0: "batch", 1: "chunk"}, "positions": {0: "batch", 1: "chunk"},
         "query_ticks": {0: "batch", 1: "chunk"},
-        "key_mask": {0: "batch", 1: "past_plus_chunk"}, "logits": {0: "batch"},
+        "key_mask": {0: "batch", 1: "past_plus_chunk"}, "logits": {0: "batch", 1: "chunk"},
         **_cache_axes(past, "past"), **_cache_axes(cross, "frames"),
         **_cache_axes(kv_names("present", c.n_layers), "past_plus_chunk")},
         named_args=3)

@@ -21,7 +21,28 @@ from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
 from pianolm.runtime.backend import RowPositions, check_chunk
 
 
-class CachedSession:
+class _Session:
+    """What both sessions share: step reads the last position of `_feed`'s logits, step_all
+    all of them; retract forgets rejected draft tokens (runtime/backend.py StageSession)."""
+
+    rows: RowPositions
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.step_all(tokens, mask)[:, -1]
+
+    def step_all(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self._feed(*check_chunk(tokens, mask, self.batch)).float().cpu().numpy()
+
+    def retract(self, drop: np.ndarray) -> None:
+        self.rows.retract(drop)
+
+    def _feed(self, tokens: np.ndarray, mask: np.ndarray) -> Tensor:
+        """A checked chunk -> logits [B, n, V] after each of its positions."""
+        raise NotImplementedError
+
+
+class CachedSession(_Session):
     """One stage over one batch, with a self-attention KV cache."""
 
     def __init__(self, decoder: Decoder, embeddings: Tensor) -> None:
@@ -32,16 +53,14 @@ class CachedSession:
         self.past = decoder.empty_cache(self.batch)
         self.rows = RowPositions.empty(self.batch)
 
-    @torch.inference_mode()
-    def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        tokens, mask = check_chunk(tokens, mask, self.batch)
+    def _feed(self, tokens: np.ndarray, mask: np.ndarray) -> Tensor:
         positions, key_mask = self.rows.advance(mask)
         ticks = _query_ticks(self.decoder, self.rows, tokens, mask)
         logits, self.past = self.decoder.step(
             *(torch.from_numpy(a).to(self.device) for a in (tokens, positions, key_mask)),
             self.past, self.cross,
             None if ticks is None else torch.from_numpy(ticks).to(self.device))
-        return logits.float().cpu().numpy()
+        return logits
 
 
 def _query_ticks(decoder: Decoder, rows: RowPositions, tokens: np.ndarray, mask: np.ndarray
@@ -50,7 +69,7 @@ def _query_ticks(decoder: Decoder, rows: RowPositions, tokens: np.ndarray, mask:
     return rows.advance_ticks(tokens, mask) if decoder.cfg.time_aligned else None
 
 
-class UncachedSession:
+class UncachedSession(_Session):
     """The authors' decode: keep the token history, re-run the full decoder every step."""
 
     def __init__(self, decoder: Decoder, embeddings: Tensor) -> None:
@@ -63,9 +82,7 @@ class UncachedSession:
         self.ticks = torch.zeros(self.batch, 0, dtype=torch.int64, device=self.device)
         self.rows = RowPositions.empty(self.batch)
 
-    @torch.inference_mode()
-    def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        tokens, mask = check_chunk(tokens, mask, self.batch)
+    def _feed(self, tokens: np.ndarray, mask: np.ndarray) -> Tensor:
         positions, key_mask = self.rows.advance(mask)
         ticks = _query_ticks(self.decoder, self.rows, tokens, mask)
 
@@ -78,7 +95,7 @@ class UncachedSession:
         logits = self.decoder(self.tokens, self.embeddings, positions=self.positions,
                               key_mask=torch.from_numpy(key_mask).to(self.device),
                               query_ticks=self.ticks if ticks is not None else None)
-        return logits[:, -1].float().cpu().numpy()
+        return logits[:, -tokens.shape[1]:]
 
 
 class TorchBackend:

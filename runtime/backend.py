@@ -38,6 +38,18 @@ class StageSession(Protocol):
         """
         ...
 
+    def step_all(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """step(), returning the logits after every position of the chunk: float32
+        [B, n, vocab] (a speculative verify). Raises ValueError for step graphs that give the
+        last position's only (manifest format_version < 6)."""
+        ...
+
+    def retract(self, drop: np.ndarray) -> None:
+        """drop: int [B]; the last drop[r] positions of row r's latest chunk become padding
+        after the fact (rejected draft tokens): invisible to every later token, not counted
+        as the row's tokens (RowPositions.retract)."""
+        ...
+
 
 class Backend(Protocol):
     """Runs the encoder and opens decoder sessions for the stages a model has."""
@@ -79,6 +91,8 @@ class RowPositions:
     counts: np.ndarray
     key_mask: np.ndarray
     ticks: np.ndarray
+    chunk: np.ndarray | None = None  # the latest chunk's mask [B, n] (retract)
+    chunk_ticks: tuple[np.ndarray, np.ndarray] | None = None  # ticks before it, its ticks
 
     @classmethod
     def empty(cls, batch: int) -> RowPositions:
@@ -98,20 +112,46 @@ class RowPositions:
         # preallocated [B, max_len] buffer would make this part O(B * n).
         self.key_mask = np.concatenate([self.key_mask, mask.astype(bool, copy=False)], axis=1)
         self.counts = self.counts + m.sum(axis=1)
+        self.chunk = mask.astype(bool)
         return positions, self.key_mask
 
     def advance_ticks(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """A chunk's query ticks [B, n] int64 (the `query_ticks` input of a time-aligned step
         graph); padding never moves a row's tick."""
         ticks = vocab.query_ticks(tokens, mask, self.ticks)
+        self.chunk_ticks = (self.ticks, ticks)
         self.ticks = ticks[:, -1].copy()
         return ticks
+
+    def retract(self, drop: np.ndarray) -> None:
+        """Make the last drop[r] positions of row r's latest chunk padding (StageSession
+        .retract): masked out of the key mask, uncounted, and the row's query tick back at
+        the last position it keeps. The cache keeps their entries; no later query sees them."""
+        drop = np.asarray(drop)
+        n = self.chunk.shape[1]
+        if (drop.shape != self.counts.shape or not np.issubdtype(drop.dtype, np.integer)
+                or drop.min(initial=0) < 0 or drop.max(initial=0) > n):
+            raise ValueError(f"drop must be ints in [0, {n}] per row (the latest chunk's "
+                             f"length), got {drop.tolist()}")
+        gone = np.arange(n)[None, :] >= (n - drop)[:, None]
+        self.counts = self.counts - (gone & self.chunk).sum(axis=1)
+        self.chunk = self.chunk & ~gone
+        self.key_mask = self.key_mask.copy()  # the array fed with the chunk stays as it was
+        self.key_mask[:, -n:] &= self.chunk
+        if self.chunk_ticks is not None:
+            before, ticks = self.chunk_ticks
+            kept = n - drop
+            self.ticks = np.where(kept > 0, ticks[np.arange(len(kept)), np.maximum(kept - 1, 0)],
+                                  before)
 
     def select(self, rows: np.ndarray) -> None:
         """Keep only batch rows `rows` (StageSession.keep)."""
         self.counts = self.counts[rows]
         self.key_mask = self.key_mask[rows]
         self.ticks = self.ticks[rows]
+        self.chunk = None if self.chunk is None else self.chunk[rows]
+        if self.chunk_ticks is not None:
+            self.chunk_ticks = (self.chunk_ticks[0][rows], self.chunk_ticks[1][rows])
 
 
 class BackendUnavailable(ValueError):

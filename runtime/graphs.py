@@ -69,7 +69,8 @@ def cross_kv_io(n_layers: int, pointer: bool = False) -> IO:
 def step_io(n_layers: int, time_aligned: bool = False, pointer: bool = False) -> IO:
     """tokens, positions [batch, chunk]; key_mask [batch, past_plus_chunk]; time-aligned:
     query_ticks [batch, chunk]; past_key_values.{i}.key/value [batch, heads, past, head_dim];
-    the cross-KV graph's outputs -> logits [batch, vocab]; present.{i}.key/value [batch, heads,
+    the cross-KV graph's outputs -> logits [batch, chunk, vocab] (format 6; before:
+    [batch, vocab], the last position's); present.{i}.key/value [batch, heads,
     past_plus_chunk, head_dim]."""
     return ((*step_inputs(time_aligned), *kv_names("past_key_values", n_layers),
              *cross_names(n_layers, pointer)), ("logits", *kv_names("present", n_layers)))

@@ -46,7 +46,11 @@ FORMAT = "pianolm-model"
 # 5: decoder options `cross_positions`, `look_ahead`, `time_head`, `ticks_per_frame`
 #    (docs/decoder.md; absent: the authors' layout). A time-aligned step graph also takes
 #    `query_ticks`; a pointer time head's cross-KV graph also gives `cross.pointer.key`.
-FORMAT_VERSION = 5
+# 6: a step graph's logits are every chunk position's, [batch, chunk, vocab] (a speculative
+#    verify reads them all; runtime/speculative.py). Versions 3-5 give the last position's,
+#    [batch, vocab]: they decode as before, and speculative decoding asks for a re-export.
+FORMAT_VERSION = 6
+FIRST_EVERY_POSITION_VERSION = 6
 MIN_FORMAT_VERSION = 3
 DECODERS = ("lm", "rolls")  # how notes are read: the stage decoders, or the encoder's rolls
 MANIFEST_FILE = "manifest.json"
@@ -174,6 +178,12 @@ class StageSpec:
     decoder: DecoderSpec
     cross_kv: GraphSpec
     step: GraphSpec
+
+    @property
+    def every_position(self) -> bool:
+        """The step graph gives logits after every chunk position (format 6), not only the
+        last."""
+        return len(self.step.output("logits").shape) == 3
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "task_token": self.task_token,
@@ -455,7 +465,7 @@ def _decoder(f: _Fields, raw: Any, where: str) -> DecoderSpec:
 
 
 def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
-           frames: int, fps: float) -> StageSpec:
+           frames: int, fps: float, version: int) -> StageSpec:
     if not isinstance(raw, dict):
         raise f.fail(where, f"must be an object, got {raw!r}")
     f.only(raw, {"name", "task_token", "decoder", "cross_kv", "step"}, where)
@@ -484,7 +494,12 @@ def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
                     2 if cache_length_axis(name) == 3 else 3: dec.head_dim}
              for name in dec.past_names + dec.present_names + dec.cross_names}
     _expect_shape(f, cross, f"{where}.cross_kv", {"embeddings": {2: embed_dim}, **fixed})
-    _expect_shape(f, step, f"{where}.step", {**fixed, "logits": {1: dec.vocab_size}})
+    rank = 3 if version >= FIRST_EVERY_POSITION_VERSION else 2  # [batch, (chunk,) vocab]
+    if len(step.output("logits").shape) != rank:
+        raise f.fail(f"{where}.step.outputs.logits.shape", f"is "
+                     f"{list(step.output('logits').shape)}; format version {version} step graphs "
+                     f"give {['[batch, vocab]', '[batch, chunk, vocab]'][rank - 2]}")
+    _expect_shape(f, step, f"{where}.step", {**fixed, "logits": {rank - 1: dec.vocab_size}})
     return StageSpec(name, task, dec, cross, step)
 
 
@@ -535,7 +550,7 @@ def load_manifest(folder: str | Path) -> Manifest:
     sample_rate, segment_samples, input_peak = _audio(f, f.get(raw, "audio", dict, ""))
     vocab_raw = _vocab(f, f.get(raw, "vocab", dict, ""))
     encoder = _encoder(f, f.get(raw, "encoder", dict, ""), folder)
-    stages = _stages(f, f.get(raw, "stages", list, ""), folder, encoder)
+    stages = _stages(f, f.get(raw, "stages", list, ""), folder, encoder, version)
     source = _source(f, f.get(raw, "source", dict, ""))
     versions = _versions(f, f.get(raw, "versions", dict, ""))
     default_decoder = _default_decoder(f, raw, encoder)
@@ -624,10 +639,10 @@ def _encoder(f: _Fields, enc: dict[str, Any], folder: Path) -> EncoderSpec:
                        f.get(enc, "config", dict, "encoder"), graph, rolls)
 
 
-def _stages(f: _Fields, stages_raw: list[Any], folder: Path, encoder: EncoderSpec
-            ) -> tuple[StageSpec, ...]:
+def _stages(f: _Fields, stages_raw: list[Any], folder: Path, encoder: EncoderSpec,
+            version: int) -> tuple[StageSpec, ...]:
     stages = tuple(_stage(f, s, f"stages[{i}]", folder, encoder.embed_dim,
-                          encoder.frames_per_segment, encoder.frames_per_second)
+                          encoder.frames_per_segment, encoder.frames_per_second, version)
                    for i, s in enumerate(stages_raw))
     names = tuple(s.name for s in stages)
     if names not in STAGE_SETS:

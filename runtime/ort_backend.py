@@ -122,5 +122,5 @@ class OrtBackend:
         spec, emb = check_embeddings(self.manifest, stage, embeddings)
         cross = self.sessions[f"{stage}.cross_kv"].run(list(spec.decoder.cross_names),
                                                         {"embeddings": emb})
-        return OrtStageSession(self.sessions[f"{stage}.step"], spec.decoder,
+        return OrtStageSession(self.sessions[f"{stage}.step"], spec,
                                KVCache(empty_past(spec.step, spec.decoder, len(emb)), cross))

@@ -120,5 +120,5 @@ class OrtIoBindingBackend(OrtBackend):
         cross.run_with_iobinding(binding)
         past = [to_device(p, self.device, self.device_id)
                 for p in empty_past(spec.step, spec.decoder, len(emb))]
-        return IoBindingStageSession(self.sessions[f"{stage}.step"], spec.decoder, DeviceKVCache(
+        return IoBindingStageSession(self.sessions[f"{stage}.step"], spec, DeviceKVCache(
             past, list(binding.get_outputs()), self.device, self.device_id))

@@ -20,7 +20,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from .backend import RowPositions, check_chunk, check_rows
-from .manifest import DecoderSpec, GraphSpec
+from .manifest import DecoderSpec, GraphSpec, StageSpec
+
+NO_EVERY_POSITION = ("this model's step graphs give the logits of a chunk's last position only "
+                     "(manifest format_version < 6); re-export it with this pianolm for "
+                     "speculative decoding")
 
 
 class SessionCache(Protocol):
@@ -64,14 +68,29 @@ class StepSession:
     engine), its cache and `_run`.
     """
 
-    def __init__(self, session: Any, decoder: DecoderSpec, cache: SessionCache) -> None:
+    def __init__(self, session: Any, spec: StageSpec, cache: SessionCache) -> None:
         self.session = session
-        self.decoder = decoder
+        self.decoder = spec.decoder
+        self.every_position = spec.every_position  # format 6: logits after every position
         self.cache = cache
         self.batch = cache.batch
         self.rows = RowPositions.empty(self.batch)
 
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        logits = self._feed(tokens, mask)
+        return logits[:, -1] if logits.ndim == 3 else logits
+
+    def step_all(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The logits after every position of the chunk, [B, n, vocab] (StageSession)."""
+        if not self.every_position:
+            raise ValueError(NO_EVERY_POSITION)
+        return self._feed(tokens, mask)
+
+    def retract(self, drop: np.ndarray) -> None:
+        """Forget the last drop[r] positions of row r's latest chunk (StageSession)."""
+        self.rows.retract(drop)
+
+    def _feed(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         tokens, mask = check_chunk(tokens, mask, self.batch)
         positions, key_mask = self.rows.advance(mask)
         if self.rows.counts.max(initial=0) > self.decoder.max_seq_len:
@@ -91,6 +110,6 @@ class StepSession:
         self.batch = len(rows)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """feeds: the host inputs (DecoderSpec.step_inputs) -> logits [B, vocab]; the cache
-        moves on."""
+        """feeds: the host inputs (DecoderSpec.step_inputs) -> logits [B, n, vocab] (format 6;
+        [B, vocab] before); the cache moves on."""
         raise NotImplementedError

@@ -122,6 +122,11 @@ def step_shapes(decoder: DecoderSpec, batch: int, chunk: int, past: int, frames:
                for name in names}}
 
 
+def logits_shape(decoder: DecoderSpec, batch: int, chunk: int, every_position: bool) -> Shape:
+    """The step graph's logits: after every chunk position (format 6), or the last only."""
+    return (batch, chunk, decoder.vocab_size) if every_position else (batch, decoder.vocab_size)
+
+
 def cache_capacity(ranges: Mapping[str, ProfileRange], decoder: DecoderSpec) -> int:
     """The longest present K/V a step engine can write: max past + max chunk, and no longer
     than its key mask."""
@@ -359,7 +364,7 @@ class TrtKVCache:
     the profile's maxima."""
 
     def __init__(self, engine: Engine, decoder: DecoderSpec, dtype: str, batch: int,
-                 frames: int) -> None:
+                 frames: int, every_position: bool) -> None:
         self.engine = engine
         self.decoder = decoder
         self.dtype = dtype
@@ -378,7 +383,8 @@ class TrtKVCache:
         host = step_shapes(decoder, batch, chunk, self.capacity - chunk, frames)
         self.io = {name: DeviceBuffer(cuda, nbytes(shape, engine.dtypes[name])) for name, shape in (
             *((name, host[name]) for name in decoder.step_inputs),
-            ("logits", (batch, decoder.vocab_size)))}
+            ("logits", logits_shape(decoder, batch, chunk, every_position)))}
+        self.every_position = every_position
 
     def _cross_shape(self, name: str, batch: int) -> Shape:
         d = self.decoder
@@ -427,7 +433,8 @@ class TensorRTStageSession(StepSession):
         batch, chunk = feeds["tokens"].shape
         shapes = step_shapes(self.decoder, batch, chunk, c.length, c.frames)
         check_shapes(e.name, shapes, e.ranges)  # before anything is written to the device
-        logits = np.empty((batch, self.decoder.vocab_size), dtype=np.float32)
+        logits = np.empty(logits_shape(self.decoder, batch, chunk, c.every_position),
+                          dtype=np.float32)
         with e.active():
             for name, array in feeds.items():
                 cuda.upload(c.io[name], array.astype(e.dtypes[name], copy=False), e.stream)
@@ -516,7 +523,7 @@ class TensorRTBackend:
         # batch and frames must suit the step engine before its buffers are sized for them
         check_shapes(step.name, step_shapes(spec.decoder, batch, 1, 0, frames), step.ranges)
         cache = TrtKVCache(step, spec.decoder, step.dtypes[spec.decoder.past_names[0]], batch,
-                           frames)
+                           frames, spec.every_position)
         e = self.engines[f"{stage}.cross_kv"]
         with e.active():
             src = e.buffer("embeddings", emb.nbytes)
@@ -524,4 +531,4 @@ class TensorRTBackend:
             e.set_shapes({"embeddings": emb.shape})
             e.execute({"embeddings": src, **dict(zip(spec.decoder.cross_names, cache.cross))})
             e.sync()  # the step engine reads cross K/V on its own stream
-        return TensorRTStageSession(step, spec.decoder, cache)
+        return TensorRTStageSession(step, spec, cache)

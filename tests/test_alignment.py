@@ -36,6 +36,7 @@ from pianolm.runtime.graphs import POINTER_KEY  # noqa: E402
 from pianolm.runtime.manifest import MANIFEST_FILE, ManifestError, load_manifest  # noqa: E402
 from pianolm.runtime.ort_backend import OrtBackend  # noqa: E402
 from pianolm.runtime.ort_iobinding import OrtIoBindingBackend  # noqa: E402
+from tests.test_export_manifest import last_position_logits  # noqa: E402
 from tests.tiny_model import TinyEncoder  # noqa: E402
 
 OPTIONS = {  # DecoderConfig alignment fields per arm
@@ -217,7 +218,7 @@ def aligned(tmp_path_factory):
 def test_manifest_describes_the_new_io(aligned):
     _, folder = aligned
     m = load_manifest(folder)
-    assert m.format_version == 5
+    assert m.format_version == 6
     onset, velocity = m.stage("onset"), m.stage("velocity")
     assert onset.decoder.time_aligned and onset.decoder.look_ahead and onset.decoder.pointer
     assert [t.name for t in onset.step.inputs][:4] == ["tokens", "positions", "key_mask",
@@ -286,6 +287,7 @@ def test_a_format_4_folder_is_the_authors_layout(exported, tmp_path):
     shutil.copytree(exported.dirs["hier"], folder)
     raw = json.loads((folder / MANIFEST_FILE).read_text())
     raw["format_version"] = 4
+    last_position_logits(raw)
     for stage in raw["stages"]:
         for key in ("cross_positions", "look_ahead", "time_head", "ticks_per_frame"):
             stage["decoder"].pop(key)

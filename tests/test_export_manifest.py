@@ -51,7 +51,8 @@ def synthetic_model(folder: Path, stages: tuple[str, ...] = vocab.STAGES,
     folder.mkdir(parents=True, exist_ok=True)
     shapes = {"waveform": ("batch", "samples"), "embeddings": ("batch", "frames", E),
               "tokens": ("batch", "chunk"), "positions": ("batch", "chunk"),
-              "key_mask": ("batch", "past_plus_chunk"), "logits": ("batch", vocab.VOCAB_SIZE),
+              "key_mask": ("batch", "past_plus_chunk"),
+              "logits": ("batch", "chunk", vocab.VOCAB_SIZE),
               **{k: ("batch", "frames", 88) for k in ROLL_KEYS},
               **{n: ("batch", H, "past", DH) for n in kv_names("past_key_values", L)},
               **{n: ("batch", H, "past_plus_chunk", DH) for n in kv_names("present", L)},
@@ -121,9 +122,29 @@ def test_input_peak_round_trip_and_format_3_without_it(folder: Path):
         (folder / MANIFEST_FILE).read_text())["audio"]
     write_manifest(replace(m, input_peak=0.7), folder)
     assert load_manifest(folder).input_peak == 0.7
-    _edit(folder, lambda r: (r.update(format_version=3), r["audio"].pop("input_peak")))
+    _edit(folder, lambda r: (r.update(format_version=3), r["audio"].pop("input_peak"),
+                             last_position_logits(r)))
     old = load_manifest(folder)
     assert old.format_version == 3 and old.input_peak is None
+
+
+def last_position_logits(raw: dict) -> None:
+    """Make a manifest's step graphs give [batch, vocab] logits, as before format 6."""
+    for stage in raw["stages"]:
+        logits = next(t for t in stage["step"]["outputs"] if t["name"] == "logits")
+        del logits["shape"][1]
+
+
+def test_every_position_logits_from_format_6(folder: Path):
+    """Format 6 step graphs give logits after every chunk position; older ones the last
+    position's, and each version is held to its own rank."""
+    assert all(s.every_position for s in load_manifest(folder).stages)
+    _edit(folder, last_position_logits)
+    with pytest.raises(ManifestError, match=r"stages\[0\]\.step\.outputs\.logits\.shape.*"
+                                            r"format version 6 step graphs give \[batch, chunk"):
+        load_manifest(folder)
+    _edit(folder, lambda r: r.update(format_version=5))
+    assert not any(s.every_position for s in load_manifest(folder).stages)
 
 
 def test_flat_model_is_valid(tmp_path: Path):
@@ -225,7 +246,7 @@ def with_rolls(tmp_path: Path) -> Path:
 
 def test_rolls_round_trip(with_rolls: Path):
     m = load_manifest(with_rolls)
-    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 5
+    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 6
     assert [t.name for t in m.encoder.graph.outputs] == ["embeddings", *ROLL_KEYS]
     raw = json.loads((with_rolls / MANIFEST_FILE).read_text())["encoder"]["rolls"]
     assert raw["outputs"] == list(ROLL_KEYS) and raw["thresholds"]["onset_threshold"] == 0.4
