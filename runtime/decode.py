@@ -96,13 +96,25 @@ class ActiveRows:
         self.active = self.active[keep]
 
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self._widen(self.session.step(*self._narrow(tokens, mask)))
+
+    def step_all(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """StageSession.step_all at full batch width: [B, n, vocab]."""
+        return self._widen(self.session.step_all(*self._narrow(tokens, mask)))
+
+    def retract(self, drop: np.ndarray) -> None:
+        self.session.retract(np.asarray(drop)[self.active])
+
+    def _narrow(self, tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(self.active) < self.batch:
             dropped = np.ones(self.batch, dtype=bool)
             dropped[self.active] = False
             if mask[dropped].any():
                 raise RuntimeError("decode loop fed a row it had retired")
-        logits = self.session.step(tokens[self.active], mask[self.active])
-        full = np.zeros((self.batch, logits.shape[1]), dtype=logits.dtype)
+        return tokens[self.active], mask[self.active]
+
+    def _widen(self, logits: np.ndarray) -> np.ndarray:
+        full = np.zeros((self.batch, *logits.shape[1:]), dtype=logits.dtype)
         full[self.active] = logits
         return full
 
@@ -120,17 +132,26 @@ def _start(backend: Backend, stage: str, embeddings: np.ndarray) -> tuple[Active
     return session, session.step(tokens, np.ones_like(tokens, dtype=bool))
 
 
+def emit(logits: np.ndarray, grammar: OnsetGrammar | FlatGrammar, out: list[list[int]]
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """One greedy token per unfinished row: the grammar-constrained argmax, appended to the
+    row's tokens and taken by the grammar. Returns the rows that were unfinished, and the
+    tokens [B]."""
+    live = ~grammar.done
+    chosen = argmax_allowed(logits, grammar.mask())
+    for row in np.flatnonzero(live):
+        out[row].append(int(chosen[row]))
+    grammar.update(chosen)
+    return live, chosen
+
+
 def _greedy(backend: Backend, embeddings: np.ndarray, stage: str,
             grammar: OnsetGrammar | FlatGrammar) -> list[list[int]]:
     """Free-running greedy decode until every row ends (eos, or the grammar's note limit)."""
     session, logits = _start(backend, stage, embeddings)
     out: list[list[int]] = [[] for _ in range(len(embeddings))]
     while True:
-        live = ~grammar.done
-        chosen = argmax_allowed(logits, grammar.mask())
-        for row in np.flatnonzero(live):
-            out[row].append(int(chosen[row]))
-        grammar.update(chosen)
+        live, chosen = emit(logits, grammar, out)
         if grammar.done.all():
             return out
         session.retire(grammar.done)

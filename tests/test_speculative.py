@@ -1,0 +1,153 @@
+"""Speculative onset decoding (runtime/speculative.py): the same tokens as greedy decoding,
+whatever the draft, on ONNX Runtime and the PyTorch reference; and what it rests on, rejected
+draft tokens leaving no trace (StageSession.retract)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pianolm.runtime import vocab as V
+from pianolm.runtime.decode import decode_onsets
+from pianolm.runtime.grammar import OnsetGrammar
+from pianolm.runtime.manifest import MANIFEST_FILE
+from pianolm.runtime.ort_backend import OrtBackend
+from pianolm.runtime.speculative import (
+    SpeculativeStats,
+    continuation,
+    decode_onsets_speculative,
+)
+
+pytest.importorskip("torch")
+from pianolm.export.torch_backend import TorchBackend  # noqa: E402
+from tests.test_alignment import aligned  # noqa: E402, F401 (a fixture: the time-aligned model)
+from tests.test_export_manifest import last_position_logits  # noqa: E402
+
+
+def _backends(system, folder):
+    return {"ort": OrtBackend(folder, threads=1), "torch": TorchBackend(system),
+            "torch-nocache": TorchBackend(system, use_cache=False)}
+
+
+def _models(exported, aligned):  # noqa: F811
+    return {"hier": (exported.hier, exported.dirs["hier"]), "aligned": aligned}
+
+
+def _embeddings(backend, batch: int, seed: int) -> np.ndarray:
+    audio = (0.1 * np.random.default_rng(seed).normal(size=(batch, 160000))).astype(np.float32)
+    return backend.encode(audio)
+
+
+@pytest.mark.parametrize("model", ["hier", "aligned"])
+@pytest.mark.parametrize("kind", ["ort", "torch", "torch-nocache"])
+def test_retracted_positions_are_padding(exported, aligned, model, kind):  # noqa: F811
+    """A chunk fed whole and then retracted gives the logits (there and after) of the same
+    chunk fed with those positions as padding: the semantics speculation needs."""
+    system, folder = _models(exported, aligned)[model]
+    backend = _backends(system, folder)[kind]
+    emb = _embeddings(backend, 2, seed=1)
+    rng = np.random.default_rng(2)
+    chunk = np.array([[V.time_token(30), V.pitch_token(60), V.time_token(80), V.pitch_token(64)],
+                      [V.time_token(5), V.pitch_token(40), V.time_token(9), V.pitch_token(41)]])
+    drop = np.array([3, 1])
+    kept = np.arange(4)[None, :] < (4 - drop)[:, None]
+    a, b = backend.start("onset", emb), backend.start("onset", emb)
+    prompt = np.array([[V.SOS, V.TASK_ONSET]] * 2)
+    for s in (a, b):
+        s.step(prompt, np.ones_like(prompt, dtype=bool))
+    got = a.step_all(chunk, np.ones_like(chunk, dtype=bool))
+    a.retract(drop)
+    want = b.step_all(chunk, kept)
+    np.testing.assert_allclose(got[kept], want[kept], atol=1e-5, rtol=0)
+    for _ in range(3):  # later tokens see the kept positions only
+        nxt = rng.integers(V.TIME_BASE, V.PITCH_BASE, size=(2, 1))
+        ones = np.ones_like(nxt, dtype=bool)
+        np.testing.assert_allclose(a.step(nxt, ones), b.step(nxt, ones), atol=1e-5, rtol=0)
+
+
+def test_retract_checks_its_argument(exported):
+    backend = OrtBackend(exported.dirs["hier"], threads=1)
+    s = backend.start("onset", _embeddings(backend, 2, seed=1))
+    s.step_all(np.array([[V.SOS, V.TASK_ONSET]] * 2), np.ones((2, 2), dtype=bool))
+    for bad in ([3, 0], [-1, 0], [1], [0.5, 0]):
+        with pytest.raises(ValueError, match="drop must be ints"):
+            s.retract(np.array(bad))
+
+
+def test_old_step_graphs_say_to_re_export(exported, tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(exported.dirs["hier"], folder)
+    raw = json.loads((folder / MANIFEST_FILE).read_text())
+    raw["format_version"] = 5
+    last_position_logits(raw)
+    (folder / MANIFEST_FILE).write_text(json.dumps(raw))
+    backend = OrtBackend(folder, threads=1)
+    s = backend.start("onset", _embeddings(backend, 1, seed=1))
+    with pytest.raises(ValueError, match="format_version < 6.*re-export"):
+        s.step_all(np.array([[V.SOS, V.TASK_ONSET]]), np.ones((1, 2), dtype=bool))
+
+
+def _notes(tokens: list[int]) -> list[tuple[int, int]]:
+    """An onset sequence's (tick, pitch) notes."""
+    return [(V.token_time(t), V.token_pitch(p)) for t, p in zip(tokens[::2], tokens[1::2])
+            if V.is_time(t) and V.is_pitch(p)]
+
+
+def _drafts(kind: str, greedy: list[list[int]], rng: np.random.Generator):
+    notes = [_notes(t) for t in greedy]
+    if kind == "exact":
+        return notes
+    if kind == "empty":
+        return [[] for _ in notes]
+    if kind == "longer":  # the LM's notes, then more it never emits
+        return [n + [(990 + i, 60 + i) for i in range(5)] for n in notes]
+    if kind == "wrong":  # every note a little off: nearly every draft token is rejected
+        return [sorted({(min(t + 1, 999), p) for t, p in n}) for n in notes]
+    # "mixed": half the notes dropped, some moved
+    return [sorted({(t if rng.random() < 0.7 else min(t + 3, 999), p) for t, p in n
+                    if rng.random() < 0.5}) for n in notes]
+
+
+@pytest.mark.parametrize("model", ["hier", "aligned"])
+@pytest.mark.parametrize("kind", ["ort", "torch"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_speculative_onsets_equal_greedy(exported, aligned, model, kind, batch):  # noqa: F811
+    system, folder = _models(exported, aligned)[model]
+    backend = _backends(system, folder)[kind]
+    emb = _embeddings(backend, batch, seed=10 + batch)
+    greedy = decode_onsets(backend, emb, max_notes=12)
+    assert any(len(t) >= 7 for t in greedy)  # notes to draft, not only eos
+    rng = np.random.default_rng(batch)
+    for draft_kind in ("exact", "longer", "wrong", "mixed", "empty"):
+        stats = SpeculativeStats()
+        got = decode_onsets_speculative(backend, emb, 12, _drafts(draft_kind, greedy, rng),
+                                        stats=stats)
+        assert got == greedy, draft_kind
+        assert stats.tokens == sum(map(len, greedy))
+        if draft_kind == "exact":  # far fewer calls than one per token
+            assert stats.acceptance == 1.0 and stats.tokens_per_call > 2, stats
+        if draft_kind == "empty":  # a draft of no notes guesses eos, one token a call
+            assert stats.drafted <= stats.calls * batch, stats
+
+
+def test_continuation_follows_the_rows_state():
+    draft = [(10, 60), (10, 64), (20, 50), (30, 70)]
+    g = OnsetGrammar(1, 100)
+    assert continuation(draft, g, 0, 99) == [V.time_token(10), V.pitch_token(60),
+                                             V.time_token(10), V.pitch_token(64),
+                                             V.time_token(20), V.pitch_token(50),
+                                             V.time_token(30), V.pitch_token(70), V.EOS]
+    assert continuation(draft, g, 0, 3) == [V.time_token(10), V.pitch_token(60),
+                                            V.time_token(10)]
+    g.update(np.array([V.time_token(10)]))
+    g.update(np.array([V.pitch_token(60)]))
+    assert continuation(draft, g, 0, 2) == [V.time_token(10), V.pitch_token(64)]
+    g.update(np.array([V.time_token(10)]))  # a time is pending: its pitch first
+    assert continuation(draft, g, 0, 2) == [V.pitch_token(64), V.time_token(20)]
+    g.update(np.array([V.pitch_token(62)]))  # the LM chose another note at 10
+    assert continuation(draft, g, 0, 2) == [V.time_token(10), V.pitch_token(64)]
+    g.update(np.array([V.time_token(25)]))  # no draft note at 25
+    assert continuation(draft, g, 0, 4) == []
