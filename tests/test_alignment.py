@@ -36,7 +36,7 @@ from pianolm.runtime.graphs import POINTER_KEY  # noqa: E402
 from pianolm.runtime.manifest import MANIFEST_FILE, ManifestError, load_manifest  # noqa: E402
 from pianolm.runtime.ort_backend import OrtBackend  # noqa: E402
 from pianolm.runtime.ort_iobinding import OrtIoBindingBackend  # noqa: E402
-from tests.test_export_manifest import last_position_logits  # noqa: E402
+from tests.test_export_manifest import older_copy  # noqa: E402
 from tests.tiny_model import TinyEncoder  # noqa: E402
 
 OPTIONS = {  # DecoderConfig alignment fields per arm
@@ -283,14 +283,10 @@ def test_manifest_refuses_inconsistent_options(aligned, tmp_path):
 
 def test_a_format_4_folder_is_the_authors_layout(exported, tmp_path):
     """Folders written before the options existed load as cross_positions 'token'."""
-    folder = tmp_path / "old"
-    shutil.copytree(exported.dirs["hier"], folder)
-    raw = json.loads((folder / MANIFEST_FILE).read_text())
-    raw["format_version"] = 4
-    last_position_logits(raw)
-    for stage in raw["stages"]:
-        for key in ("cross_positions", "look_ahead", "time_head", "ticks_per_frame"):
-            stage["decoder"].pop(key)
-    (folder / MANIFEST_FILE).write_text(json.dumps(raw))
-    m = load_manifest(folder)
+    def no_options(raw: dict) -> None:
+        for stage in raw["stages"]:
+            for key in ("cross_positions", "look_ahead", "time_head", "ticks_per_frame"):
+                stage["decoder"].pop(key)
+
+    m = load_manifest(older_copy(exported.dirs["hier"], tmp_path / "old", 4, no_options))
     assert all(not s.decoder.time_aligned and not s.decoder.pointer for s in m.stages)

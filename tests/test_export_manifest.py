@@ -5,6 +5,7 @@ types, shapes and files, not ONNX content, so no export is needed here."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -133,6 +134,20 @@ def last_position_logits(raw: dict) -> None:
     for stage in raw["stages"]:
         logits = next(t for t in stage["step"]["outputs"] if t["name"] == "logits")
         del logits["shape"][1]
+
+
+def older_copy(src: Path, dst: Path, version: int, change=None) -> Path:
+    """A copy of model folder `src` at `dst` whose manifest says `version` (its step graphs'
+    logits described as that version's), edited further by `change(raw)`."""
+    shutil.copytree(src, dst)
+    raw = json.loads((dst / MANIFEST_FILE).read_text())
+    raw["format_version"] = version
+    if version < 6:
+        last_position_logits(raw)
+    if change is not None:
+        change(raw)
+    (dst / MANIFEST_FILE).write_text(json.dumps(raw))
+    return dst
 
 
 def test_every_position_logits_from_format_6(folder: Path):

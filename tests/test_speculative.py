@@ -4,16 +4,12 @@ draft tokens leaving no trace (StageSession.retract)."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
 from pianolm.runtime import vocab as V
 from pianolm.runtime.decode import decode_onsets
 from pianolm.runtime.grammar import OnsetGrammar
-from pianolm.runtime.manifest import MANIFEST_FILE
 from pianolm.runtime.ort_backend import OrtBackend
 from pianolm.runtime.speculative import (
     SpeculativeStats,
@@ -24,7 +20,7 @@ from pianolm.runtime.speculative import (
 pytest.importorskip("torch")
 from pianolm.export.torch_backend import TorchBackend  # noqa: E402
 from tests.test_alignment import aligned  # noqa: E402, F401 (a fixture: the time-aligned model)
-from tests.test_export_manifest import last_position_logits  # noqa: E402
+from tests.test_export_manifest import older_copy  # noqa: E402
 
 
 def _backends(system, folder):
@@ -78,12 +74,7 @@ def test_retract_checks_its_argument(exported):
 
 
 def test_old_step_graphs_say_to_re_export(exported, tmp_path):
-    folder = tmp_path / "old"
-    shutil.copytree(exported.dirs["hier"], folder)
-    raw = json.loads((folder / MANIFEST_FILE).read_text())
-    raw["format_version"] = 5
-    last_position_logits(raw)
-    (folder / MANIFEST_FILE).write_text(json.dumps(raw))
+    folder = older_copy(exported.dirs["hier"], tmp_path / "old", 5)
     backend = OrtBackend(folder, threads=1)
     s = backend.start("onset", _embeddings(backend, 1, seed=1))
     with pytest.raises(ValueError, match="format_version < 6.*re-export"):
