@@ -110,9 +110,9 @@ class RowPositions:
         positions = self.counts[:, None] + np.cumsum(m, axis=1) - m
         # O(B * P) copy per step, like the graph's own past ++ chunk concat of the cache; a
         # preallocated [B, max_len] buffer would make this part O(B * n).
-        self.key_mask = np.concatenate([self.key_mask, mask.astype(bool, copy=False)], axis=1)
+        self.chunk = mask.astype(bool, copy=False)  # never written in place (retract)
+        self.key_mask = np.concatenate([self.key_mask, self.chunk], axis=1)
         self.counts = self.counts + m.sum(axis=1)
-        self.chunk = mask.astype(bool)
         return positions, self.key_mask
 
     def advance_ticks(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -123,7 +123,7 @@ def argmax_allowed(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.where(allowed, logits, -np.inf).argmax(axis=1)
 
 
-def _start(backend: Backend, stage: str, embeddings: np.ndarray) -> tuple[ActiveRows,
+def start_stage(backend: Backend, stage: str, embeddings: np.ndarray) -> tuple[ActiveRows,
                                                                          np.ndarray]:
     """Open a stage session and feed its prompt `sos task`; returns it and the prompt's logits."""
     batch = len(embeddings)
@@ -148,7 +148,7 @@ def emit(logits: np.ndarray, grammar: OnsetGrammar | FlatGrammar, out: list[list
 def _greedy(backend: Backend, embeddings: np.ndarray, stage: str,
             grammar: OnsetGrammar | FlatGrammar) -> list[list[int]]:
     """Free-running greedy decode until every row ends (eos, or the grammar's note limit)."""
-    session, logits = _start(backend, stage, embeddings)
+    session, logits = start_stage(backend, stage, embeddings)
     out: list[list[int]] = [[] for _ in range(len(embeddings))]
     while True:
         live, chosen = emit(logits, grammar, out)
@@ -176,7 +176,7 @@ def decode_velocities(backend: Backend, embeddings: np.ndarray,
                       notes: list[list[tuple[int, int]]]) -> list[list[int]]:
     """Velocity stage: one velocity token per known (tick, pitch), fed in order."""
     batch = len(embeddings)
-    session, _ = _start(backend, "velocity", embeddings)
+    session, _ = start_stage(backend, "velocity", embeddings)
     out: list[list[int]] = [[] for _ in range(batch)]
     prev = np.full(batch, V.PAD)
     for i in range(max((len(n) for n in notes), default=0)):
@@ -211,7 +211,7 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
     the notes still sounding at each row's end.
     """
     batch = len(rows)
-    session, _ = _start(backend, "offset", embeddings)
+    session, _ = start_stage(backend, "offset", embeddings)
     out: list[list[int]] = [[] for _ in range(batch)]
     carry_out: list[list[OpenNote]] = [[] for _ in range(batch)]
     first_onset = [{p: t for t, p in reversed(n)} for n in notes]  # key -> its first onset tick

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import vocab as V
 from .backend import Backend
-from .decode import _start, argmax_allowed, emit
+from .decode import argmax_allowed, emit, start_stage
 from .grammar import OnsetGrammar
 
 DEFAULT_MAX_DRAFT = 16
@@ -77,7 +77,7 @@ def decode_onsets_speculative(backend: Backend, embeddings: np.ndarray, max_note
     batch = len(embeddings)
     stats = stats if stats is not None else SpeculativeStats()
     grammar = OnsetGrammar(batch, max_notes)
-    session, logits = _start(backend, "onset", embeddings)
+    session, logits = start_stage(backend, "onset", embeddings)
     stats.calls += 1
     out: list[list[int]] = [[] for _ in range(batch)]
     k = np.full(batch, 2)

@@ -384,7 +384,6 @@ class TrtKVCache:
         self.io = {name: DeviceBuffer(cuda, nbytes(shape, engine.dtypes[name])) for name, shape in (
             *((name, host[name]) for name in decoder.step_inputs),
             ("logits", logits_shape(decoder, batch, chunk, every_position)))}
-        self.every_position = every_position
 
     def _cross_shape(self, name: str, batch: int) -> Shape:
         d = self.decoder
@@ -433,7 +432,7 @@ class TensorRTStageSession(StepSession):
         batch, chunk = feeds["tokens"].shape
         shapes = step_shapes(self.decoder, batch, chunk, c.length, c.frames)
         check_shapes(e.name, shapes, e.ranges)  # before anything is written to the device
-        logits = np.empty(logits_shape(self.decoder, batch, chunk, c.every_position),
+        logits = np.empty(logits_shape(self.decoder, batch, chunk, self.every_position),
                           dtype=np.float32)
         with e.active():
             for name, array in feeds.items():
