@@ -20,22 +20,19 @@ fp32), plus the K/V it reads: the self-attention cache (past and chunk) and the 
 The floor of a step is the time the machine takes to stream its bytes once, read only: the
 weights plus the K/V of a 1-token onset step at past 0 over the model's audio frames
 (`FLOOR_PAST`; past 0 has the least K/V of any onset step, so the floor bounds every step of the
-decode from below; on the small preset a step at past 145, mid-decode of the densest window,
-reads 2 % more). At batch 1 a step cannot beat reading its weights and K/V once.
+decode from below). At batch 1 a step cannot beat reading its weights and K/V once.
 
 `stream_bandwidth` measures that rate in the same run, over a buffer of the step's own byte
 count (fp32 and int8 separately: whether the bytes fit the last-level cache decides their rate,
 as in the step itself), as a float32 matrix-vector product `W @ x`: it reads every byte of W
 once, writes one float per 4 KB row, and numpy's BLAS runs it on every core, as ONNX Runtime runs
-the step. Of the read-only passes timed on the 2-core dev machine (pinned to one core, one
-thread, 111 and 36 MB: the small preset's fp32 and int8 steps) it was the fastest: `W @ x` 13.2 /
-14.2 GB/s, `np.max` 11.2 / 12.5, `np.dot(a, a)` 11.0 / 12.3, an integer `bitwise_or.reduce` 10.8
-/ 5.0, `np.sum` 8.1 / 9.4, `np.count_nonzero` 7.6 / 8.2 GB/s read.
+the step. Of the read-only passes timed over the small preset's fp32 and int8 step sizes it was
+the fastest (the others: `np.max`, `np.dot(a, a)`, an integer `bitwise_or.reduce`, `np.sum`,
+`np.count_nonzero`), so it is the tightest floor numpy can measure.
 
 Reports written before this (no `floor` entry per precision; `bandwidth_gb_per_s` beside
 `frames`) divided the weight bytes by a numpy copy's rate, read + written bytes counted, of a
-256 MB buffer: a copy runs on one thread, and the 2-thread step beat that "floor" (0.81x on a
-quiet machine).
+256 MB buffer: a copy runs on one thread, and the 2-thread step beat that "floor".
 """
 
 from __future__ import annotations

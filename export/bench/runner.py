@@ -206,7 +206,7 @@ def run_bench(cfg: BenchConfig, *, build: Callable[[ModelKey], torch.nn.Module] 
         "machine": machine(), "versions": versions(), "git": git_info(), "args": cfg.to_dict(),
         # the floor's method here; its measurements per model: analytic.<tag>.<precision>.floor
         "bandwidth": {"method": analytic.FLOOR_METHOD, "past": analytic.FLOOR_PAST, "chunk": 1,
-                      "repeats": cfg.stream_repeats, "by_model": {}},
+                      "repeats": cfg.stream_repeats},
         "workload": workload.describe(cfg.target_notes), "models": {},
         "analytic": {}, "encoder": {}, "backends": {}, "identity": {}, "results": [],
         "summary": {},
@@ -257,16 +257,12 @@ def _bench_model(run: ModelRun, store: ModelStore,
         "exports_built_s": dict(store.built)}
     report["analytic"][tag] = analytic.describe(decoder_cfg, frames, cfg.stream_repeats,
                                                 cfg.threads)
-    streams = {}
     for precision in ("fp32", "int8"):
         floor = report["analytic"][tag][precision]["floor"]
-        streams[precision] = {"bytes": floor["bytes"], "gb_per_s": floor["stream"]["gb_per_s"],
-                              "floor_ms": floor["floor_ms"]}
         run.log(f"{tag}: {precision} floor {floor['floor_ms']:.3f} ms: read-only stream of "
                 f"{floor['bytes'] / 1e6:.1f} MB (weights + K/V of a 1-token step at past "
                 f"{floor['past']}, {frames} frames) at {floor['stream']['gb_per_s']} GB/s "
                 f"(median of {cfg.stream_repeats})")
-    report["bandwidth"]["by_model"][tag] = streams
     del system
     report["backends"][tag] = {}
     greedy: dict[str, dict] = {}  # mode -> backend -> greedy tokens
