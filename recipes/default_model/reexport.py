@@ -54,11 +54,16 @@ def decoder_weights(*graphs: Path) -> dict[str, torch.Tensor]:
             if name.startswith("decoder.") and name != "decoder.audio_pe":  # a buffer
                 state[name.removeprefix("decoder.")] = torch.from_numpy(value.copy())
         for node in model.graph.node:
+            meta = {p.key: p.value for p in node.metadata_props}
+            scopes = meta.get("pkg.torch.onnx.name_scopes")
+            module = ast.literal_eval(scopes)[-2].removeprefix("decoder.") if scopes else ""
             if node.op_type == "MatMul" and node.input[1] in inits:
-                meta = {p.key: p.value for p in node.metadata_props}
-                module = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])[-2]
-                state[module.removeprefix("decoder.") + ".weight"] = torch.from_numpy(
-                    inits[node.input[1]].T.copy())
+                state[module + ".weight"] = torch.from_numpy(inits[node.input[1]].T.copy())
+            # a time-aligned cross-attention's per-head slopes, folded to -slope [1, H, 1, 1]
+            if node.op_type == "Mul" and module.endswith(".cross"):
+                folded = [inits[i] for i in node.input if i.startswith("neg_") and i in inits]
+                if folded:
+                    state[module + ".slope"] = torch.from_numpy(-folded[0].reshape(-1))
     return state
 
 
@@ -111,7 +116,11 @@ def main() -> int:
         raise SystemExit("the committed encoder weights are not the shipped encoder's")
     for stage, decoder in system.decoders.items():
         state = decoder_weights(SHIPPED / f"{stage}_cross_kv.onnx", SHIPPED / f"{stage}_step.onnx")
-        decoder.load_state_dict(state, strict=True)
+        # buffers the module recomputes (rope tables, the pointer's tick maps) are initializers
+        # of the graphs too, but not part of its state dict
+        derived = {name for name, _ in decoder.named_buffers()} - set(decoder.state_dict())
+        decoder.load_state_dict({k: v for k, v in state.items() if k not in derived},
+                                strict=True)
         if raw["format_version"] < 3:
             err = check_against_old_graphs(decoder, SHIPPED, stage)
             print(f"{stage}: rebuilt module vs old graph, max |logits diff| {err:.2e}")
