@@ -53,6 +53,12 @@ class CachedSession(_Session):
         self.past = decoder.empty_cache(self.batch)
         self.rows = RowPositions.empty(self.batch)
 
+    def retract(self, drop: np.ndarray) -> None:
+        """As the runtime's host cache: positions every row drops leave the cache."""
+        cut = self.rows.retract(drop, cut=True)
+        if cut:
+            self.past = [(k[:, :, :-cut], v[:, :, :-cut]) for k, v in self.past]
+
     def _feed(self, tokens: np.ndarray, mask: np.ndarray) -> Tensor:
         positions, key_mask = self.rows.advance(mask)
         ticks = _query_ticks(self.decoder, self.rows, tokens, mask)

@@ -47,7 +47,8 @@ class StageSession(Protocol):
     def retract(self, drop: np.ndarray) -> None:
         """drop: int [B]; the last drop[r] positions of row r's latest chunk become padding
         after the fact (rejected draft tokens): invisible to every later token, not counted
-        as the row's tokens (RowPositions.retract)."""
+        as the row's tokens (RowPositions.retract). Positions every row drops may leave the
+        cache altogether (a host cache's `cut`), so they cost later steps nothing."""
         ...
 
 
@@ -123,10 +124,13 @@ class RowPositions:
         self.ticks = ticks[:, -1].copy()
         return ticks
 
-    def retract(self, drop: np.ndarray) -> None:
+    def retract(self, drop: np.ndarray, cut: bool = False) -> int:
         """Make the last drop[r] positions of row r's latest chunk padding (StageSession
         .retract): masked out of the key mask, uncounted, and the row's query tick back at
-        the last position it keeps. The cache keeps their entries; no later query sees them."""
+        the last position it keeps. The cache keeps their entries; no later query sees them.
+
+        cut: also forget the chunk's trailing positions that no row holds any more (the caller
+        cuts them from its cache); returns how many (0 without `cut`)."""
         drop = np.asarray(drop)
         n = self.chunk.shape[1]
         if (drop.shape != self.counts.shape or not np.issubdtype(drop.dtype, np.integer)
@@ -143,6 +147,12 @@ class RowPositions:
             kept = n - drop
             self.ticks = np.where(kept > 0, ticks[np.arange(len(kept)), np.maximum(kept - 1, 0)],
                                   before)
+        held = np.flatnonzero(self.chunk.any(axis=0))
+        trailing = n - (int(held[-1]) + 1 if len(held) else 0) if cut else 0
+        if trailing:
+            self.chunk = self.chunk[:, :-trailing]
+            self.key_mask = self.key_mask[:, :-trailing]
+        return trailing
 
     def select(self, rows: np.ndarray) -> None:
         """Keep only batch rows `rows` (StageSession.keep)."""

@@ -97,16 +97,24 @@ def _decoder_option(parser: argparse.ArgumentParser) -> None:
                              "the model's manifest, default_decoder)")
 
 
-def _schedule_option(parser: argparse.ArgumentParser) -> None:
+def _decode_options(parser: argparse.ArgumentParser) -> None:
     # decode.SCHEDULES, spelled out: building the parser imports nothing (fast --help)
     parser.add_argument("--schedule", choices=["auto", "concurrent", "sequential"],
                         default="auto", help="velocity and offset stages side by side or one "
                         "after the other (auto: side by side on a GPU, or on a CPU with "
                         "--threads set and twice that many cores)")
+    parser.add_argument("--speculative", choices=["auto", "on", "off"], default="auto",
+                        help="LM stages verify drafts from the encoder's rolls: the same "
+                             "notes in fewer decoder calls (auto: on a GPU backend, where "
+                             "that pays; README \"Speculative decoding\")")
 
 
 def _concurrent(schedule: str) -> bool | None:
     return {"auto": None, "concurrent": True, "sequential": False}[schedule]
+
+
+def _speculative(choice: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[choice]
 
 
 def _check_writable(path: Path) -> None:
@@ -168,7 +176,8 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
         todo = [k for k in todo if k in infos]
         transcriber = Transcriber(args.model, backend=args.backend, batch=args.batch,
                                   threads=args.threads, decoder=args.decoder,
-                                  concurrent=_concurrent(args.schedule))
+                                  concurrent=_concurrent(args.schedule),
+                                  speculative=_speculative(args.speculative))
         from tqdm import tqdm
 
         total = sum(infos[k].num_segments for k in todo)
@@ -221,6 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             result = evaluate_model(args.data, args.model, backend=args.backend,
                                     batch=args.batch, threads=args.threads,
                                     concurrent=_concurrent(args.schedule),
+                                    speculative=_speculative(args.speculative),
                                     max_clips=args.max_clips, progress=bar.update)
         print(result.format())
         if args.json:
@@ -254,7 +264,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         transcriber = Transcriber(args.model, backend=args.backend, batch=args.batch,
                                   threads=args.threads, decoder=args.decoder,
-                                  concurrent=_concurrent(args.schedule))
+                                  concurrent=_concurrent(args.schedule),
+                                  speculative=_speculative(args.speculative))
     except (BackendUnavailable, ManifestError, OSError, ValueError) as e:
         sock.close()
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
@@ -372,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _decoder_option(tr)
     tr.add_argument("--batch", type=int, default=1, help="segments decoded together, across "
                     "files (throughput mode)")
-    _schedule_option(tr)
+    _decode_options(tr)
     tr.add_argument("--notes", choices=["tsv", "json"], help="also write the notes as a table")
     tr.add_argument("--report-json", help="write the latency report to this JSON file")
     tr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -392,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(ev)
     ev.add_argument("--json", help="write every figure (per clip, means, report) to this file")
     ev.add_argument("--batch", type=int, default=1, help="segments decoded together")
-    _schedule_option(ev)
+    _decode_options(ev)
     ev.add_argument("--max-clips", type=int, help="score only the first N clips (by name)")
     ev.set_defaults(func=cmd_eval)
 
@@ -402,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "batches (README, Serve).")
     _model_options(sv)
     _decoder_option(sv)
-    _schedule_option(sv)
+    _decode_options(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                     "127.0.0.1; 0.0.0.0 for every interface)")
     sv.add_argument("--port", type=int, default=8000)

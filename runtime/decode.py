@@ -17,14 +17,18 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from functools import partial
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from . import vocab as V
 from .backend import Backend, StageSession
 from .grammar import FlatGrammar, OnsetGrammar, offset_mask, velocity_mask
+from .manifest import Manifest, ManifestError
 from .notes import Note
+from .rolls import RollDecodeConfig
+from .speculative import NOTE_DRAFT, ONSET_DRAFT, Draft, RollDraft, SpeculativeStats, continuation
 from .tokens import SegmentResult, Stitcher, clip_to, decode, decode_onset
 
 log = logging.getLogger(__name__)
@@ -146,50 +150,174 @@ def emit(logits: np.ndarray, grammar: OnsetGrammar | FlatGrammar, out: list[list
 
 
 def _greedy(backend: Backend, embeddings: np.ndarray, stage: str,
-            grammar: OnsetGrammar | FlatGrammar) -> list[list[int]]:
+            grammar: OnsetGrammar | FlatGrammar, stats: SpeculativeStats) -> list[list[int]]:
     """Free-running greedy decode until every row ends (eos, or the grammar's note limit)."""
     session, logits = start_stage(backend, stage, embeddings)
+    stats.calls += 1
     out: list[list[int]] = [[] for _ in range(len(embeddings))]
     while True:
         live, chosen = emit(logits, grammar, out)
         if grammar.done.all():
+            stats.tokens += sum(map(len, out))
             return out
         session.retire(grammar.done)
         fed = np.where(live, chosen, V.PAD)[:, None]
         logits = session.step(fed, (live & ~grammar.done)[:, None])
+        stats.calls += 1
 
 
-def decode_onsets(backend: Backend, embeddings: np.ndarray, max_notes: int) -> list[list[int]]:
-    """Onset stage: returns each row's tokens after `sos task_onset`, eos included."""
-    return _greedy(backend, embeddings, "onset", OnsetGrammar(len(embeddings), max_notes))
+def decode_onsets(backend: Backend, embeddings: np.ndarray, max_notes: int,
+                  drafts: Sequence[Draft] | None = None, stats: SpeculativeStats | None = None,
+                  max_draft: int = ONSET_DRAFT) -> list[list[int]]:
+    """Onset stage: returns each row's tokens after `sos task_onset`, eos included.
+
+    With `drafts` (one per row), speculative: each call feeds the token greedy decoding chose,
+    then up to k tokens of the row's draft (speculative.continuation), and keeps the draft
+    while the grammar-constrained argmax agrees; k is twice what the row last kept, between 1
+    and max_draft. The tokens are greedy decoding's, whatever the drafts.
+    """
+    stats = SpeculativeStats() if stats is None else stats
+    grammar = OnsetGrammar(len(embeddings), max_notes)
+    if drafts is None:
+        return _greedy(backend, embeddings, "onset", grammar, stats)
+    batch = len(embeddings)
+    session, logits = start_stage(backend, "onset", embeddings)
+    stats.calls += 1
+    out: list[list[int]] = [[] for _ in range(batch)]
+    k = np.full(batch, 2)
+    while True:
+        # the token greedy decoding picks here (a rejected draft's replacement, too)
+        live, chosen = emit(logits, grammar, out)
+        if grammar.done.all():
+            stats.tokens += sum(map(len, out))
+            return out
+        session.retire(grammar.done)
+        # one call: the chosen token, then each row's draft
+        fed = live & ~grammar.done
+        guesses = [continuation(drafts[r].onsets, grammar, r, int(k[r])) if fed[r] else []
+                   for r in range(batch)]
+        width = 1 + max(map(len, guesses))
+        tokens = np.full((batch, width), V.PAD, dtype=np.int64)
+        mask = np.zeros((batch, width), dtype=bool)
+        tokens[:, 0], mask[:, 0] = np.where(fed, chosen, V.PAD), fed
+        for r, guess in enumerate(guesses):
+            tokens[r, 1:1 + len(guess)], mask[r, 1:1 + len(guess)] = guess, True
+        every = session.step_all(tokens, mask)
+        stats.calls += 1
+        stats.drafted += int(mask[:, 1:].sum())
+        # keep each row's draft while the grammar-constrained argmax agrees with it
+        kept, agreeing = fed.astype(np.int64), fed.copy()
+        for i in range(1, width):
+            if not (agreeing & mask[:, i]).any():
+                break
+            predicted = argmax_allowed(every[:, i - 1], grammar.mask())
+            agreeing &= mask[:, i] & (predicted == tokens[:, i])
+            for row in np.flatnonzero(agreeing):
+                out[row].append(int(tokens[row, i]))
+            grammar.update(np.where(agreeing, tokens[:, i], V.PAD))
+            kept += agreeing
+        stats.accepted += int((kept - fed).sum())
+        session.retract(width - kept)
+        logits = every[np.arange(batch), np.maximum(kept - 1, 0)]
+        k = np.clip(2 * kept, 1, max_draft)
 
 
-def _note_chunk(prev: np.ndarray, on: np.ndarray, pitch: np.ndarray, fed: np.ndarray):
-    """The 3-token chunk `previous prediction, on, pitch`; rows not fed get masked padding.
-    A row's first chunk has no previous prediction (prev == PAD): that slot is masked too."""
-    tokens = np.stack([prev, on, pitch], axis=1).astype(np.int64)
-    mask = np.stack([fed & (prev != V.PAD), fed, fed], axis=1)
-    return np.where(mask, tokens, V.PAD), mask
+@dataclass
+class Known:
+    """A note whose `on pitch` the velocity or offset stage feeds, and what it may predict."""
+
+    on_token: int
+    pitch_token: int
+    allowed: np.ndarray  # bool [vocab]: the grammar's mask for its prediction
+
+
+def verify_notes(session: ActiveRows, prev: np.ndarray, windows: list[list[Known]],
+                 guesses: list[list[int]], stats: SpeculativeStats
+                 ) -> list[tuple[list[int], int]]:
+    """One call over each row's window of known notes; returns per row the predictions at
+    every note of its window and how many of them are final: as many as greedy decoding
+    would have made by then.
+
+    Row r feeds `prev on_1 pitch_1 g_1 on_2 pitch_2 g_2 ... on_m pitch_m`: its previous
+    prediction (PAD: none), then each note with guesses[r][j] standing in for the prediction
+    at note j (m = 1: the plain greedy chunk `prev on pitch`). The predictions are read after
+    each pitch; a row keeps them up to and including the first that differs from its guess
+    (the greedy token there), and the positions after it are retracted. A window's last guess
+    is never fed. Rows with an empty window wait (all padding).
+    """
+    batch = len(windows)
+    width = 3 * max(map(len, windows))
+    tokens = np.full((batch, width), V.PAD, dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=bool)
+    for r, window in enumerate(windows):
+        if not window:
+            continue
+        row = [int(prev[r])]
+        for j, note in enumerate(window):
+            row += [note.on_token, note.pitch_token] + ([guesses[r][j]] if j + 1 < len(window)
+                                                         else [])
+        tokens[r, :len(row)], mask[r, :len(row)] = row, True
+        mask[r, 0] = prev[r] != V.PAD
+    tokens[~mask] = V.PAD
+    if width == 3:
+        every = session.step(tokens, mask)[:, None]
+    else:
+        every = session.step_all(tokens, mask)
+        stats.drafted += sum(max(len(w) - 1, 0) for w in windows)
+    stats.calls += 1
+    out: list[tuple[list[int], int]] = []
+    drop = np.zeros(batch, dtype=np.int64)
+    for r, window in enumerate(windows):
+        at = [2 + 3 * j for j in range(len(window))] if width > 3 else [0] * len(window)
+        predicted = [int(np.where(note.allowed, every[r, i], -np.inf).argmax())
+                     for note, i in zip(window, at)]
+        kept = next((j + 1 for j in range(len(window) - 1) if predicted[j] != guesses[r][j]),
+                    len(window))
+        stats.accepted += max(kept - 1, 0)
+        stats.tokens += kept if window else 0
+        drop[r] = width - 3 * kept  # a waiting row: its padding, all of it
+        out.append((predicted, kept if window else 0))
+    if width > 3:
+        session.retract(drop)
+    return out
 
 
 def decode_velocities(backend: Backend, embeddings: np.ndarray,
-                      notes: list[list[tuple[int, int]]]) -> list[list[int]]:
-    """Velocity stage: one velocity token per known (tick, pitch), fed in order."""
+                      notes: list[list[tuple[int, int]]], drafts: Sequence[Draft] | None = None,
+                      stats: SpeculativeStats | None = None, max_draft: int = NOTE_DRAFT
+                      ) -> list[list[int]]:
+    """Velocity stage: one velocity token per known (tick, pitch), fed in order.
+
+    With `drafts`, parallel (Jacobi): each call verifies up to k notes at once, guessing each
+    velocity: first the draft's, then what the last call predicted there. k is twice what the
+    row last kept, between 1 and max_draft.
+    """
+    stats = SpeculativeStats() if stats is None else stats
     batch = len(embeddings)
     session, _ = start_stage(backend, "velocity", embeddings)
+    stats.calls += 1
+    allowed = velocity_mask(1)[0]
+    known = [[Known(V.time_token(t), V.pitch_token(p), allowed) for t, p in n] for n in notes]
+    guesses = [[d.velocity(t, p) for t, p in n] for d, n in zip(drafts, notes)] if drafts \
+        else [[V.PAD] * len(n) for n in notes]
     out: list[list[int]] = [[] for _ in range(batch)]
     prev = np.full(batch, V.PAD)
-    for i in range(max((len(n) for n in notes), default=0)):
-        fed = np.array([i < len(n) for n in notes])
-        session.retire(~fed)
-        on = np.array([V.time_token(n[i][0]) if f else V.PAD for n, f in zip(notes, fed)])
-        pitch = np.array([V.pitch_token(n[i][1]) if f else V.PAD for n, f in zip(notes, fed)])
-        logits = session.step(*_note_chunk(prev, on, pitch, fed))
-        chosen = argmax_allowed(logits, velocity_mask(batch))
-        for row in np.flatnonzero(fed):
-            out[row].append(int(chosen[row]))
-        prev = np.where(fed, chosen, V.PAD)
-    return out
+    k = np.full(batch, 1 if drafts is None else 2)
+    while True:
+        windows = [kn[len(o):len(o) + int(w)] for kn, o, w in zip(known, out, k)]
+        if not any(windows):
+            return out
+        session.retire(np.array([not w for w in windows]))
+        at = [len(o) for o in out]
+        verified = verify_notes(session, prev, windows, [g[a:] for g, a in zip(guesses, at)],
+                                stats)
+        for r, (predicted, kept) in enumerate(verified):
+            if kept:
+                guesses[r][at[r]:at[r] + len(predicted)] = predicted  # Jacobi: the next guesses
+                out[r] += predicted[:kept]
+                prev[r] = predicted[kept - 1]
+        if drafts is not None:
+            k = np.clip(2 * np.array([kept for _, kept in verified]), 1, max_draft)
 
 
 def _next_onset_of_same_key(notes: list[tuple[int, int]]) -> list[int]:
@@ -203,15 +331,19 @@ def _next_onset_of_same_key(notes: list[tuple[int, int]]) -> list[int]:
 
 
 def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
-                   notes: list[list[tuple[int, int]]]
+                   notes: list[list[tuple[int, int]]], drafts: Sequence[Draft] | None = None,
+                   stats: SpeculativeStats | None = None, max_draft: int = NOTE_DRAFT
                    ) -> tuple[list[list[int]], list[list[OpenNote]]]:
     """Offset stage: own notes first (every row in parallel), then carried notes in rounds.
 
     Returns each row's offset-stage tokens after `sos task_offset` (`on pitch off` per note) and
-    the notes still sounding at each row's end.
+    the notes still sounding at each row's end. With `drafts`, parallel as decode_velocities:
+    each call verifies up to k queued notes of a row, guessing their offs.
     """
+    stats = SpeculativeStats() if stats is None else stats
     batch = len(rows)
     session, _ = start_stage(backend, "offset", embeddings)
+    stats.calls += 1
     out: list[list[int]] = [[] for _ in range(batch)]
     carry_out: list[list[OpenNote]] = [[] for _ in range(batch)]
     first_onset = [{p: t for t, p in reversed(n)} for n in notes]  # key -> its first onset tick
@@ -227,8 +359,12 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
     # A row's own notes that sustain reach its successor sorted by pitch, so they are held
     # back until the row has decided all of its own notes.
     held: list[list[OpenNote]] = [[] for _ in range(batch)]
-    _release_finished_own(own_left, held, successor, queues, first_onset)
+    for r in range(batch):
+        _release_finished_own(r, own_left, held, successor, queues, first_onset)
+    guesses: list[dict[int, int]] = [{} for _ in range(batch)]  # queue index -> its guess
+    fed_so_far = [0] * batch  # queue entries fed per row: the index of queue[r][0]
     prev = np.full(batch, V.PAD)
+    k = np.full(batch, 1 if drafts is None else 2)
     while True:
         fed = np.array([bool(q) for q in queues])
         if not fed.any():
@@ -236,28 +372,50 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
             # means every row has fed all its notes.
             return out, carry_out
         session.retire(_finished(rows, fed))
-        heads = [q.pop(0) if q else None for q in queues]
-        on = np.array([h.on_token if h else V.PAD for h in heads])
-        pitch = np.array([V.pitch_token(h.pitch) if h else V.PAD for h in heads])
-        logits = session.step(*_note_chunk(prev, on, pitch, fed))
-        on_tick = np.array([h.on_tick if h else 0 for h in heads])
-        limit = np.array([h.limit_tick if h else -1 for h in heads])
-        chosen = argmax_allowed(logits, offset_mask(on_tick, limit))
-        for r in np.flatnonzero(fed):
-            head = heads[r]
-            out[r] += [head.on_token, V.pitch_token(head.pitch), int(chosen[r])]
-            own = head.on_token != V.NOTE_SUSTAIN
-            own_left[r] -= own
-            if chosen[r] == V.NOTE_SUSTAIN:
-                open_note = OpenNote(-head.owner, head.pitch)
-                carry_out[r].append(open_note)
-                if own:
-                    held[r].append(open_note)
-                elif r in successor:  # already in carried-block order
-                    nxt = successor[r]
-                    queues[nxt] += _carried_entries([open_note], first_onset[nxt])
-        _release_finished_own(own_left, held, successor, queues, first_onset)
-        prev = np.where(fed, chosen, prev)
+        windows = [q[:int(w)] for q, w in zip(queues, k)]
+        row_guesses = []
+        for r, window in enumerate(windows):
+            g, base = guesses[r], fed_so_far[r]
+            if drafts is not None:
+                for j, h in enumerate(window[:-1]):
+                    g.setdefault(base + j, drafts[r].offset(h.on_tick, h.pitch, h.limit_tick))
+            row_guesses.append([g.get(base + j, V.PAD) for j in range(len(window))])
+        verified = verify_notes(session, prev, [[_known(h) for h in w] for w in windows],
+                                row_guesses, stats)
+        for r, (predicted, kept) in enumerate(verified):
+            for j, off in enumerate(predicted):  # Jacobi: the next guesses
+                guesses[r][fed_so_far[r] + j] = off
+            for head, off in zip(queues[r][:kept], predicted[:kept]):
+                _decided(r, head, off, out, own_left, held, carry_out, successor, queues,
+                         first_onset)
+                _release_finished_own(r, own_left, held, successor, queues, first_onset)
+            del queues[r][:kept]
+            fed_so_far[r] += kept
+            if kept:
+                prev[r] = predicted[kept - 1]
+        if drafts is not None:
+            k = np.clip(2 * np.array([kept for _, kept in verified]), 1, max_draft)
+
+
+def _known(head: Pending) -> Known:
+    allowed = offset_mask(np.array([head.on_tick]), np.array([head.limit_tick]))[0]
+    return Known(head.on_token, V.pitch_token(head.pitch), allowed)
+
+
+def _decided(r: int, head: Pending, off: int, out, own_left, held, carry_out, successor,
+             queues, first_onset) -> None:
+    """Row r's note `head` ends with `off`: its tokens, and where a sustaining note goes."""
+    out[r] += [head.on_token, V.pitch_token(head.pitch), off]
+    own = head.on_token != V.NOTE_SUSTAIN
+    own_left[r] -= own
+    if off == V.NOTE_SUSTAIN:
+        open_note = OpenNote(-head.owner, head.pitch)
+        carry_out[r].append(open_note)
+        if own:
+            held[r].append(open_note)
+        elif r in successor:  # already in carried-block order
+            nxt = successor[r]
+            queues[nxt] += _carried_entries([open_note], first_onset[nxt])
 
 
 def _finished(rows: list[RowSpec], fed: np.ndarray) -> np.ndarray:
@@ -274,13 +432,12 @@ def _finished(rows: list[RowSpec], fed: np.ndarray) -> np.ndarray:
     return np.array([finished(r) for r in range(len(rows))])
 
 
-def _release_finished_own(own_left, held, successor, queues, first_onset) -> None:
-    """Pass the sustaining own notes of rows that decided all their own notes to successors."""
-    for r, waiting in enumerate(held):
-        if own_left[r] == 0 and waiting and r in successor:
-            nxt = successor[r]
-            queues[nxt] += _carried_entries(sorted(waiting), first_onset[nxt])
-            waiting.clear()
+def _release_finished_own(r, own_left, held, successor, queues, first_onset) -> None:
+    """Once row r decided all its own notes, pass the sustaining ones to its successor."""
+    if own_left[r] == 0 and held[r] and r in successor:
+        nxt = successor[r]
+        queues[nxt] += _carried_entries(sorted(held[r]), first_onset[nxt])
+        held[r].clear()
 
 
 def _carried_entries(notes: list[OpenNote], first_onset: dict[int, int]) -> list[Pending]:
@@ -304,31 +461,99 @@ def concurrent_by_default(backend: str, threads: int | None, cores: int | None =
     return threads is not None and 2 * threads <= (cores or os.cpu_count() or 1)
 
 
+class Drafter(Protocol):
+    """Where decode_batch's drafts come from: encodes a batch and drafts each row."""
+
+    def encode(self, backend: Backend, audio: np.ndarray) -> tuple[np.ndarray, list[Draft]]:
+        ...
+
+
+@dataclass
+class Speculation:
+    """Speculative decoding drafted by the encoder's rolls, from the same encoder run."""
+
+    frames_per_second: float  # the rolls' frame rate (manifest encoder)
+    thresholds: RollDecodeConfig  # how the rolls become notes (manifest encoder.rolls)
+
+    def encode(self, backend: Backend, audio: np.ndarray) -> tuple[np.ndarray, list[Draft]]:
+        embeddings, rolls = backend.encode_with_rolls(audio)
+        if rolls is None:
+            raise ValueError("speculative decoding drafts from the encoder's rolls; this "
+                             "model's encoder graph has none (manifest encoder.rolls)")
+        return embeddings, [RollDraft.from_rolls({key: r[row] for key, r in rolls.items()},
+                                                 self.frames_per_second, self.thresholds)
+                            for row in range(len(audio))]
+
+
+def speculative_by_default(backend: str) -> bool:
+    """The "auto" choice of speculative decoding: on a GPU, where a verify call of many tokens
+    costs about one step. On a CPU each extra token of a call costs time (compute, not
+    bandwidth, bounds the shipped model's steps there), and the rolls' drafts agree too
+    rarely to pay for it (README "Speculative decoding")."""
+    return backend in ("cuda", "tensorrt")
+
+
+def speculation_for(manifest: Manifest | None, wanted: bool | None, backend: str
+                    ) -> Speculation | None:
+    """decode_batch's `speculation` for a model: `wanted` True / False / None (auto). Raises
+    ManifestError when True asks for what the model cannot do."""
+    if wanted is False or (wanted is None and not speculative_by_default(backend)):
+        return None
+    reason = None
+    if manifest is None:
+        reason = "a model folder's manifest (the rolls' thresholds)"
+    elif manifest.encoder.rolls is None:
+        reason = "an encoder graph with piano rolls (manifest encoder.rolls)"
+    elif not all(manifest.stage(s).every_position for s in manifest.stage_names):
+        reason = "step graphs with every position's logits (manifest format_version >= 6)"
+    elif manifest.stage_names == ("flat",):
+        reason = "the hierarchical stages (the flattened baseline decodes greedily)"
+    if reason is None:
+        return Speculation(manifest.encoder.frames_per_second, manifest.encoder.rolls.thresholds)
+    if wanted:
+        raise ManifestError(f"speculative decoding needs {reason}; this model has none: "
+                            "use --speculative off, or re-export it with this pianolm")
+    return None
+
+
 def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
-                 max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool = True
-                 ) -> list[SegmentTokens]:
+                 max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool = True,
+                 speculation: Drafter | None = None,
+                 stats: dict[str, SpeculativeStats] | None = None) -> list[SegmentTokens]:
     """Decode one batch of segments [B, segment_samples] through all stages.
 
     The velocity and offset stages need only the onset stage's notes, not each other: with
     `concurrent` they run side by side (a second thread; backends release the GIL while a graph
-    runs), so the critical path is the onset stage plus the longer of the two.
+    runs), so the critical path is the onset stage plus the longer of the two. With
+    `speculation` (Speculation: the same encoder run's rolls), every stage verifies drafts
+    (runtime/speculative.py): the same tokens in fewer decoder calls. `stats` (stage -> counts)
+    gains each stage's calls, tokens and draft tokens accepted.
     """
-    embeddings = backend.encode(audio)
+    if speculation is None:
+        embeddings, drafts = backend.encode(audio), None
+    else:
+        embeddings, drafts = speculation.encode(backend, audio)
+    stats = {} if stats is None else stats
+    counts = {stage: stats.setdefault(stage, SpeculativeStats()) for stage in backend.stages}
     if backend.stages == ("flat",):
-        return decode_flat(backend, embeddings, rows, max_notes)
-    onsets = decode_onsets(backend, embeddings, max_notes)
+        return decode_flat(backend, embeddings, rows, max_notes, counts["flat"])
+    onsets = decode_onsets(backend, embeddings, max_notes, drafts, counts["onset"])
     notes = [decode_onset(t) for t in onsets]
     for spec, n in zip(rows, notes):
         if len(n) >= max_notes:
             log.warning("segment %d reached the limit of %d notes", spec.segment, max_notes)
+    velocity_stage = partial(decode_velocities, backend, embeddings, notes, drafts,
+                             counts["velocity"])
+    offset_stage = partial(decode_offsets, backend, embeddings, rows, notes, drafts,
+                           counts["offset"])
     if concurrent:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(decode_velocities, backend, embeddings, notes)
-            offsets, carry_out = decode_offsets(backend, embeddings, rows, notes)
+            pending = pool.submit(velocity_stage)
+            offsets, carry_out = offset_stage()
             velocities = pending.result()
     else:
-        velocities = decode_velocities(backend, embeddings, notes)
-        offsets, carry_out = decode_offsets(backend, embeddings, rows, notes)
+        velocities = velocity_stage()
+        offsets, carry_out = offset_stage()
     return [SegmentTokens(spec.segment, {"onset": on, "velocity": _with_velocities(n, vel),
                                          "offset": off}, co)
             for spec, on, n, vel, off, co in zip(rows, onsets, notes, velocities, offsets,
@@ -343,9 +568,10 @@ def _with_velocities(notes: list[tuple[int, int]], velocities: list[int]) -> lis
 
 
 def decode_flat(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
-                max_notes: int) -> list[SegmentTokens]:
+                max_notes: int, stats: SpeculativeStats | None = None) -> list[SegmentTokens]:
     """The flattened baseline: one decoder predicts `on pitch off velocity` for every note."""
-    out = _greedy(backend, embeddings, "flat", FlatGrammar(len(rows), max_notes))
+    stats = SpeculativeStats() if stats is None else stats
+    out = _greedy(backend, embeddings, "flat", FlatGrammar(len(rows), max_notes), stats)
     return [SegmentTokens(spec.segment, {"flat": toks}, []) for spec, toks in zip(rows, out)]
 
 

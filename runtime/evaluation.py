@@ -131,18 +131,25 @@ class RollTap:
         self.segment_samples = backend.segment_samples
         self.precision: str = getattr(backend, "precision", "fp32")
         self.input_peak = input_peak_of(backend)
-        manifest = getattr(backend, "manifest", None)  # segments cut as for the backend itself
-        self.frames_per_second = manifest.encoder.frames_per_second if manifest else None
+        # segments cut as for the backend itself; speculative decoding reads its rolls' spec
+        self.manifest = getattr(backend, "manifest", None)
+        self.frames_per_second = (self.manifest.encoder.frames_per_second if self.manifest
+                                  else None)
         self._queue: deque[dict[str, np.ndarray]] = deque()
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         if not self.keep_rolls:
             return self.backend.encode(audio)
+        return self.encode_with_rolls(audio)[0]
+
+    def encode_with_rolls(self, audio: np.ndarray
+                          ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         emb, rolls = self.backend.encode_with_rolls(audio)
-        if rolls is None:
-            raise EvalError("the backend returned no rolls although the manifest has them")
-        self._queue.extend({k: rolls[k][i] for k in ROLL_KEYS} for i in range(len(audio)))
-        return emb
+        if self.keep_rolls:
+            if rolls is None:
+                raise EvalError("the backend returned no rolls although the manifest has them")
+            self._queue.extend({k: rolls[k][i] for k in ROLL_KEYS} for i in range(len(audio)))
+        return emb, rolls
 
     def start(self, stage: str, embeddings: np.ndarray) -> StageSession:
         return self.backend.start(stage, embeddings)
@@ -264,7 +271,8 @@ def _rolls_reason(manifest: Manifest, backend: object) -> str | None:
 def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                    backend: str = "cpu", batch: int = 1, threads: int | None = None,
                    max_clips: int | None = None, concurrent: bool | None = None,
-                   progress: Callable[[int], None] | None = None) -> EvalResult:
+                   progress: Callable[[int], None] | None = None,
+                   speculative: bool | None = None) -> EvalResult:
     """Transcribe every clip of `data` with the model (None: the shipped default) and score
     its LM notes and, when the model has them, its roll-decoded notes.
 
@@ -283,7 +291,8 @@ def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None 
     raw = open_backend(backend, folder, threads)
     reason = _rolls_reason(manifest, raw)
     tap = RollTap(raw, backend, keep_rolls=reason is None)
-    transcriber = Transcriber(backend=tap, batch=batch, threads=threads, concurrent=concurrent)
+    transcriber = Transcriber(backend=tap, batch=batch, threads=threads, concurrent=concurrent,
+                              decoder="lm", speculative=speculative)
 
     fps = manifest.encoder.frames_per_second
     align = segment_align(raw)  # the Transcriber cuts the segments the tap sees so

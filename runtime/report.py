@@ -23,6 +23,7 @@ import numpy as np
 
 from .backend import Backend, StageSession
 from .provenance import cpu_model
+from .speculative import SpeculativeStats
 
 T = TypeVar("T")
 
@@ -76,6 +77,8 @@ class Tally:
     notes: int = 0
     tokens: int = 0  # predicted by the decoders (runtime/transcriber.py _predicted_tokens)
     decode_s: float = 0.0  # embeddings to notes, summed over batches
+    # per stage: decoder calls, tokens, draft tokens fed and accepted (decode.decode_batch)
+    stages: dict[str, SpeculativeStats] = field(default_factory=dict)
 
 
 class TimedSession:
@@ -98,6 +101,16 @@ class TimedSession:
             self.times.steps.append((len(tokens), self.past, elapsed))
         self.past += tokens.shape[1]
         return logits
+
+    def step_all(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        logits = self.session.step_all(tokens, mask)
+        self.times.steps.append((len(tokens), self.past, time.perf_counter() - t0))
+        self.past += tokens.shape[1]
+        return logits
+
+    def retract(self, drop: np.ndarray) -> None:
+        self.session.retract(drop)
 
 
 class TimedBackend:
@@ -163,6 +176,22 @@ class Report:
     peak_rss_mb: float
     decoder: str = "lm"  # "lm": the stage decoders; "rolls": the encoder's rolls
     concurrent: bool = False  # velocity and offset stages side by side
+    speculative: bool = False  # the LM stages verified drafts from the rolls
+    decoder_calls: int = 0  # step-graph calls, prompts included, every stage
+    drafted: int = 0  # draft tokens fed (speculative)
+    accepted: int = 0  # of which the LM agreed with
+
+    @property
+    def calls_per_note(self) -> float:
+        return self.decoder_calls / self.notes if self.notes else float("nan")
+
+    @property
+    def tokens_per_call(self) -> float:
+        return self.decode_tokens / self.decoder_calls if self.decoder_calls else float("nan")
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
 
     @property
     def real_time_factor(self) -> float:
@@ -180,11 +209,17 @@ class Report:
     def build(cls, timings: Timings, tally: Tally, *, backend: str, precision: str,
               batch: int, threads: int | None, wall_s: float,
               time_to_first_note_s: float | None, decoder: str = "lm",
-              concurrent: bool = False) -> Report:
+              concurrent: bool = False, speculative: bool = False) -> Report:
         per_segment = [s / n for n, s in timings.encoder if n]
+        counts = tally.stages
         stages = {name: {"cross_kv_ms": _ms(t.cross_kv), "prefill_ms": _ms(t.prefill),
-                         "step_ms": _ms([s for _, _, s in t.steps]), "steps": len(t.steps)}
+                         "step_ms": _ms([s for _, _, s in t.steps]), "steps": len(t.steps),
+                         **({"calls": counts[name].calls, "drafted": counts[name].drafted,
+                             "accepted": counts[name].accepted} if name in counts else {})}
                   for name, t in timings.stages.items()}
+        total = SpeculativeStats()
+        for c in counts.values():
+            total.add(c)
         return cls(backend=backend, precision=precision, batch=batch, threads=threads,
                    machine=cpu_model(), cores=os.cpu_count() or 0, files=tally.files,
                    audio_s=round(tally.audio_s, 3), wall_s=round(wall_s, 3),
@@ -194,13 +229,17 @@ class Report:
                    decode_s=round(tally.decode_s, 3),
                    encoder_ms_per_segment=_ms(per_segment), stages=stages,
                    peak_rss_mb=round(peak_rss_mb(), 1), decoder=decoder,
-                   concurrent=concurrent)
+                   concurrent=concurrent, speculative=speculative, decoder_calls=total.calls,
+                   drafted=total.drafted, accepted=total.accepted)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(real_time_factor=round(self.real_time_factor, 4),
                    tokens_per_s=round(self.tokens_per_s, 1),
-                   notes_per_s=round(self.notes_per_s, 1))
+                   notes_per_s=round(self.notes_per_s, 1),
+                   calls_per_note=round(self.calls_per_note, 3),
+                   tokens_per_call=round(self.tokens_per_call, 3),
+                   acceptance=round(self.acceptance, 3))
         return out
 
     def format(self) -> str:
@@ -219,6 +258,11 @@ class Report:
             + (f"decode {self.tokens_per_s:.0f} tokens/s, " if self.decoder == "lm" else "")
             + f"{self.notes_per_s:.1f} notes/s",
         ]
+        if self.decoder == "lm" and self.decoder_calls:
+            lines.append(f"decoder calls {self.decoder_calls} ({self.calls_per_note:.2f} per "
+                         f"note, {self.tokens_per_call:.2f} tokens per call); speculative "
+                         + (f"on, {self.acceptance:.0%} of {self.drafted} draft tokens accepted"
+                            if self.speculative else "off"))
         for name, s in self.stages.items():
             lines.append(f"  {name:<8} cross-KV {_fmt(s['cross_kv_ms'])} ms, prefill "
                          f"{_fmt(s['prefill_ms'])} ms, step {_fmt(s['step_ms'])} ms "

@@ -1,36 +1,46 @@
-"""Speculative decoding of the onset stage, drafted by the encoder's rolls: the same tokens as
-greedy decoding (runtime/decode.py `decode_onsets`) in fewer decoder calls.
+"""Drafts for speculative decoding: a guess of every stage's tokens, from the encoder's rolls.
 
-The rolls' notes of a segment are a guess of the `time pitch` tokens the onset stage will emit.
-Each call feeds the token greedy decoding chose, then up to k draft tokens that continue the
-row's state; one call (StageSession.step_all, manifest format 6) gives the logits after every
-position. The row keeps the longest draft prefix on which the grammar-constrained argmax agrees
-and the argmax at the first disagreement, which the next call feeds; the rejected positions
-become padding (StageSession.retract), so no later token sees them. What a row keeps is what
-greedy decoding would have chosen, position by position, under the same grammar.
+The decode loop (runtime/decode.py) verifies a draft instead of stepping token by token: one
+call feeds the draft's next tokens and gives the logits after every position
+(StageSession.step_all, manifest format 6); a row keeps the draft while the grammar-constrained
+argmax agrees with it, plus the argmax at the first disagreement, and the rest is retracted
+(StageSession.retract). What a row keeps is what greedy decoding would have chosen, so a draft
+changes how many calls a segment costs, never its tokens.
 
-k adapts to what is accepted: twice the tokens a row last kept, between 1 and `max_draft`.
+A draft (`Draft`) says, for one segment:
+- onset stage: its (tick, pitch) notes, sorted; `continuation` turns them into the tokens that
+  continue a row's grammar state;
+- velocity stage: a velocity token for a known (tick, pitch);
+- offset stage: an `off` token for a known note (onset tick, pitch, the key's next onset).
+`RollDraft` reads all three from the segment's rolls (runtime/rolls.py decode_rolls, with the
+manifest's thresholds). The velocity and offset loops then refine their own guesses (Jacobi):
+a guess that failed is replaced by the LM's prediction at that position.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from collections.abc import Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from . import vocab as V
-from .backend import Backend
-from .decode import argmax_allowed, emit, start_stage
 from .grammar import OnsetGrammar
+from .rolls import RollDecodeConfig, decode_rolls
 
-DEFAULT_MAX_DRAFT = 16
+ONSET_DRAFT = 16  # most draft tokens one onset-stage call verifies
+NOTE_DRAFT = 8  # most notes one velocity- or offset-stage call verifies (3 tokens each)
+NEAR_TICKS = 2  # a draft note this close to a pending time stands for it (10 ms per tick)
+MATCH_TICKS = 5  # a roll note this close to a known onset is the same note (the 50 ms rule)
+TICKS_PER_SECOND = V.SEGMENT_TICKS / V.SEGMENT_SECONDS
 
 
 @dataclass
 class SpeculativeStats:
-    """What speculation did: decoder calls, tokens emitted, draft tokens fed and accepted."""
+    """What one stage's decoding cost: decoder calls, tokens emitted, draft tokens fed and
+    accepted (all zero but calls and tokens when nothing was drafted)."""
 
     calls: int = 0
     tokens: int = 0
@@ -45,72 +55,103 @@ class SpeculativeStats:
     def tokens_per_call(self) -> float:
         return self.tokens / self.calls if self.calls else 0.0
 
+    def add(self, other: SpeculativeStats) -> None:
+        self.calls += other.calls
+        self.tokens += other.tokens
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+
+
+class Draft(Protocol):
+    """One segment's guesses of every stage's tokens."""
+
+    onsets: Sequence[tuple[int, int]]  # (tick, pitch), sorted
+
+    def velocity(self, tick: int, pitch: int) -> int:
+        """A velocity token for the note struck at `tick` on key `pitch`."""
+        ...
+
+    def offset(self, on_tick: int, pitch: int, limit_tick: int) -> int:
+        """An `off` token (a time, or note_sustain) for the note: onset tick (0 for a carried
+        note), key, the key's next onset in the segment or -1 (grammar.offset_mask)."""
+        ...
+
 
 def continuation(draft: Sequence[tuple[int, int]], grammar: OnsetGrammar, row: int,
                  k: int) -> list[int]:
     """Up to k draft tokens that continue `row`'s state: the draft's notes (tick, pitch; sorted)
-    after the row's latest note, as `time pitch` tokens, then eos. After a time token the next
-    draft note must be at that time, or there is no draft."""
+    after the row's latest note, as `time pitch` tokens, then eos. After a time token the
+    draft's note at that time comes first (or, none there, its nearest within NEAR_TICKS)."""
     pending, last_tick = int(grammar.pending_tick[row]), int(grammar.last_tick[row])
     last_pitch = int(grammar.last_pitch[row])
     tokens: list[int] = []
     if pending >= 0:
-        i = bisect_right(draft, (pending, last_pitch if last_tick == pending else -1))
-        if i == len(draft) or draft[i][0] != pending:
+        floor = last_pitch if last_tick == pending else -1
+        near = [n for n in draft[bisect_left(draft, (pending - NEAR_TICKS, -1)):
+                                 bisect_right(draft, (pending + NEAR_TICKS, V.MAX_PITCH))]
+                if n[0] != pending or n[1] > floor]
+        if not near:
             return []
-        tokens.append(V.pitch_token(draft[i][1]))
-        i += 1
+        # the draft's next note at that time, else the nearest in time
+        used = min(near, key=lambda n: (abs(n[0] - pending), n[0] != pending, n[1]))
+        tokens.append(V.pitch_token(used[1]))
+        rest = [n for n in draft[bisect_right(draft, (pending, used[1])):] if n != used]
     else:
-        i = bisect_right(draft, (last_tick, last_pitch))
-    for tick, pitch in draft[i:]:
+        rest = list(draft[bisect_right(draft, (last_tick, last_pitch)):])
+    for tick, pitch in rest:
         if len(tokens) >= k:
             return tokens[:k]
         tokens += [V.time_token(tick), V.pitch_token(pitch)]
     return (tokens + [V.EOS])[:k]
 
 
-def decode_onsets_speculative(backend: Backend, embeddings: np.ndarray, max_notes: int,
-                              drafts: Sequence[Sequence[tuple[int, int]]],
-                              max_draft: int = DEFAULT_MAX_DRAFT,
-                              stats: SpeculativeStats | None = None) -> list[list[int]]:
-    """decode_onsets with each row drafted by drafts[row] (its (tick, pitch) notes, sorted)."""
-    batch = len(embeddings)
-    stats = stats if stats is not None else SpeculativeStats()
-    grammar = OnsetGrammar(batch, max_notes)
-    session, logits = start_stage(backend, "onset", embeddings)
-    stats.calls += 1
-    out: list[list[int]] = [[] for _ in range(batch)]
-    k = np.full(batch, 2)
-    while True:
-        # the token greedy decoding picks here (a rejected draft's replacement, too)
-        live, chosen = emit(logits, grammar, out)
-        if grammar.done.all():
-            stats.tokens += sum(map(len, out))
-            return out
-        session.retire(grammar.done)
-        # one call: the chosen token, then each row's draft
-        fed = live & ~grammar.done
-        guesses = [continuation(drafts[r], grammar, r, int(k[r])) if fed[r] else []
-                   for r in range(batch)]
-        width = 1 + max(map(len, guesses))
-        tokens = np.full((batch, width), V.PAD, dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=bool)
-        tokens[:, 0], mask[:, 0] = np.where(fed, chosen, V.PAD), fed
-        for r, guess in enumerate(guesses):
-            tokens[r, 1:1 + len(guess)], mask[r, 1:1 + len(guess)] = guess, True
-        every = session.step_all(tokens, mask)
-        stats.calls += 1
-        stats.drafted += int(mask[:, 1:].sum())
-        # keep each row's draft while the grammar-constrained argmax agrees with it
-        kept, agreeing = fed.astype(np.int64), fed.copy()
-        for i in range(1, width):
-            predicted = argmax_allowed(every[:, i - 1], grammar.mask())
-            agreeing &= mask[:, i] & (predicted == tokens[:, i])
-            for row in np.flatnonzero(agreeing):
-                out[row].append(int(tokens[row, i]))
-            grammar.update(np.where(agreeing, tokens[:, i], V.PAD))
-            kept += agreeing
-        stats.accepted += int((kept - fed).sum())
-        session.retract(width - kept)
-        logits = every[np.arange(batch), np.maximum(kept - 1, 0)]
-        k = np.clip(2 * kept, 1, max_draft)
+def _tick(seconds: float) -> int:
+    return int(round(seconds * TICKS_PER_SECOND))
+
+
+@dataclass
+class RollDraft:
+    """A Draft read from one segment's rolls {onset, offset, frame, velocity: [T, 88]}."""
+
+    onsets: list[tuple[int, int]]
+    by_key: dict[int, list[tuple[int, int, int]]]  # pitch -> (on tick, off tick, velocity)
+    sounding: np.ndarray  # bool [T, 88]: the frame roll above its threshold
+    frames_per_second: float
+    default_velocity: int = 64  # for a note the rolls missed: their median
+
+    @classmethod
+    def from_rolls(cls, rolls: Mapping[str, np.ndarray], frames_per_second: float,
+                   config: RollDecodeConfig) -> RollDraft:
+        notes = decode_rolls(rolls, frames_per_second, config)
+        by_key: dict[int, list[tuple[int, int, int]]] = {}
+        onsets = set()
+        for n in notes:
+            on = min(max(_tick(n.onset), 0), V.SEGMENT_TICKS - 1)
+            by_key.setdefault(n.pitch, []).append((on, _tick(n.offset), n.velocity))
+            onsets.add((on, n.pitch))
+        velocities = [n.velocity for n in notes]
+        return cls(sorted(onsets), by_key,
+                   np.asarray(rolls["frame"]) > config.frame_threshold, frames_per_second,
+                   int(np.median(velocities)) if velocities else 64)
+
+    def _match(self, tick: int, pitch: int) -> tuple[int, int, int] | None:
+        near = [n for n in self.by_key.get(pitch, ()) if abs(n[0] - tick) <= MATCH_TICKS]
+        return min(near, key=lambda n: abs(n[0] - tick)) if near else None
+
+    def velocity(self, tick: int, pitch: int) -> int:
+        note = self._match(tick, pitch)
+        return V.velocity_token(note[2] if note else self.default_velocity)
+
+    def offset(self, on_tick: int, pitch: int, limit_tick: int) -> int:
+        note = self._match(on_tick, pitch) if on_tick > 0 else None
+        if note is not None:
+            off = note[1]
+        else:  # a carried note, or one the rolls missed: until the frame roll lets go
+            first = int(on_tick * self.frames_per_second / TICKS_PER_SECOND) + 1
+            quiet = np.flatnonzero(~self.sounding[first:, pitch - V.MIN_PITCH])
+            off = (_tick((first + quiet[0]) / self.frames_per_second) if len(quiet)
+                   else V.SEGMENT_TICKS)
+        if limit_tick < 0 and off >= V.SEGMENT_TICKS:
+            return V.NOTE_SUSTAIN
+        hi = limit_tick if limit_tick >= 0 else V.SEGMENT_TICKS
+        return V.time_token(min(max(off, on_tick + 1), hi))

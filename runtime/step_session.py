@@ -37,6 +37,9 @@ class SessionCache(Protocol):
         """The cache of batch rows `rows` only (StageSession.keep)."""
         ...
 
+    # Optional: `cut(n) -> SessionCache`, the cache without its last n positions (those every
+    # row retracted: StepSession.retract).
+
 
 def empty_past(graph: GraphSpec, decoder: DecoderSpec, batch: int) -> list[np.ndarray]:
     """The prefill's past: per layer a K and a V of length 0 [B, H, 0, Dh], in the step graph's
@@ -59,6 +62,10 @@ class KVCache:
 
     def select(self, rows: np.ndarray) -> KVCache:
         return KVCache([a[rows] for a in self.past], [a[rows] for a in self.cross])
+
+    def cut(self, n: int) -> KVCache:
+        """Without the last n positions of the past."""
+        return KVCache([np.ascontiguousarray(a[:, :, :-n]) for a in self.past], self.cross)
 
 
 class StepSession:
@@ -87,8 +94,11 @@ class StepSession:
         return self._feed(tokens, mask)
 
     def retract(self, drop: np.ndarray) -> None:
-        """Forget the last drop[r] positions of row r's latest chunk (StageSession)."""
-        self.rows.retract(drop)
+        """Forget the last drop[r] positions of row r's latest chunk (StageSession). Those
+        every row drops leave a cache that can `cut` (the host's): later steps read less."""
+        cut = self.rows.retract(drop, cut=callable(getattr(self.cache, "cut", None)))
+        if cut:
+            self.cache = self.cache.cut(cut)
 
     def _feed(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         tokens, mask = check_chunk(tokens, mask, self.batch)

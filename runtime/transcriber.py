@@ -48,6 +48,7 @@ from .decode import (
     SegmentTokens,
     concurrent_by_default,
     decode_batch,
+    speculation_for,
 )
 from .manifest import DECODERS, Manifest, ManifestError, RollsSpec, load_manifest
 from .midi import write_midi, write_notes_json, write_notes_tsv
@@ -186,12 +187,14 @@ class Transcriber:
         (runtime/decode.py concurrent_by_default: a GPU, or spare CPU cores).
     decoder: "lm" (the stage decoders) or "rolls" (the encoder's own piano rolls, decoded with
         the manifest's thresholds: runtime/rolls.py); None = the manifest's `default_decoder`.
+    speculative: the LM stages verify drafts from the rolls (runtime/speculative.py): the same
+        notes in fewer decoder calls; None = where that pays (decode.speculative_by_default).
     """
 
     def __init__(self, model_dir: str | os.PathLike | None = None,
                  backend: str | Backend = "cpu", batch: int = 1, threads: int | None = None,
                  max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool | None = None,
-                 decoder: str | None = None) -> None:
+                 decoder: str | None = None, speculative: bool | None = None) -> None:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         if isinstance(backend, str):
@@ -219,6 +222,8 @@ class Transcriber:
         self.max_notes = max_notes
         self.concurrent = (concurrent_by_default(self.backend_name, threads)
                            if concurrent is None else concurrent)
+        self.speculation = (speculation_for(manifest, speculative, self.backend_name)
+                            if self.decoder == "lm" else None)
         self._local = threading.local()  # each thread's latest report
 
     def transcribe(self, source: Source) -> Transcription:
@@ -290,7 +295,8 @@ class Transcriber:
         rows = _row_specs(batch)
         audio = np.stack([seg for _, _, seg in batch])
         t_batch = time.perf_counter()
-        decoded = decode_batch(timed, audio, rows, self.max_notes, self.concurrent)
+        decoded = decode_batch(timed, audio, rows, self.max_notes, self.concurrent,
+                               self.speculation, tally.stages)
         encode_s = timed.timings.encoder[-1][1]
         tally.decode_s += time.perf_counter() - t_batch - encode_s
         finished = []
@@ -364,7 +370,8 @@ class Transcriber:
         return Report.build(timings, tally, backend=self.backend_name,
                             precision=self.precision, batch=self.batch, threads=self.threads,
                             wall_s=time.perf_counter() - t0, time_to_first_note_s=first_note,
-                            decoder=self.decoder, concurrent=self.concurrent)
+                            decoder=self.decoder, concurrent=self.concurrent,
+                            speculative=self.speculation is not None)
 
 
 def _rows(item: InputState, segments: Iterator[np.ndarray], align: int) -> Iterator[Row]:

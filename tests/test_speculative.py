@@ -1,6 +1,7 @@
-"""Speculative onset decoding (runtime/speculative.py): the same tokens as greedy decoding,
-whatever the draft, on ONNX Runtime and the PyTorch reference; and what it rests on, rejected
-draft tokens leaving no trace (StageSession.retract)."""
+"""Speculative decoding (runtime/decode.py with drafts, runtime/speculative.py): the same tokens
+as greedy decoding in every stage, whatever the draft, on ONNX Runtime and the PyTorch
+reference; and what it rests on, rejected draft tokens leaving no trace
+(StageSession.retract)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import numpy as np
 import pytest
 
 from pianolm.runtime import vocab as V
-from pianolm.runtime.decode import decode_onsets
+from pianolm.runtime.decode import (
+    OpenNote,
+    RowSpec,
+    decode_offsets,
+    decode_onsets,
+    decode_velocities,
+)
 from pianolm.runtime.grammar import OnsetGrammar
 from pianolm.runtime.ort_backend import OrtBackend
-from pianolm.runtime.speculative import (
-    SpeculativeStats,
-    continuation,
-    decode_onsets_speculative,
-)
+from pianolm.runtime.speculative import SpeculativeStats, continuation
+from tests.drafts import GuessDraft, offsets_by_note, onset_notes
 
 pytest.importorskip("torch")
 from pianolm.export.torch_backend import TorchBackend  # noqa: E402
@@ -58,10 +62,13 @@ def test_retracted_positions_are_padding(exported, aligned, model, kind):  # noq
     a.retract(drop)
     want = b.step_all(chunk, kept)
     np.testing.assert_allclose(got[kept], want[kept], atol=1e-5, rtol=0)
+    # the last position, which both rows dropped, left the cache where the cache can cut
+    assert a.rows.key_mask.shape[1] == 2 + 4 - (kind != "torch-nocache")
     for _ in range(3):  # later tokens see the kept positions only
         nxt = rng.integers(V.TIME_BASE, V.PITCH_BASE, size=(2, 1))
         ones = np.ones_like(nxt, dtype=bool)
-        np.testing.assert_allclose(a.step(nxt, ones), b.step(nxt, ones), atol=1e-5, rtol=0)
+        # a cut cache's softmax sums over fewer (masked) keys: float rounding differs
+        np.testing.assert_allclose(a.step(nxt, ones), b.step(nxt, ones), atol=1e-4, rtol=0)
 
 
 def test_retract_checks_its_argument(exported):
@@ -81,14 +88,8 @@ def test_old_step_graphs_say_to_re_export(exported, tmp_path):
         s.step_all(np.array([[V.SOS, V.TASK_ONSET]]), np.ones((1, 2), dtype=bool))
 
 
-def _notes(tokens: list[int]) -> list[tuple[int, int]]:
-    """An onset sequence's (tick, pitch) notes."""
-    return [(V.token_time(t), V.token_pitch(p)) for t, p in zip(tokens[::2], tokens[1::2])
-            if V.is_time(t) and V.is_pitch(p)]
-
-
 def _drafts(kind: str, greedy: list[list[int]], rng: np.random.Generator):
-    notes = [_notes(t) for t in greedy]
+    notes = [onset_notes(t) for t in greedy]
     if kind == "exact":
         return notes
     if kind == "empty":
@@ -114,8 +115,8 @@ def test_speculative_onsets_equal_greedy(exported, aligned, model, kind, batch):
     rng = np.random.default_rng(batch)
     for draft_kind in ("exact", "longer", "wrong", "mixed", "empty"):
         stats = SpeculativeStats()
-        got = decode_onsets_speculative(backend, emb, 12, _drafts(draft_kind, greedy, rng),
-                                        stats=stats)
+        drafts = [GuessDraft(d) for d in _drafts(draft_kind, greedy, rng)]
+        got = decode_onsets(backend, emb, 12, drafts, stats=stats)
         assert got == greedy, draft_kind
         assert stats.tokens == sum(map(len, greedy))
         if draft_kind == "exact":  # far fewer calls than one per token
@@ -142,3 +143,78 @@ def test_continuation_follows_the_rows_state():
     assert continuation(draft, g, 0, 2) == [V.time_token(10), V.pitch_token(64)]
     g.update(np.array([V.time_token(25)]))  # no draft note at 25
     assert continuation(draft, g, 0, 4) == []
+
+
+def test_continuation_takes_the_nearest_draft_note_after_a_moved_time():
+    draft = [(10, 60), (21, 50), (30, 70)]
+    g = OnsetGrammar(1, 100)
+    for token in (V.time_token(10), V.pitch_token(60), V.time_token(20)):  # the LM said 20
+        g.update(np.array([token]))
+    assert continuation(draft, g, 0, 3) == [V.pitch_token(50), V.time_token(30),
+                                            V.pitch_token(70)]
+    g.update(np.array([V.pitch_token(50)]))
+    g.update(np.array([V.time_token(26)]))  # 4 ticks from the next draft note: no draft
+    assert continuation(draft, g, 0, 3) == []
+
+
+def _guesses(kind: str, truth: dict, rng: np.random.Generator, fallback):
+    """A guess function: the greedy result (exact), random tokens (wrong), or each guess right
+    with probability 1/2 (mixed)."""
+    def guess(*key):
+        right = truth.get(key[:2], fallback(rng, *key))
+        if kind == "exact" or (kind == "mixed" and rng.random() < 0.5):
+            return right
+        return fallback(rng, *key)
+    return guess
+
+
+def _random_velocity(rng, tick, pitch):
+    return V.velocity_token(int(rng.integers(1, 128)))
+
+
+def _random_offset(rng, on, pitch, limit):
+    hi = limit if limit >= 0 else V.SEGMENT_TICKS + 1
+    if limit < 0 and rng.random() < 0.3:
+        return V.NOTE_SUSTAIN
+    return V.time_token(int(rng.integers(on + 1, hi + (limit >= 0))))
+
+
+def _rows_and_notes(batch: int, rng: np.random.Generator):
+    """Rows in a chain (carried notes pass from row to row in the offset stage), the last with
+    notes carried in from outside, and each row's known notes."""
+    rows = [RowSpec(i, i - 1 if i else None) for i in range(batch - 1)]
+    rows.append(RowSpec(7, None, [OpenNote(-6, 45), OpenNote(-6, 72), OpenNote(-5, 60)]))
+    notes = []
+    for r in range(batch):
+        picked = {(int(t), int(p)) for t, p in zip(rng.integers(0, 1000, 9),
+                                                    rng.integers(40, 80, 9))}
+        notes.append(sorted(picked | {(100 + 50 * r, 60)}))  # one key struck twice or more
+    return rows, notes
+
+
+@pytest.mark.parametrize("model", ["hier", "aligned"])
+@pytest.mark.parametrize("kind", ["ort", "torch"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_parallel_velocities_and_offsets_equal_greedy(exported, aligned,  # noqa: F811
+                                                      model, kind, batch):
+    system, folder = _models(exported, aligned)[model]
+    backend = _backends(system, folder)[kind]
+    emb = _embeddings(backend, batch, seed=30 + batch)
+    rng = np.random.default_rng(batch)
+    rows, notes = _rows_and_notes(batch, rng)
+    velocities = decode_velocities(backend, emb, notes)
+    offsets, carry = decode_offsets(backend, emb, rows, notes)
+    for guess in ("exact", "wrong", "mixed"):
+        drafts = []
+        for n, vel, off in zip(notes, velocities, offsets):
+            drafts.append(GuessDraft(
+                n, _guesses(guess, dict(zip(n, vel)), rng, _random_velocity),
+                _guesses(guess, offsets_by_note(off), rng, _random_offset)))
+        v_stats, o_stats = SpeculativeStats(), SpeculativeStats()
+        assert decode_velocities(backend, emb, notes, drafts, v_stats) == velocities, guess
+        assert decode_offsets(backend, emb, rows, notes, drafts, o_stats) == (offsets, carry), \
+            guess
+        assert v_stats.tokens == sum(map(len, velocities))
+        if guess == "exact":  # several notes a call
+            assert v_stats.acceptance == 1.0 and v_stats.tokens_per_call > 2, v_stats
+            assert o_stats.acceptance == 1.0 and o_stats.tokens_per_call > 2, o_stats
