@@ -482,7 +482,7 @@ class Speculation:
                              "model's encoder graph has none (manifest encoder.rolls)")
         return embeddings, [RollDraft.from_rolls({key: r[row] for key, r in rolls.items()},
                                                  self.frames_per_second, self.thresholds)
-                            for row in range(len(audio))]
+                            for row in range(len(embeddings))]
 
 
 def speculative_by_default(backend: str) -> bool:
