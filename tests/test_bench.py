@@ -343,7 +343,18 @@ def test_quick_run_end_to_end(exported, tmp_path):
         assert {"target", "measured", "pass", "preset"} <= set(e)
         assert e["measured"] is not None, e
     assert summary["step_vs_floor_tiny"]["floor_method"] == analytic.FLOOR_METHOD
+    # the speculative sweep: every backend but the authors' decode, batch 1, the runtime's
+    # schedule, each agreement (forced tokens checked as in every run)
+    ran = [b for b in report["speculative"] if backends[b]["status"] == "ok"]
+    assert ran[:3] == ["torch-cache", "ort-fp32", "ort-int8"]
+    spec = {(r["backend"], r["agreement"]) for r in report["results"]
+            if r["agreement"] is not None}
+    assert spec == {(b, a) for b in ran for a in cfg.agreements}
+    sweep = summary["speculative_vs_greedy"]["sweep"]
+    assert [s["agreement"] for s in sweep] == sorted(cfg.agreements)
+    exact = sweep[-1]
+    assert exact["calls_per_note"] < exact["plain_calls_per_note"]
     if plots:
-        assert len(report["plots"]) == 3
+        assert len(report["plots"]) == 4
         for name in report["plots"]:
             assert (out.parent / name).stat().st_size > 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pianolm.export.decoder import PRESETS
-from pianolm.runtime.decode import concurrent_by_default
+from pianolm.runtime.decode import concurrent_by_default, speculative_by_default
 
 # In the order they are measured: the torch backends first (their systems are freed before the
 # ONNX Runtime sessions open), the KV-cache one before the authors' decode so torch is warm.
@@ -25,6 +25,8 @@ TORCH_DEVICES = ("cpu", "cuda")
 QUICK = {"presets": ("tiny",), "batches": (1, 4), "repeats": 2, "warmup": 1}
 DEFAULTS = {"presets": ("tiny", "small"), "batches": (1, 4, 16, 32), "repeats": 5, "warmup": 1}
 DEFAULT_MODELS_DIR = "work/bench-models"  # git-ignored (work/)
+SPECULATIVE = ("on", "auto", "off")
+AGREEMENTS = (0.5, 0.8, 0.95, 1.0)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ class BenchConfig:
     # passes of the read-only stream that gives each model's bandwidth floor (analytic.py),
     # timed over the fp32 and int8 steps' own byte counts
     stream_repeats: int = 7
+    # Speculative decoding (export/bench/drafts.py): at the full batches, the hierarchical
+    # decode again with drafts that agree with the forced notes at each rate. "on": on every
+    # backend but the authors' decode; "auto": where `pianolm transcribe` would speculate (a
+    # GPU backend); "off": none.
+    speculative: str = "on"
+    agreements: tuple[float, ...] = AGREEMENTS
     seed: int = 0
     models_dir: Path = Path(DEFAULT_MODELS_DIR)
     out: Path | None = None
@@ -72,6 +80,10 @@ class BenchConfig:
             raise ValueError("batches and repeats must be >= 1, warmup >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError("--threads must be >= 1")
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"--speculative must be one of {list(SPECULATIVE)}")
+        if not all(0.0 <= a <= 1.0 for a in self.agreements):
+            raise ValueError("--agreements must lie in [0, 1]")
         if self.torch_device not in TORCH_DEVICES:
             raise ValueError(f"--torch-device must be one of {list(TORCH_DEVICES)}")
         if self.torch_device == "cuda" and not torch.cuda.is_available():
@@ -103,6 +115,16 @@ class BenchConfig:
         device = {"ort-cuda": "cuda", "tensorrt": "tensorrt"}.get(
             backend, self.torch_device if backend.startswith("torch") else "cpu")
         return "concurrent" if concurrent_by_default(device, self.threads) else "sequential"
+
+    def speculates(self, backend: str) -> bool:
+        """Whether the speculative sweep runs on `backend`."""
+        if self.speculative == "off" or backend == "torch-nocache":
+            return False
+        if self.speculative == "on":
+            return True
+        device = {"ort-cuda": "cuda", "tensorrt": "tensorrt"}.get(
+            backend, self.torch_device if backend.startswith("torch") else "cpu")
+        return speculative_by_default(device)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -154,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="timed passes of the read-only stream over each model's fp32 and int8 "
                          "step bytes (weights + K/V) that gives the bandwidth floor (default 7; "
                          "median, min, max)")
+    ap.add_argument("--speculative", choices=SPECULATIVE, default="on",
+                    help="also decode speculatively at the full batches, with drafts agreeing "
+                         "with the forced notes at each --agreements rate: on (default) every "
+                         "backend but the authors' decode; auto where `pianolm transcribe` "
+                         "would (GPU backends); off none")
+    ap.add_argument("--agreements", nargs="+", type=float, default=list(AGREEMENTS),
+                    help="fractions of draft notes that are exact, per stage (default "
+                         f"{' '.join(map(str, AGREEMENTS))})")
     ap.add_argument("--identity-notes", type=int, default=32,
                     help="note limit of the greedy identity check (default 32)")
     ap.add_argument("--models-dir", type=Path, default=Path(DEFAULT_MODELS_DIR),
@@ -187,6 +217,7 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
             encoder_batches=tuple(args.encoder_batches),
             threads=args.threads, torch_device=args.torch_device, devset=args.devset,
             identity_notes=args.identity_notes, stream_repeats=args.stream_repeats,
+            speculative=args.speculative, agreements=tuple(args.agreements),
             models_dir=args.models_dir, out=args.out, plots=args.plots, quick=args.quick,
             extra={"argv": list(argv) if argv is not None else None})
     except ValueError as e:

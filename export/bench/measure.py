@@ -23,14 +23,16 @@ import contextlib
 import gc
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pianolm.runtime.backend import Backend, StageSession
 from pianolm.runtime.decode import DEFAULT_MAX_NOTES, SegmentTokens, decode_batch
 from pianolm.runtime.report import TimedBackend, Timings, peak_rss_mb
+from pianolm.runtime.speculative import Draft, SpeculativeStats
 
+from .drafts import GivenDrafts
 from .forcing import ForcedBackend
 from .workload import HIERARCHICAL, Row, row_counts
 
@@ -53,6 +55,7 @@ class Run:
     first_onset_s: float | None  # decode start to the first (time, pitch) chosen
     timings: Timings
     encoder_s: float = 0.0  # when the run encoded its own audio
+    calls: dict[str, SpeculativeStats] = field(default_factory=dict)  # per stage
 
 
 class Precomputed:
@@ -84,9 +87,10 @@ def expected_tokens(rows: list[Row], mode: str) -> list[dict[str, list[int]]]:
 
 
 def run_once(backend: Backend, rows: list[Row], mode: str, concurrent: bool,
-             embeddings: np.ndarray | None = None) -> Run:
+             embeddings: np.ndarray | None = None, drafts: list[Draft] | None = None) -> Run:
     """One teacher-forced decode of `rows` (encoding their audio first unless `embeddings`
-    are given); raises if the loop chose other tokens than the codec's."""
+    are given), speculative when `drafts` (one per row) are given; raises if the loop chose
+    other tokens than the codec's."""
     timings = Timings()
     stages = stages_of(mode)
     inner = backend if embeddings is None else Precomputed(backend, embeddings)
@@ -95,14 +99,17 @@ def run_once(backend: Backend, rows: list[Row], mode: str, concurrent: bool,
     audio = np.stack([r.audio for r in rows])
     max_notes = max(DEFAULT_MAX_NOTES, max(r.own_notes + len(r.segment.carried) for r in rows)
                     + 1)
+    speculation = None if drafts is None else GivenDrafts(drafts)
+    calls: dict[str, SpeculativeStats] = {}
     gc.collect()
     t0 = time.perf_counter()
-    out = decode_batch(forced, audio, [r.spec for r in rows], max_notes, concurrent)
+    out = decode_batch(forced, audio, [r.spec for r in rows], max_notes, concurrent,
+                       speculation, calls)
     wall = time.perf_counter() - t0
     check_tokens(out, expected_tokens(rows, mode))
     encoder = sum(s for _, s in timings.encoder) if embeddings is None else 0.0
     first = None if forced.first_onset is None else forced.first_onset - t0 - encoder
-    return Run(wall - encoder, first, timings, encoder)
+    return Run(wall - encoder, first, timings, encoder, calls)
 
 
 def check_tokens(out: list[SegmentTokens], expected: list[dict[str, list[int]]]) -> None:
@@ -189,17 +196,34 @@ def figures(runs: list[Run], rows: list[Row], mode: str, with_steps: bool, width
         "real_time_factor": stats((w / audio_s for w in walls), 1.0, 5),
         "peak_rss_mb": round(peak_rss_mb_now(), 1),
     }
+    out["decoder_calls"] = call_figures(runs[0].calls, counts["notes"] + counts["carried"])
     if with_steps:
         out["stages"] = {s: stage_figures(runs, s, width) for s in stages_of(mode)}
     return out
 
 
+def call_figures(calls: dict[str, SpeculativeStats], notes: int) -> dict:
+    """What a run's decoder calls did (the same in every run of an entry: decoding is
+    deterministic): per stage calls, tokens, draft tokens fed and accepted; in all, calls per
+    note (own and carried) and tokens per call."""
+    total = SpeculativeStats()
+    for stage in calls.values():
+        total.add(stage)
+    return {"calls": total.calls, "calls_per_note": round(total.calls / max(notes, 1), 3),
+            "tokens_per_call": round(total.tokens_per_call, 3),
+            "stages": {s: {"calls": c.calls, "tokens": c.tokens, "drafted": c.drafted,
+                           "accepted": c.accepted, "acceptance": round(c.acceptance, 3)}
+                       for s, c in calls.items()}}
+
+
 def measure(backend: Backend, rows: list[Row], mode: str, concurrent: bool, repeats: int,
             warmup: int, width: int, with_steps: bool, embeddings: np.ndarray | None = None,
-            encoder_s_per_segment: float | None = None) -> dict:
+            encoder_s_per_segment: float | None = None, drafts: list[Draft] | None = None
+            ) -> dict:
     for _ in range(warmup):
-        run_once(backend, rows, mode, concurrent, embeddings)
-    runs = [run_once(backend, rows, mode, concurrent, embeddings) for _ in range(repeats)]
+        run_once(backend, rows, mode, concurrent, embeddings, drafts)
+    runs = [run_once(backend, rows, mode, concurrent, embeddings, drafts)
+            for _ in range(repeats)]
     return figures(runs, rows, mode, with_steps, width, encoder_s_per_segment)
 
 

@@ -6,7 +6,9 @@
 - `<stem>_throughput_vs_batch.png`: notes/s vs batch, per backend (hierarchical, in the
   runtime's velocity/offset schedule);
 - `<stem>_hier_vs_flat.png`: decode time of the same notes, hierarchical (sequential and
-  concurrent) vs flattened, per backend, batch 1.
+  concurrent) vs flattened, per backend, batch 1;
+- `<stem>_speedup_vs_agreement.png`: speculative over plain greedy decode time vs how many
+  draft notes are exact, per backend, batch 1 (runs with the speculative sweep).
 One panel per preset (first encoder of the run).
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .summary import COPY_FLOOR, floor_of, runtime_schedule
+from .summary import COPY_FLOOR, floor_of, runtime_schedule, speculative_sweep
 
 COLORS = {"torch-nocache": "tab:red", "torch-cache": "tab:orange", "ort-fp32": "tab:blue",
           "ort-int8": "tab:green", "ort-cuda": "tab:purple", "tensorrt": "tab:brown"}
@@ -26,7 +28,10 @@ def _panels(plt, presets: list[str]):  # noqa: ANN001, ANN202
 
 
 def _entries(report: dict, **want: object) -> list[dict]:
+    """The first encoder's entries with every `want` (plain greedy decodes unless `agreement`
+    is given, as summary.find)."""
     encoder = report["args"]["encoders"][0]
+    want.setdefault("agreement", None)
     return [r for r in report["results"] if r["encoder"] == encoder
             and all(r.get(k) == v for k, v in want.items())]
 
@@ -100,8 +105,28 @@ def hier_vs_flat(report: dict, plt, presets: list[str]) -> object:  # noqa: ANN0
     return fig
 
 
+def speedup_vs_agreement(report: dict, plt, presets: list[str]) -> object:  # noqa: ANN001
+    fig, axes = _panels(plt, presets)
+    encoder = report["args"]["encoders"][0]
+    results = [r for r in report["results"] if r["encoder"] == encoder]
+    ctx = {"schedules": report.get("schedules", {})}
+    for preset, ax in axes.items():
+        for backend in COLORS:
+            sweep = [s for s in speculative_sweep(results, preset, backend, ctx) if s["speedup"]]
+            if sweep:
+                ax.plot([100 * s["agreement"] for s in sweep], [s["speedup"] for s in sweep],
+                        marker="o", label=backend, color=COLORS[backend])
+        ax.axhline(1.0, color="gray", linestyle="--", label="plain greedy")
+        ax.set(title=f"{preset}: speculative decode, batch 1",
+               xlabel="draft notes exact (%)", ylabel="speedup over plain greedy (x)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
 def write_plots(report: dict, json_path: Path) -> list[Path]:
-    """Write the three PNGs beside `json_path`; returns their paths."""
+    """Write the PNGs beside `json_path` (the speculative one where the run measured a
+    sweep); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +136,11 @@ def write_plots(report: dict, json_path: Path) -> list[Path]:
     out = []
     for name, make in (("step_vs_past", step_vs_past), ("throughput_vs_batch",
                                                          throughput_vs_batch),
-                       ("hier_vs_flat", hier_vs_flat)):
+                       ("hier_vs_flat", hier_vs_flat),
+                       ("speedup_vs_agreement", speedup_vs_agreement)):
+        if make is speedup_vs_agreement and not any(r.get("agreement") is not None
+                                                    for r in report["results"]):
+            continue
         fig = make(report, plt, presets)
         fig.tight_layout()
         path = json_path.with_name(f"{json_path.stem}_{name}.png")

@@ -28,6 +28,7 @@ from pianolm.runtime.provenance import git_info, package_versions
 
 from . import analytic, identity
 from .config import BenchConfig
+from .drafts import AgreeingDraft
 from .measure import measure, reset_peak_rss, stats, time_encoder
 from .models import ModelKey, ModelStore, Opened, build_system, open_backend
 from .summary import format_summary, summarize_report
@@ -78,6 +79,9 @@ def _line(e: dict) -> str:
     first = stages.get("onset") or stages.get("flat") or {}
     step = (first.get("step_ms") or {}).get("median")
     step_s = f", step {step:6.2f} ms" if step is not None else ""
+    if e.get("agreement") is not None:
+        step_s = (f", drafts {e['agreement']:.0%} exact, "
+                  f"{e['decoder_calls']['calls_per_note']:.2f} calls/note")
     return (f"  {e['preset']:<5} {e['backend']:<13} {e['mode']:<12} {e['schedule']:<10} "
             f"batch {e['batch']:<3} decode {e['decode_ms']['median']:9.1f} ms{step_s}, "
             f"{e['notes_per_s']['median']:8.1f} notes/s, RTF {e['real_time_factor']['median']:.4f}")
@@ -150,6 +154,31 @@ class ModelRun:
                 "ms_per_segment": {str(b): stats(t, 1e3) for b, t in times.items()}}
         return self.encoder_times[family]
 
+    def _add(self, name: str, o: Opened, mode: str, schedule: str, batch: int, timed: int,
+             fig: dict, repeats: int, warmup: int, agreement: float | None = None) -> None:
+        entry = {"preset": self.preset, "encoder": self.encoder, "backend": name,
+                 "precision": o.precision, "mode": mode, "schedule": schedule, "batch": batch,
+                 "agreement": agreement, "repeats": repeats, "warmup": warmup,
+                 "encoder_timed_at_batch": timed, **fig}
+        self.report["results"].append(entry)
+        self.log(_line(entry))
+
+    def _speculative(self, name: str, o: Opened, rows: list[Row], batch: int, timed: int,
+                     emb: np.ndarray, per_segment: float) -> None:
+        """The hierarchical decode in the runtime's schedule, verifying drafts that agree with
+        the forced notes at each rate (plain greedy beside it: the entry of agreement None)."""
+        cfg = self.cfg
+        schedule = cfg.runtime_schedule(name)
+        for agreement in cfg.agreements:
+            drafts = [AgreeingDraft.from_row(r, agreement, cfg.seed + i)
+                      for i, r in enumerate(rows)]
+            reset_peak_rss()
+            fig = measure(o.backend, rows, "hierarchical", schedule == "concurrent",
+                          cfg.repeats, cfg.warmup, cfg.bucket, with_steps=False,
+                          embeddings=emb, encoder_s_per_segment=per_segment, drafts=drafts)
+            self._add(name, o, "hierarchical", schedule, batch, timed, fig, cfg.repeats,
+                      cfg.warmup, agreement)
+
     def measure_backend(self, name: str, opened: dict[str, Opened],
                         greedy: dict[str, dict]) -> None:
         cfg = self.cfg
@@ -172,12 +201,10 @@ class ModelRun:
                     fig = measure(o.backend, rows, mode, schedule == "concurrent", repeats,
                                   warmup, cfg.bucket, with_steps=schedule == "sequential",
                                   embeddings=emb, encoder_s_per_segment=per_segment)
-                    entry = {"preset": self.preset, "encoder": self.encoder, "backend": name,
-                             "precision": o.precision, "mode": mode, "schedule": schedule,
-                             "batch": batch, "repeats": repeats, "warmup": warmup,
-                             "encoder_timed_at_batch": timed, **fig}
-                    self.report["results"].append(entry)
-                    self.log(_line(entry))
+                    self._add(name, o, mode, schedule, batch, timed, fig, repeats, warmup)
+                if mode == "hierarchical" and batch in cfg.full_batches \
+                        and cfg.speculates(name):
+                    self._speculative(name, o, rows, batch, timed, emb, per_segment)
             if name in identity.COMPARED + identity.REDUCED:
                 row = self.workload.rows(1)[0]
                 greedy.setdefault(mode, {})[name] = identity.greedy_tokens(
@@ -213,6 +240,8 @@ def run_bench(cfg: BenchConfig, *, build: Callable[[ModelKey], torch.nn.Module] 
         # velocity/offset schedule the runtime picks per backend here (throughput runs and the
         # headline ratios use it; batch 1 measures both)
         "schedules": {b: cfg.runtime_schedule(b) for b in cfg.ordered_backends()},
+        # backends whose speculative sweep runs (entries with an agreement; README "Benchmark")
+        "speculative": [b for b in cfg.ordered_backends() if cfg.speculates(b)],
         "peak_rss_scope": "per result entry: the process's peak RSS while that entry's runs "
                           "ran (reset before each entry; the process's baseline included)"}
     t_start = time.perf_counter()

@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from pianolm.export.decoder import PRESETS
 
 _SIZE = {name: d for name, (_, d, _) in PRESETS.items()}
+SPECULATIVE_AT = 0.95  # the draft agreement the speculative targets are defined at
 # the floor of reports written before the read-only stream (export/bench/analytic.py)
 COPY_FLOOR = "weight bytes over a numpy copy's rate (read + written bytes)"
 
 
 def find(results: list[dict], **want: object) -> dict | None:
+    """The first entry with every `want`; plain (greedy) decodes unless `agreement` is given:
+    a speculative entry names the agreement of its drafts."""
+    want.setdefault("agreement", None)
     for r in results:
         if all(r.get(k) == v for k, v in want.items()):
             return r
@@ -64,6 +68,12 @@ TARGETS = (
            "measured in the same run)", "<=", 1.5, ("small", "base")),
     Target("notes_per_s_batch16_vs_batch1", "ORT fp32 hierarchical (the runtime's schedule): "
            "notes/s at batch 16 / batch 1", ">=", 8),
+    Target("speculative_vs_greedy", "whole hierarchical decode of the densest segment, batch 1, "
+           "ORT fp32 (the runtime's velocity/offset schedule): plain greedy time / speculative "
+           f"time, drafts {SPECULATIVE_AT:.0%} exact (export/bench/drafts.py); identical tokens",
+           ">=", 2.5),
+    Target("speculative_vs_authors_decode", "as runtime_vs_authors_decode, the runtime "
+           f"decoding speculatively with drafts {SPECULATIVE_AT:.0%} exact", ">=", 50),
     Target("hierarchical_vs_flat_cache", "ORT fp32, batch 1: flattened decode time / "
            "hierarchical decode time (the runtime's velocity/offset schedule) over the same "
            "notes", ">=", 1.3),
@@ -84,6 +94,49 @@ def _runtime_vs_authors(res: list[dict], preset: str, ctx: dict) -> tuple[float 
     identity = ctx.get("identity", {}).get(preset, {})
     extra = {"authors_ms": _median(authors, "decode_ms"), "runtime_ms": _median(ours, "decode_ms"),
              "schedule": schedule, "identical": identity.get("identical")}
+    return _ratio(extra["authors_ms"], extra["runtime_ms"]), extra
+
+
+def speculative_sweep(res: list[dict], preset: str, backend: str, ctx: dict) -> list[dict]:
+    """Speculative vs plain greedy decoding at each draft agreement the run measured: the
+    same backend, preset, batch 1 and velocity/offset schedule; by agreement."""
+    schedule = runtime_schedule(ctx, backend)
+    where = {"preset": preset, "backend": backend, "mode": "hierarchical", "batch": 1,
+             "schedule": schedule}
+    plain = find(res, **where)
+    out = []
+    for agreement in sorted({r["agreement"] for r in res if r.get("agreement") is not None}):
+        spec = find(res, **where, agreement=agreement)
+        if spec is None:
+            continue
+        out.append({"agreement": agreement, "speedup": _ratio(_median(plain, "decode_ms"),
+                                                              _median(spec, "decode_ms")),
+                    "plain_ms": _median(plain, "decode_ms"),
+                    "speculative_ms": _median(spec, "decode_ms"),
+                    "plain_calls_per_note": (plain or {}).get("decoder_calls", {})
+                    .get("calls_per_note"),
+                    "calls_per_note": spec["decoder_calls"]["calls_per_note"],
+                    "tokens_per_call": spec["decoder_calls"]["tokens_per_call"]})
+    return out
+
+
+def _at(sweep: list[dict], agreement: float) -> dict:
+    return next((s for s in sweep if s["agreement"] == agreement), {})
+
+
+def _speculative(res: list[dict], preset: str, ctx: dict) -> tuple[float | None, dict]:
+    sweep = speculative_sweep(res, preset, "ort-fp32", ctx)
+    extra = {"agreement": SPECULATIVE_AT, "schedule": runtime_schedule(ctx, "ort-fp32"),
+             "sweep": sweep}
+    return _at(sweep, SPECULATIVE_AT).get("speedup"), extra
+
+
+def _speculative_vs_authors(res: list[dict], preset: str, ctx: dict
+                            ) -> tuple[float | None, dict]:
+    _, extra = _runtime_vs_authors(res, preset, ctx)
+    extra["runtime_ms"] = _at(speculative_sweep(res, preset, "ort-fp32", ctx),
+                              SPECULATIVE_AT).get("speculative_ms")
+    extra["agreement"] = SPECULATIVE_AT
     return _ratio(extra["authors_ms"], extra["runtime_ms"]), extra
 
 
@@ -171,6 +224,8 @@ _MEASURE: dict[str, Callable[[list[dict], str, dict], tuple[float | None, dict]]
     "step_vs_floor": _floor,
     "notes_per_s_batch16_vs_batch1": _batching,
     "hierarchical_vs_flat_cache": _flat,
+    "speculative_vs_greedy": _speculative,
+    "speculative_vs_authors_decode": _speculative_vs_authors,
 }
 
 
@@ -178,7 +233,8 @@ def _passes(target: Target, measured: float | None, extra: dict) -> bool | None:
     if measured is None:
         return None
     ok = measured >= target.value if target.op == ">=" else measured <= target.value
-    if target.key == "runtime_vs_authors_decode" and extra.get("identical") is False:
+    if target.key in ("runtime_vs_authors_decode", "speculative_vs_authors_decode") \
+            and extra.get("identical") is False:
         ok = False
     return ok
 
