@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,11 +24,25 @@ import numpy as np
 
 from . import vocab as V
 from .backend import Backend, StageSession
-from .grammar import FlatGrammar, OnsetGrammar, offset_mask, velocity_mask
+from .grammar import (
+    FlatGrammar,
+    OnsetGrammar,
+    next_onset_of_same_key,
+    offset_mask,
+    velocity_mask,
+)
 from .manifest import Manifest, ManifestError
 from .notes import Note
 from .rolls import RollDecodeConfig
-from .speculative import NOTE_DRAFT, ONSET_DRAFT, Draft, RollDraft, SpeculativeStats, continuation
+from .speculative import (
+    NOTE_DRAFT,
+    ONSET_DRAFT,
+    Draft,
+    FlatDraft,
+    RollDraft,
+    SpeculativeStats,
+    continuation,
+)
 from .tokens import SegmentResult, Stitcher, clip_to, decode, decode_onset
 
 log = logging.getLogger(__name__)
@@ -171,17 +185,32 @@ def decode_onsets(backend: Backend, embeddings: np.ndarray, max_notes: int,
                   max_draft: int = ONSET_DRAFT) -> list[list[int]]:
     """Onset stage: returns each row's tokens after `sos task_onset`, eos included.
 
-    With `drafts` (one per row), speculative: each call feeds the token greedy decoding chose,
-    then up to k tokens of the row's draft (speculative.continuation), and keeps the draft
-    while the grammar-constrained argmax agrees; k is twice what the row last kept, between 1
-    and max_draft. The tokens are greedy decoding's, whatever the drafts.
+    With `drafts` (one per row), speculative (_speculate): each row's draft tokens continue its
+    grammar state (speculative.continuation). The tokens are greedy decoding's, whatever the
+    drafts.
     """
     stats = SpeculativeStats() if stats is None else stats
     grammar = OnsetGrammar(len(embeddings), max_notes)
     if drafts is None:
         return _greedy(backend, embeddings, "onset", grammar, stats)
+    return _speculate(backend, embeddings, "onset", grammar, stats, max_draft,
+                      lambda r, out, k: continuation(drafts[r].onsets, grammar, r, k))
+
+
+def next_window(kept: np.ndarray, max_draft: int) -> np.ndarray:
+    """How much each row drafts in its next call: twice what it last kept, 1..max_draft."""
+    return np.clip(2 * kept, 1, max_draft)
+
+
+def _speculate(backend: Backend, embeddings: np.ndarray, stage: str,
+               grammar: OnsetGrammar | FlatGrammar, stats: SpeculativeStats, max_draft: int,
+               propose: Callable[[int, list[int], int], list[int]]) -> list[list[int]]:
+    """Speculative greedy decode: each call feeds the token greedy decoding chose, then up to k
+    draft tokens (`propose(row, its tokens so far, k)`), and keeps the draft while the
+    grammar-constrained argmax agrees; the rest is retracted. k is twice what the row last
+    kept, between 1 and max_draft."""
     batch = len(embeddings)
-    session, logits = start_stage(backend, "onset", embeddings)
+    session, logits = start_stage(backend, stage, embeddings)
     stats.calls += 1
     out: list[list[int]] = [[] for _ in range(batch)]
     k = np.full(batch, 2)
@@ -194,8 +223,7 @@ def decode_onsets(backend: Backend, embeddings: np.ndarray, max_notes: int,
         session.retire(grammar.done)
         # one call: the chosen token, then each row's draft
         fed = live & ~grammar.done
-        guesses = [continuation(drafts[r].onsets, grammar, r, int(k[r])) if fed[r] else []
-                   for r in range(batch)]
+        guesses = [propose(r, out[r], int(k[r])) if fed[r] else [] for r in range(batch)]
         width = 1 + max(map(len, guesses))
         tokens = np.full((batch, width), V.PAD, dtype=np.int64)
         mask = np.zeros((batch, width), dtype=bool)
@@ -219,7 +247,7 @@ def decode_onsets(backend: Backend, embeddings: np.ndarray, max_notes: int,
         stats.accepted += int((kept - fed).sum())
         session.retract(width - kept)
         logits = every[np.arange(batch), np.maximum(kept - 1, 0)]
-        k = np.clip(2 * kept, 1, max_draft)
+        k = next_window(kept, max_draft)
 
 
 @dataclass
@@ -317,17 +345,7 @@ def decode_velocities(backend: Backend, embeddings: np.ndarray,
                 out[r] += predicted[:kept]
                 prev[r] = predicted[kept - 1]
         if drafts is not None:
-            k = np.clip(2 * np.array([kept for _, kept in verified]), 1, max_draft)
-
-
-def _next_onset_of_same_key(notes: list[tuple[int, int]]) -> list[int]:
-    """For each note, the tick of the next note of the same key in the segment, or -1."""
-    limit, seen = [-1] * len(notes), {}
-    for i in range(len(notes) - 1, -1, -1):
-        tick, pitch = notes[i]
-        limit[i] = seen.get(pitch, -1)
-        seen[pitch] = tick
-    return limit
+            k = next_window(np.array([kept for _, kept in verified]), max_draft)
 
 
 def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
@@ -350,7 +368,7 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
     successor = {spec.prev: r for r, spec in enumerate(rows) if spec.prev is not None}
     queues: list[list[Pending]] = []  # per row, the notes still to feed
     for r, (spec, own) in enumerate(zip(rows, notes)):
-        limits = _next_onset_of_same_key(own)
+        limits = next_onset_of_same_key(own)
         queue = [Pending(V.time_token(t), p, t, lim, spec.segment)
                  for (t, p), lim in zip(own, limits)]
         queue += _carried_entries(sorted(spec.carry_in), first_onset[r])
@@ -394,7 +412,7 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
             if kept:
                 prev[r] = predicted[kept - 1]
         if drafts is not None:
-            k = np.clip(2 * np.array([kept for _, kept in verified]), 1, max_draft)
+            k = next_window(np.array([kept for _, kept in verified]), max_draft)
 
 
 def _known(head: Pending) -> Known:
@@ -506,8 +524,6 @@ def speculation_for(manifest: Manifest | None, wanted: bool | None, backend: str
         reason = "an encoder graph with piano rolls (manifest encoder.rolls)"
     elif not all(manifest.stage(s).every_position for s in manifest.stage_names):
         reason = "step graphs with every position's logits (manifest format_version >= 6)"
-    elif manifest.stage_names == ("flat",):
-        reason = "the hierarchical stages (the flattened baseline decodes greedily)"
     if reason is None:
         return Speculation(manifest.encoder.frames_per_second, manifest.encoder.rolls.thresholds)
     if wanted:
@@ -536,7 +552,7 @@ def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
     stats = {} if stats is None else stats
     counts = {stage: stats.setdefault(stage, SpeculativeStats()) for stage in backend.stages}
     if backend.stages == ("flat",):
-        return decode_flat(backend, embeddings, rows, max_notes, counts["flat"])
+        return decode_flat(backend, embeddings, rows, max_notes, counts["flat"], drafts)
     onsets = decode_onsets(backend, embeddings, max_notes, drafts, counts["onset"])
     notes = [decode_onset(t) for t in onsets]
     for spec, n in zip(rows, notes):
@@ -568,10 +584,21 @@ def _with_velocities(notes: list[tuple[int, int]], velocities: list[int]) -> lis
 
 
 def decode_flat(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
-                max_notes: int, stats: SpeculativeStats | None = None) -> list[SegmentTokens]:
-    """The flattened baseline: one decoder predicts `on pitch off velocity` for every note."""
+                max_notes: int, stats: SpeculativeStats | None = None,
+                drafts: Sequence[Draft] | None = None, max_draft: int = ONSET_DRAFT
+                ) -> list[SegmentTokens]:
+    """The flattened baseline: one decoder predicts `on pitch off velocity` for every note.
+    With `drafts`, speculative as the onset stage: each row's draft is its notes, own then
+    carried, in that grammar (speculative.FlatDraft)."""
     stats = SpeculativeStats() if stats is None else stats
-    out = _greedy(backend, embeddings, "flat", FlatGrammar(len(rows), max_notes), stats)
+    grammar = FlatGrammar(len(rows), max_notes)
+    if drafts is None:
+        out = _greedy(backend, embeddings, "flat", grammar, stats)
+    else:
+        flat = [FlatDraft.from_draft(d, [o.pitch for o in sorted(spec.carry_in)])
+                for d, spec in zip(drafts, rows)]
+        out = _speculate(backend, embeddings, "flat", grammar, stats, max_draft,
+                         lambda r, tokens, k: flat[r].continuation(tokens, k))
     return [SegmentTokens(spec.segment, {"flat": toks}, []) for spec, toks in zip(rows, out)]
 
 

@@ -66,7 +66,7 @@ class OnsetGrammar:
         return allowed
 
     def update(self, tokens: np.ndarray) -> None:
-        """Advance every unfinished row by its chosen token."""
+        """Advance every unfinished row by its chosen token (PAD: none, it stays)."""
         live = ~self.done
         is_eos = live & (tokens == V.EOS)
         is_time = live & (tokens >= V.TIME_BASE) & (tokens < V.PITCH_BASE)
@@ -80,6 +80,17 @@ class OnsetGrammar:
         self.key_tick[rows, pitch[rows] - V.MIN_PITCH] = self.pending_tick[rows]
         self.n_notes += is_pitch
         self.pending_tick = np.where(is_pitch, -1, self.pending_tick)
+
+
+def next_onset_of_same_key(notes: list[tuple[int, int]]) -> list[int]:
+    """For each (tick, pitch) note, the tick of the next note of the same key in the segment,
+    or -1: where its off must come by (offset_mask's limit_tick)."""
+    limit, seen = [-1] * len(notes), {}
+    for i in range(len(notes) - 1, -1, -1):
+        tick, pitch = notes[i]
+        limit[i] = seen.get(pitch, -1)
+        seen[pitch] = tick
+    return limit
 
 
 def velocity_mask(batch: int) -> np.ndarray:
@@ -140,10 +151,12 @@ class FlatGrammar:
         return allowed
 
     def update(self, tokens: np.ndarray) -> None:
-        live = ~self.done
+        """Advance every unfinished row by its token; a row given PAD stays where it is (a
+        speculative call's row that kept no more of its draft)."""
+        live = ~self.done & (tokens != V.PAD)
         at_on = live & (self.field == self.ON)
         self.done |= at_on & (tokens == V.EOS)
-        live = ~self.done
+        live &= ~self.done
         sustain_on = at_on & live & (tokens == V.NOTE_SUSTAIN)
         time_on = at_on & live & (tokens >= V.TIME_BASE) & (tokens < V.PITCH_BASE)
         # A carried note's off is tick 1 or later, as in the offset stage.

@@ -11,7 +11,8 @@ A draft (`Draft`) says, for one segment:
 - onset stage: its (tick, pitch) notes, sorted; `continuation` turns them into the tokens that
   continue a row's grammar state;
 - velocity stage: a velocity token for a known (tick, pitch);
-- offset stage: an `off` token for a known note (onset tick, pitch, the key's next onset).
+- offset stage: an `off` token for a known note (onset tick, pitch, the key's next onset);
+- the flattened baseline: all three at once (`FlatDraft`: `on pitch off velocity` per note).
 `RollDraft` reads all three from the segment's rolls (runtime/rolls.py decode_rolls, with the
 manifest's thresholds). The velocity and offset loops then refine their own guesses (Jacobi):
 a guess that failed is replaced by the LM's prediction at that position.
@@ -27,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from . import vocab as V
-from .grammar import OnsetGrammar
+from .grammar import OnsetGrammar, next_onset_of_same_key
 from .rolls import RollDecodeConfig, decode_rolls
 
 ONSET_DRAFT = 16  # most draft tokens one onset-stage call verifies
@@ -103,6 +104,75 @@ def continuation(draft: Sequence[tuple[int, int]], grammar: OnsetGrammar, row: i
             return tokens[:k]
         tokens += [V.time_token(tick), V.pitch_token(pitch)]
     return (tokens + [V.EOS])[:k]
+
+
+@dataclass
+class FlatDraft:
+    """A Draft in the flattened baseline's grammar: `on pitch off velocity` per note, own
+    notes by (time, pitch), then the carried ones in carried-block order."""
+
+    groups: list[tuple[int, int, int, int]]
+    keys: list[tuple[int, int, int]]  # each group's place in that order (FlatDraft.key)
+    carried_rank: dict[int, int]  # pitch -> place among the carried notes
+
+    @classmethod
+    def from_draft(cls, draft: Draft, carried: Sequence[int]) -> FlatDraft:
+        """`draft`'s notes and guesses; `carried`: the pitches carried in, in block order."""
+        notes = list(draft.onsets)
+        first_onset = {p: t for t, p in reversed(notes)}
+        groups = [(V.time_token(t), V.pitch_token(p), draft.offset(t, p, limit),
+                   draft.velocity(t, p))
+                  for (t, p), limit in zip(notes, next_onset_of_same_key(notes))]
+        # a carried key the draft strikes again at tick 0 ends there: no note (decode.py's
+        # _carried_entries)
+        carried = [p for p in carried if first_onset.get(p) != 0]
+        groups += [(V.NOTE_SUSTAIN, V.pitch_token(p), draft.offset(0, p, first_onset.get(p, -1)),
+                    draft.velocity(0, p)) for p in carried]
+        draft_ = cls(groups, [], {p: i for i, p in enumerate(carried)})
+        draft_.keys = [draft_.key(on, pitch) for on, pitch, _, _ in groups]
+        return draft_
+
+    def key(self, on: int, pitch: int) -> tuple[int, int, int]:
+        if on == V.NOTE_SUSTAIN:
+            return (1, self.carried_rank.get(V.token_pitch(pitch), len(self.carried_rank)), 0)
+        return (0, V.token_time(on), V.token_pitch(pitch))
+
+    def _current(self, partial: Sequence[int], start: int) -> int | None:
+        """The draft note standing for a row's unfinished note (its `on`, maybe its pitch):
+        one from `start` on with that pitch and that on (a time within NEAR_TICKS; the
+        nearest, then the first)."""
+        on = partial[0]
+
+        def fits(j: int) -> bool:
+            g_on, g_pitch = self.groups[j][:2]
+            if len(partial) > 1 and g_pitch != partial[1]:
+                return False
+            if on == V.NOTE_SUSTAIN or not V.is_time(g_on):
+                return g_on == on
+            return abs(V.token_time(g_on) - V.token_time(on)) <= NEAR_TICKS
+
+        near = [j for j in range(start, len(self.groups)) if fits(j)]
+        if on == V.NOTE_SUSTAIN:
+            return near[0] if near else None
+        return min(near, key=lambda j: abs(V.token_time(self.groups[j][0]) - V.token_time(on)),
+                   default=None)
+
+    def continuation(self, out: Sequence[int], k: int) -> list[int]:
+        """Up to k draft tokens that continue a row's flat tokens `out`: the rest of its
+        unfinished note, then the draft's notes after it, then eos."""
+        whole = len(out) - len(out) % 4
+        start = bisect_right(self.keys, self.key(out[whole - 4], out[whole - 3])) if whole else 0
+        tokens: list[int] = []
+        if whole < len(out):
+            current = self._current(out[whole:], start)
+            if current is None:
+                return []
+            tokens, start = list(self.groups[current][len(out) - whole:]), current + 1
+        for group in self.groups[start:]:
+            if len(tokens) >= k:
+                return tokens[:k]
+            tokens += group
+        return (tokens + [V.EOS])[:k]
 
 
 def _tick(seconds: float) -> int:

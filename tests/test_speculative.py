@@ -12,13 +12,14 @@ from pianolm.runtime import vocab as V
 from pianolm.runtime.decode import (
     OpenNote,
     RowSpec,
+    decode_flat,
     decode_offsets,
     decode_onsets,
     decode_velocities,
 )
 from pianolm.runtime.grammar import OnsetGrammar
 from pianolm.runtime.ort_backend import OrtBackend
-from pianolm.runtime.speculative import SpeculativeStats, continuation
+from pianolm.runtime.speculative import FlatDraft, SpeculativeStats, continuation
 from tests.drafts import GuessDraft, offsets_by_note, onset_notes
 
 pytest.importorskip("torch")
@@ -218,3 +219,78 @@ def test_parallel_velocities_and_offsets_equal_greedy(exported, aligned,  # noqa
         if guess == "exact":  # several notes a call
             assert v_stats.acceptance == 1.0 and v_stats.tokens_per_call > 2, v_stats
             assert o_stats.acceptance == 1.0 and o_stats.tokens_per_call > 2, o_stats
+
+
+def _flat_draft(kind: str, greedy: list[int], rng: np.random.Generator) -> GuessDraft:
+    """The flattened baseline's greedy result as a draft (exact), each guess right with
+    probability 1/2 (mixed), every note a tick late with random guesses (wrong), the LM's
+    notes and more (longer), or nothing (empty)."""
+    groups = [greedy[i:i + 4] for i in range(0, len(greedy) - 1, 4)]
+    own = [(V.token_time(on), V.token_pitch(p)) for on, p, _, _ in groups
+           if on != V.NOTE_SUSTAIN]
+    key = {(0 if on == V.NOTE_SUSTAIN else V.token_time(on), V.token_pitch(p)): (off, vel)
+           for on, p, off, vel in groups}
+    if kind == "empty":
+        return GuessDraft()
+    if kind == "wrong":
+        return GuessDraft(sorted({(min(t + 1, 999), p) for t, p in own}),
+                          lambda t, p: _random_velocity(rng, t, p),
+                          lambda on, p, lim: _random_offset(rng, on, p, lim))
+    own = sorted(set(own))  # a Draft's notes are sorted (random weights may repeat a note)
+    onsets = own + [(990 + i, 60 + i) for i in range(3)] if kind == "longer" else own
+    return GuessDraft(
+        onsets,
+        _guesses("mixed" if kind == "mixed" else "exact",
+                 {n: vel for n, (_, vel) in key.items()}, rng, _random_velocity),
+        _guesses("mixed" if kind == "mixed" else "exact",
+                 {n: off for n, (off, _) in key.items()}, rng, _random_offset))
+
+
+@pytest.mark.parametrize("kind", ["ort", "torch"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_speculative_flat_baseline_equals_greedy(exported, kind, batch):
+    """The flattened baseline verifies drafts of whole notes (`on pitch off velocity`, own
+    then carried): the same tokens as greedy decoding, whatever the draft."""
+    backend = _backends(exported.flat, exported.dirs["flat"])[kind]
+    emb = _embeddings(backend, batch, seed=50 + batch)
+    rows = [RowSpec(i, None, [OpenNote(-1, 45), OpenNote(-1, 72)] if i % 2 else [])
+            for i in range(batch)]
+    greedy = [s.tokens["flat"] for s in decode_flat(backend, emb, rows, 10)]
+    assert any(len(t) >= 9 for t in greedy)  # notes to draft, not only eos
+    rng = np.random.default_rng(batch)
+    for draft_kind in ("exact", "longer", "wrong", "mixed", "empty"):
+        stats = SpeculativeStats()
+        drafts = [_flat_draft(draft_kind, t, rng) for t in greedy]
+        got = [s.tokens["flat"] for s in decode_flat(backend, emb, rows, 10, stats, drafts)]
+        assert got == greedy, draft_kind
+        assert stats.tokens == sum(map(len, greedy))
+        if draft_kind == "exact":
+            assert stats.tokens_per_call > 2, stats
+
+
+def test_flat_continuation_follows_the_rows_notes():
+    draft = FlatDraft.from_draft(
+        GuessDraft([(10, 60), (20, 50)], lambda t, p: V.velocity_token(p),
+                   lambda on, p, lim: V.time_token(on + 7)), carried=[45])
+    g1 = [V.time_token(10), V.pitch_token(60), V.time_token(17), V.velocity_token(60)]
+    g2 = [V.time_token(20), V.pitch_token(50), V.time_token(27), V.velocity_token(50)]
+    g3 = [V.NOTE_SUSTAIN, V.pitch_token(45), V.time_token(7), V.velocity_token(45)]
+    assert draft.continuation([], 99) == g1 + g2 + g3 + [V.EOS]
+    assert draft.continuation(g1, 5) == g2 + g3[:1]
+    assert draft.continuation(g1 + [V.time_token(21)], 3) == g2[1:]  # the nearest note at 21
+    assert draft.continuation(g1 + [V.time_token(40)], 3) == []  # no draft note near 40
+    assert draft.continuation(g1 + g2 + [V.NOTE_SUSTAIN, V.pitch_token(45)], 9) == \
+        g3[2:] + [V.EOS]
+    assert draft.continuation(g1 + g2 + g3, 9) == [V.EOS]
+
+
+def test_padding_leaves_both_grammars_where_they_are():
+    """A verify call gives rows that kept nothing more PAD: no grammar may move on."""
+    from pianolm.runtime.grammar import FlatGrammar
+
+    for grammar in (OnsetGrammar(2, 10), FlatGrammar(2, 10)):
+        grammar.update(np.array([V.time_token(10), V.time_token(10)]))
+        before = grammar.mask()
+        grammar.update(np.array([V.PAD, V.pitch_token(60)]))
+        after = grammar.mask()
+        assert (after[0] == before[0]).all() and not (after[1] == before[1]).all()
