@@ -64,6 +64,15 @@ def decode_all(clips: list[list[Encoded]], speculation: Speculation | None
     return time.perf_counter() - t0, tokens, stats
 
 
+def load_clips(devset: Path, backend: OrtBackend) -> tuple[list[Path], list[list[Encoded]]]:
+    """The dev set's audio files, each cut into encoded segments as `pianolm transcribe` cuts."""
+    files = sorted(p for p in devset.glob("dev_*") if p.suffix in AUDIO)
+    peak = backend.manifest.input_peak
+    return files, [[Encoded(backend, s) for s in segment_audio(normalise_peak(load_audio(p),
+                                                                               peak))]
+                   for p in files]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devset", type=Path, default=Path("../shared/devset"))
@@ -75,10 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     backend = OrtBackend(args.model, threads=args.threads)
     m = backend.manifest
-    files = sorted(p for p in args.devset.glob("dev_*") if p.suffix in AUDIO)
-    clips = [[Encoded(backend, s) for s in segment_audio(normalise_peak(load_audio(p),
-                                                                         m.input_peak))]
-             for p in files]
+    files, clips = load_clips(args.devset, backend)
     speculation = Speculation(m.encoder.frames_per_second, m.encoder.rolls.thresholds)
     times: dict[str, list[float]] = {"plain": [], "speculative": []}
     counts: dict[str, dict] = {}
