@@ -106,7 +106,7 @@ def _drafts(kind: str, greedy: list[list[int]], rng: np.random.Generator):
 
 @pytest.mark.parametrize("model", ["hier", "aligned"])
 @pytest.mark.parametrize("kind", ["ort", "torch"])
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 8])
 def test_speculative_onsets_equal_greedy(exported, aligned, model, kind, batch):  # noqa: F811
     system, folder = _models(exported, aligned)[model]
     backend = _backends(system, folder)[kind]
@@ -195,7 +195,7 @@ def _rows_and_notes(batch: int, rng: np.random.Generator):
 
 @pytest.mark.parametrize("model", ["hier", "aligned"])
 @pytest.mark.parametrize("kind", ["ort", "torch"])
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 8])
 def test_parallel_velocities_and_offsets_equal_greedy(exported, aligned,  # noqa: F811
                                                       model, kind, batch):
     system, folder = _models(exported, aligned)[model]
