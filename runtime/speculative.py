@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -112,8 +112,11 @@ class FlatDraft:
     notes by (time, pitch), then the carried ones in carried-block order."""
 
     groups: list[tuple[int, int, int, int]]
-    keys: list[tuple[int, int, int]]  # each group's place in that order (FlatDraft.key)
     carried_rank: dict[int, int]  # pitch -> place among the carried notes
+    keys: list[tuple[int, int, int]] = field(init=False)  # each group's place in that order
+
+    def __post_init__(self) -> None:
+        self.keys = [self.key(on, pitch) for on, pitch, _, _ in self.groups]
 
     @classmethod
     def from_draft(cls, draft: Draft, carried: Sequence[int]) -> FlatDraft:
@@ -128,9 +131,7 @@ class FlatDraft:
         carried = [p for p in carried if first_onset.get(p) != 0]
         groups += [(V.NOTE_SUSTAIN, V.pitch_token(p), draft.offset(0, p, first_onset.get(p, -1)),
                     draft.velocity(0, p)) for p in carried]
-        draft_ = cls(groups, [], {p: i for i, p in enumerate(carried)})
-        draft_.keys = [draft_.key(on, pitch) for on, pitch, _, _ in groups]
-        return draft_
+        return cls(groups, {p: i for i, p in enumerate(carried)})
 
     def key(self, on: int, pitch: int) -> tuple[int, int, int]:
         if on == V.NOTE_SUSTAIN:
