@@ -68,8 +68,12 @@ def test_detune_shifts_pitch():
 def test_other_augmentations_keep_timing_and_length():
     x = clicks(ONSETS, 4.0)
     rng = np.random.default_rng(0)
+    room, _ = A.room_ir(rng, 0.8)
+    mic, _ = A.mic_chain(rng)
+    comp, _ = A.compressor(rng)
     for y in (A.eq_tilt(x, 3.0), A.add_reverb(x, 0.8, 0.4, rng), A.add_noise(x, 30.0, rng),
-              A.apply_gain(x, -6.0)):
+              A.apply_gain(x, -6.0), A.convolve(x, room).astype(np.float32),
+              A._through(mic, x), A._through(comp, x)):
         assert len(y) == len(x) and y.dtype == np.float32
         found = detect(y, len(ONSETS))
         assert max(abs(a - b) for a, b in zip(found, ONSETS, strict=True)) < 0.006
@@ -78,7 +82,7 @@ def test_other_augmentations_keep_timing_and_length():
 def test_augment_chain():
     x = clicks(ONSETS, 4.0)
     seen = set()
-    for seed in range(20):
+    for seed in range(30):
         out = A.augment(x, NOTES, PEDAL, seed)
         assert len(out.audio) == len(x) and np.isfinite(out.audio).all()
         assert 0 < np.abs(out.audio).max() <= 0.99
@@ -87,7 +91,8 @@ def test_augment_chain():
         assert [n.onset for n in out.notes] == [n.onset / factor for n in NOTES]
         found = detect(out.audio, len(out.notes))
         assert max(abs(a - n.onset) for a, n in zip(found, out.notes, strict=True)) < 0.008
-    assert {"detune", "tilt_db_per_octave", "reverb", "noise", "gain_db"} <= seen
+    assert {"detune", "room", "mic", "compress", "tilt_db_per_octave", "reverb", "noise",
+            "gain_db"} <= seen
     a, b = A.augment(x, NOTES, PEDAL, 3), A.augment(x, NOTES, PEDAL, 3)
     assert np.array_equal(a.audio, b.audio) and a.params == b.params
 

@@ -133,6 +133,10 @@ def test_sample_names_parse():
     assert R.sample_name_to_pitch("D#4v8.ogg") == (63, 8)
     assert R.sample_name_to_pitch("C8v16.ogg") == (108, 16)
     assert R.sample_name_to_pitch("README.md") is None
+    assert R.iowa_name_to_pitch("Piano.ff.A0.flac") == (21, 3)
+    assert R.iowa_name_to_pitch("Piano.pp.Ab1.flac") == (32, 1)
+    assert R.iowa_name_to_pitch("Piano.mf.C8.flac") == (108, 2)
+    assert R.iowa_name_to_pitch("C4v8.ogg") is None
 
 
 def test_unknown_or_missing_instrument_says_why():

@@ -117,6 +117,28 @@ def test_validation_tuning_and_embeddings(dataset, tmp_path):
     assert items[0].files[0.0].stat().st_mtime_ns == mtime
 
 
+def test_held_out_validation_reports_each_piano_and_chooses_on_it(dataset, tmp_path):
+    held_out = make_dataset(tmp_path / "held", n_train=0, n_val=2, seed=5,
+                            pianos=("piano-a", "piano-b"))
+    out = tmp_path / "enc"
+    _run(out, dataset, steps=2, val_every=2, val_items=2, validation=str(held_out),
+         best_metric="onset_offset_f")
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["kind"] == "val"][0]
+    assert set(val["pianos"]) == {"piano-a", "piano-b"}
+    assert {"onset_f", "onset_offset_f", "onset_offset_velocity_f"} <= set(val["pianos"]["piano-a"])
+    state = torch.load(out / "state.pt", weights_only=False)
+    assert state["best_f"] == val["onset_offset_f"]  # the best is held-out onset+offset F1
+    # per piano = that piano's pieces alone: two pianos, one piece each
+    both = np.mean([val["pianos"][k]["onset_f"] for k in ("piano-a", "piano-b")])
+    assert both == pytest.approx(val["onset_f"])
+
+    result = tune_rolls(out, f"{dataset},{held_out}", n_items=2, encoder=_stub(),
+                        devset="none", quiet=True)
+    assert set(result["validation"]["pianos"]) == {"piano-a", "piano-b"}
+    assert read_encoder_meta(out)["rolls_tuned_on"]["items"] == 3  # 1 + 2 pieces
+
+
 def test_fine_tuning_one_head_moves_that_head_only(dataset, tmp_path):
     """--init RUN --train-only velocity: starts from the run's weights; only the velocity
     head's parameters change, so the other rolls (and their embedding columns) stay put."""

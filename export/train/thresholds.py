@@ -35,9 +35,11 @@ from .encoder import (
     ScoredPiece,
     devset_pieces,
     load_encoder,
+    score_by_piano,
     validation_pieces,
 )
 from .evaluate import mean_scores, score_notes
+from .targets import TargetConfig
 
 
 def tune_roll_thresholds(pieces: Sequence[ScoredPiece], fps: float,
@@ -100,6 +102,10 @@ def tune_rolls(encoder_dir: str | os.PathLike, data_root: str | os.PathLike,
     if not pieces:
         raise ValueError(f"{data_root}: no validation pieces to tune on")
     cfg, val = tune_roll_thresholds(pieces, fps)
+    targets = TargetConfig(**meta.get("targets", {"frames_per_second": fps}))
+    by_piano = score_by_piano(pieces, fps, targets, cfg)
+    if "pianos" in by_piano:
+        val["pianos"] = by_piano["pianos"]
     meta["rolls"] = cfg.to_dict()
     meta["rolls_tuned_on"] = {"data_root": str(data_root), "items": len(pieces),
                               "weights": BEST_FILE if best else ENCODER_FILE}
@@ -124,8 +130,10 @@ def tune_rolls(encoder_dir: str | os.PathLike, data_root: str | os.PathLike,
 def add_cli(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("tune-rolls", help="tune roll-decoding thresholds on validation pieces")
     t.add_argument("--encoder-dir", required=True, help="encoder run folder")
-    t.add_argument("--data", required=True, help="rendered dataset root")
-    t.add_argument("--items", type=int, default=32, help="validation pieces to tune on")
+    t.add_argument("--data", required=True,
+                   help="rendered dataset root(s), comma-separated: renders of held-out pianos "
+                        "choose thresholds for pianos never heard in training")
+    t.add_argument("--items", type=int, default=32, help="validation pieces to tune on, per root")
     t.add_argument("--last", action="store_true", help="tune encoder.safetensors, not best")
     t.add_argument("--devset", default="")
     t.add_argument("--threads", type=int, default=None)
