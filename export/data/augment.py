@@ -4,10 +4,11 @@ compression, gain, EQ tilt, reverb, noise, detune.
     out = augment(audio, notes, pedal, seed=3)      # Augmented(audio, notes, pedal, params)
 
 A room is a shoebox of random size and wall absorption (pyroomacoustics' image-source
-model, Sabine's formula for the walls), with the piano and the microphone at random places in
-it; its impulse response is aligned so the direct sound stays where it was. A microphone is a
-random low cut and presence / air EQ (pedalboard's filters); compression is pedalboard's
-compressor at moderate ratios (it changes levels, so it is rarer: velocity is read from them).
+model, Sabine's formula for the walls), with the piano at a random place in it and the
+microphone 0.3-5 m away; its impulse response is aligned so the direct sound stays where it
+was. A microphone is a random low cut and presence / air EQ (pedalboard's filters);
+compression is pedalboard's compressor at moderate ratios (it changes levels, so it is rarer:
+velocity is read from them).
 These, gain, EQ tilt, reverb and noise leave the timing alone (reverb adds a wet tail after
 the dry signal), so the labels pass through unchanged. Detune
 resamples the audio by a factor f (~1 +- 0.5 %): the audio plays f times faster, so pitch
@@ -113,16 +114,21 @@ def room_ir(rng: np.random.Generator, rt60: float, size: tuple[float, float] = (
     absorption, order = pra.inverse_sabine(rt60, dims)
     room = pra.ShoeBox(dims, fs=SAMPLE_RATE, materials=pra.Material(float(absorption)),
                        max_order=int(min(order, max_order)), air_absorption=True)
+    # the piano anywhere; the microphone where one records a piano: 0.3-5 m away
     margin = 0.5
-    source = [rng.uniform(margin, d - margin) for d in dims[:2]] + [rng.uniform(0.8, 1.2)]
-    mic = [rng.uniform(margin, d - margin) for d in dims[:2]] + [rng.uniform(1.0, 2.5)]
-    room.add_source(source)
-    room.add_microphone(mic)
+    source = np.array([rng.uniform(margin, d - margin) for d in dims[:2]]
+                      + [rng.uniform(0.8, 1.2)])
+    angle, distance = rng.uniform(0.0, 2 * np.pi), np.exp(rng.uniform(np.log(0.3), np.log(5.0)))
+    mic = source + distance * np.array([np.cos(angle), np.sin(angle), 0.0])
+    mic[2] = rng.uniform(1.0, 2.5)
+    mic = np.clip(mic, margin, dims - margin)
+    room.add_source(list(source))
+    room.add_microphone(list(mic))
     room.compute_rir()
     ir = np.asarray(room.rir[0][0], dtype=np.float64)
     direct = int(np.argmax(np.abs(ir)))  # the direct path is the strongest arrival
     ir = ir[direct:] / (abs(ir[direct]) + 1e-12)
-    distance = float(np.linalg.norm(np.subtract(source, mic)))
+    distance = float(np.linalg.norm(source - mic))
     return ir.astype(np.float32), {"dims": [round(float(d), 1) for d in dims],
                                    "rt60": round(rt60, 2), "distance": round(distance, 2)}
 
