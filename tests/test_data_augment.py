@@ -108,3 +108,14 @@ def test_noise_snr_and_tilt_direction():
     spec = np.abs(np.fft.rfft(bright)) ** 2
     f = np.fft.rfftfreq(SR, 1 / SR)
     assert spec[(f > 4000) & (f < 8000)].mean() > 10 * spec[(f > 100) & (f < 300)].mean()
+
+
+def test_recorded_conditions_are_a_room_and_a_microphone_only():
+    x = clicks(ONSETS, 4.0)
+    for seed in range(5):
+        out = A.augment(x, NOTES, PEDAL, seed, A.RECORDED)
+        assert set(out.params) == {"room", "mic", "gain_db"}
+        assert 0.3 - 1e-6 <= out.params["room"]["distance"] <= 5.0 + 1e-6
+        assert out.notes == list(NOTES)  # no detune: the labels are the notes as played
+        found = detect(out.audio, len(out.notes))
+        assert max(abs(a - n.onset) for a, n in zip(found, out.notes, strict=True)) < 0.008

@@ -53,6 +53,16 @@ class AugmentConfig:
     detune: float = 0.005                             # |f - 1| at most
 
 
+# A recording, not a training augmentation: every clip in a room through a microphone, at a
+# level somewhat below full scale; no added noise, compression, tilt, tail or detune. The
+# held-out pianos' validation and evaluation renders use it (benchmarks/make_heldout_set.py).
+RECORDED = AugmentConfig(gain_db=(-6.0, 0.0), room_probability=1.0, mic_probability=1.0,
+                         compress_probability=0.0, tilt_probability=0.0,
+                         reverb_probability=0.0, noise_probability=0.0,
+                         detune_probability=0.0)
+CONDITIONS = {"train": AugmentConfig(), "recorded": RECORDED}
+
+
 @dataclass
 class Augmented:
     audio: np.ndarray
@@ -229,7 +239,7 @@ def augment(audio: np.ndarray, notes: Sequence[Note], pedal: Sequence[Pedal], se
         tilt = float(rng.uniform(*cfg.tilt_db_per_octave))
         x = eq_tilt(x, tilt)
         params["tilt_db_per_octave"] = round(tilt, 2)
-    if rng.random() < cfg.reverb_probability:
+    if rng.random() < cfg.reverb_probability and "room" not in params:  # one room per clip
         rt60, wet = float(rng.uniform(*cfg.rt60)), float(rng.uniform(*cfg.wet))
         x = add_reverb(x, rt60, wet, rng)
         params["reverb"] = {"rt60": round(rt60, 2), "wet": round(wet, 3)}

@@ -36,7 +36,7 @@ import soundfile as sf
 from pianolm.runtime.midi import read_notes_tsv, write_notes_tsv
 from pianolm.runtime.notes import Note
 
-from .augment import AugmentConfig, augment
+from .augment import CONDITIONS, AugmentConfig, augment
 from .common import Pedal, Piece, merge_pedal
 from .corpus import corpus_clip, music21_available
 from .generate import generate_piece
@@ -265,7 +265,12 @@ def main_render(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--corpus-fraction", type=float, default=0.5,
                     help="share of clips from the music21 corpus (rest: generated)")
-    ap.add_argument("--no-augment", action="store_true")
+    ap.add_argument("--conditions", choices=[*CONDITIONS, "dry"], default="train",
+                    help="train: the augmentation chain (export/data/augment.py); recorded: "
+                         "every clip in a room through a microphone, nothing else (for "
+                         "validation and evaluation sets); dry: the renderer's output")
+    ap.add_argument("--no-augment", dest="conditions", action="store_const", const="dry",
+                    help="the same as --conditions dry")
     ap.add_argument("--list-instruments", action="store_true",
                     help="print the instruments and whether they render here, then exit")
     args = ap.parse_args(argv)
@@ -278,7 +283,8 @@ def main_render(argv: Sequence[str] | None = None) -> int:
     try:
         index = render_dataset(args.out, args.pieces, args.seconds, args.seed,
                                args.instruments, args.workers, args.val_fraction,
-                               args.corpus_fraction, not args.no_augment, progress=True)
+                               args.corpus_fraction, args.conditions != "dry",
+                               CONDITIONS.get(args.conditions), progress=True)
     except RuntimeError as e:
         print(f"pianolm data render: {e}", file=sys.stderr)
         return 2
