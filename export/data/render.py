@@ -303,7 +303,10 @@ def _render_fluidsynth(notes: Sequence[Note], pedal: Sequence[Pedal], duration: 
     with tempfile.TemporaryDirectory(prefix="pianolm-fs-") as tmp:
         mid, wav = os.path.join(tmp, "in.mid"), os.path.join(tmp, "out.wav")
         render_midi(notes, pedal, program, duration).save(mid)
+        # dynamic sample loading: only the preset's samples are read (and, from an SF3,
+        # decompressed); the same audio, 3x sooner for MuseScore_General.sf3
         _run(["fluidsynth", "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.6",
+              "-o", "synth.dynamic-sample-loading=1",
               "-r", str(SYNTH_RATE), "-O", "float", "-T", "wav", "-F", wav, str(sf2), mid],
              "fluidsynth", timeout=60 + 4 * duration)
         x, rate = sf.read(wav, dtype="float32", always_2d=True)

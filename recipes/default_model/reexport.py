@@ -11,7 +11,9 @@ encoder beside the same stage decoders (`--encoder-dir`: the roll thresholds `pi
 tune-rolls` stored in its encoder.json); kept as the record of how the shipped graphs were made.
 
     python recipes/default_model/reexport.py [--checkpoint work/runs/default-system]
-        [--encoder-dir work/runs/hppnet-cpu2]
+        [--encoder-dir work/runs/hppnet-cpu2] [--out work/models/candidate]
+
+`--out` writes the model elsewhere (default: over engines/default), to evaluate it first.
 """
 
 from __future__ import annotations
@@ -98,7 +100,10 @@ def main() -> int:
     ap.add_argument("--encoder-dir", type=Path, default=ENCODER_RUN,
                     help="encoder run to ship (default: the shipped encoder's committed record, "
                          "checked against the shipped graph)")
+    ap.add_argument("--out", type=Path, default=SHIPPED,
+                    help="model folder to write (default: over engines/default)")
     args = ap.parse_args()
+    out = args.out.resolve()
     raw = json.loads((SHIPPED / MANIFEST_FILE).read_text())
     encoder_dir = args.encoder_dir.resolve()
     encoder, encoder_meta = load_encoder(encoder_dir)
@@ -137,17 +142,18 @@ def main() -> int:
               f"encoder {where}")
     checkpoint = save_system(system, args.checkpoint, metadata={"rolls": rolls,
                                                                 "rebuilt_from": origin})
-    with tempfile.TemporaryDirectory(dir=SHIPPED.parent) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         manifest = export_model(system, tmp, source_checkpoint=checkpoint)
         write_manifest(replace(manifest, folder=None, default_decoder=raw["default_decoder"]),
                        tmp)
         for name in KEEP:
             shutil.copy2(SHIPPED / name, Path(tmp) / name)
-        shutil.rmtree(SHIPPED)
-        shutil.copytree(tmp, SHIPPED)
-    SHIPPED.chmod(0o755)  # mkdtemp's 0700 came along
-    m = load_manifest(SHIPPED)
-    print(f"{SHIPPED}: format {m.format_version}, default decoder {m.default_decoder}, "
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tmp, out)
+    out.chmod(0o755)  # mkdtemp's 0700 came along
+    m = load_manifest(out)
+    print(f"{out}: format {m.format_version}, default decoder {m.default_decoder}, "
           f"rolls {m.encoder.rolls.thresholds}")
     return 0
 

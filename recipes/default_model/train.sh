@@ -97,6 +97,30 @@ wait
 # (2000 further onset steps on the same data, lr 3e-4 from its best weights, left validation
 # loss at 1.28 and greedy onset F1 at 0.80-0.82: the data is the limit; log-continued.jsonl)
 
+step "generalization (MODEL.md, 'Pianos never heard'): held-out pianos, more pianos, rooms"
+# Two pianos no training render uses (csound-gm, iowa-steinway), in a room through a
+# microphone: 12 pieces each to evaluate on (seed 7), 8 each to choose on (seed 11).
+for p in csound-gm iowa-steinway; do
+  python benchmarks/make_heldout_set.py --out "$work/heldout/$p" --instrument "$p" --pieces 12 \
+    --seed 7 --workers 2
+done
+heldout_val="$work/data/heldout-val"
+pianolm data render --out "$heldout_val" --pieces 16 --seconds 30 --seed 11 \
+  --instruments csound-gm iowa-steinway --val-fraction 1 --conditions recorded --workers 2
+# six training pianos (MuseScore General's grand added), rooms, microphones, compression
+data3="$work/data/synth3"
+pianolm data render --out "$data3" --pieces 1000 --seconds 30 --seed 3 --workers 2
+enc4="$runs/hppnet-vl-gen"
+if [[ -f "$enc4/state.pt" ]]; then
+  pianolm train encoder --out "$enc4" --resume
+else
+  pianolm train encoder --data "$data3" --encoder hppnet-cpu-vl --init "$enc3" --out "$enc4" \
+    --steps 1200 --batch 4 --crop-seconds 4 --lr 3e-4 --warmup-steps 20 --gain-db 2 \
+    --val-every 200 --val-items 16 --validation "$heldout_val" --best-metric onset_offset_f \
+    --save-every 50 --threads 2
+fi
+pianolm train tune-rolls --encoder-dir "$enc4" --data "$heldout_val" --items 16 --threads 2
+
 step "assemble, export, evaluate"
 # each run's best weights (lowest validation loss): validation chooses, the dev set does not
 pianolm train assemble --encoder-dir "$enc3" --onset "$runs/onset-time" \
