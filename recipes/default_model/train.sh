@@ -19,6 +19,11 @@ emb="$work/emb"
 out="${OUT:-engines/default}"
 devset="${PIANOLM_DEVSET:-../shared/devset}"
 step() { printf '\n== %s\n' "$*"; }
+resume_or_run() {  # kind (encoder | lm), run folder, then a new run's arguments
+  local kind="$1" out="$2"; shift 2
+  if [[ -f "$out/state.pt" ]]; then pianolm train "$kind" --out "$out" --resume
+  else pianolm train "$kind" --out "$out" "$@"; fi
+}
 
 step "render 1000 x 30 s pieces (5 pianos, music21 corpus + generated, augmented; ~6 min)"
 pianolm data render --out "$data" --pieces 1000 --seconds 30 --seed 1 --workers 2
@@ -55,13 +60,9 @@ step "encoder with the level-aware velocity head (hppnet-cpu-vl; ~60 min): the s
 # Same data; files scaled to peak 0.7 (the runtime does the same), +-2 dB jitter per crop; the
 # velocity head's new level inputs start at zero weight, so step 0 is the encoder above.
 enc3="$runs/hppnet-vl"
-if [[ -f "$enc3/state.pt" ]]; then
-  pianolm train encoder --out "$enc3" --resume
-else
-  pianolm train encoder --data "$data2" --encoder hppnet-cpu-vl --init "$enc2" --out "$enc3" \
-    --steps 1100 --batch 4 --crop-seconds 4 --lr 3e-4 --warmup-steps 10 --gain-db 2 \
-    --val-every 275 --val-items 4 --save-every 50
-fi
+resume_or_run encoder "$enc3" --data "$data2" --encoder hppnet-cpu-vl --init "$enc2" \
+  --steps 1100 --batch 4 --crop-seconds 4 --lr 3e-4 --warmup-steps 10 --gain-db 2 \
+  --val-every 275 --val-items 4 --save-every 50
 pianolm train tune-rolls --encoder-dir "$enc3" --data "$data2" --items 12 --last --threads 2
 
 step "embeddings: the shipped encoder's (301 train, 12 validation pieces), oracle rolls (all)"
@@ -79,19 +80,15 @@ step "LM stages, time-aligned cross-attention (docs/decoder.md), side by side (~
 lm=(--embeddings "$emb/mix-vl" --preset mini --batch 8 --warmup-steps 50 --val-every 250
     --val-segments 36 --decode-segments 12 --threads 1 --log-every 50 --save-every 250
     --cross-positions time --look-ahead)
-run_lm() {  # run folder, then a new run's arguments; resumes the run if it has a state
-  local out="$1"; shift
-  if [[ -f "$out/state.pt" ]]; then pianolm train lm --out "$out" --resume
-  else pianolm train lm --out "$out" "$@"; fi
-}
-run_lm "$runs/onset-time" --stage onset --steps 3500 --lr 5e-4 --time-head pointer "${lm[@]}" &
-run_lm "$runs/offset-time" --stage offset --steps 3000 --lr 5e-4 --time-head pointer \
+resume_or_run lm "$runs/onset-time" --stage onset --steps 3500 --lr 5e-4 --time-head pointer \
+  "${lm[@]}" &
+resume_or_run lm "$runs/offset-time" --stage offset --steps 3000 --lr 5e-4 --time-head pointer \
   "${lm[@]}" &
 # velocity from the onset stage (from scratch it did not read the audio): the shipped run
 # started from the onset run's best weights after its step-750 validation (~20 min in)
 until [[ -f "$runs/onset-time/best.safetensors" && -f "$runs/onset-time/state.pt" ]] &&
       grep -q '"step": 750' "$runs/onset-time/log.jsonl" 2>/dev/null; do sleep 60; done
-run_lm "$runs/velocity-time" --stage velocity --init "$runs/onset-time" --steps 2500 \
+resume_or_run lm "$runs/velocity-time" --stage velocity --init "$runs/onset-time" --steps 2500 \
   --lr 1e-3 "${lm[@]}" &
 wait
 # (2000 further onset steps on the same data, lr 3e-4 from its best weights, left validation
@@ -111,14 +108,10 @@ pianolm data render --out "$heldout_val" --pieces 16 --seconds 30 --seed 11 \
 data3="$work/data/synth3"
 pianolm data render --out "$data3" --pieces 1000 --seconds 30 --seed 3 --workers 2
 enc4="$runs/hppnet-vl-gen"
-if [[ -f "$enc4/state.pt" ]]; then
-  pianolm train encoder --out "$enc4" --resume
-else
-  pianolm train encoder --data "$data3" --encoder hppnet-cpu-vl --init "$enc3" --out "$enc4" \
-    --steps 1200 --batch 4 --crop-seconds 4 --lr 3e-4 --warmup-steps 20 --gain-db 2 \
-    --val-every 200 --val-items 16 --validation "$heldout_val" --best-metric onset_offset_f \
-    --save-every 50 --threads 2
-fi
+resume_or_run encoder "$enc4" --data "$data3" --encoder hppnet-cpu-vl --init "$enc3" \
+  --steps 1200 --batch 4 --crop-seconds 4 --lr 3e-4 --warmup-steps 20 --gain-db 2 \
+  --val-every 200 --val-items 16 --validation "$heldout_val" --best-metric onset_offset_f \
+  --save-every 50 --threads 2
 pianolm train tune-rolls --encoder-dir "$enc4" --data "$heldout_val" --items 16 --threads 2
 
 step "assemble, export, evaluate"
