@@ -239,26 +239,35 @@ class ScoredPiece:
     piano: str = ""  # the instrument it was rendered with ("" when unknown)
 
 
-def score_pieces(pieces: Sequence[ScoredPiece], fps: float, target_cfg: TargetConfig,
-                 roll_cfg: RollDecodeConfig) -> dict[str, float]:
-    """Roll losses, frame F1 and note-level scores of roll decoding, over whole pieces."""
-    tp = fp = fn = 0.0
-    losses: list[dict[str, float]] = []
-    notes: list[dict[str, float]] = []
-    for piece in pieces:
-        n = len(piece.rolls["onset"])
-        tgt = roll_targets(piece.reference, n, target_cfg).as_dict()
-        a, b, c = frame_f1(piece.rolls["frame"], tgt["frame"])
-        tp, fp, fn = tp + a, fp + b, fn + c
-        with torch.no_grad():
-            lo = roll_losses({k: torch.from_numpy(v)[None] for k, v in piece.rolls.items()},
-                             {k: torch.from_numpy(v)[None] for k, v in tgt.items()})
-        losses.append({("loss" if k == "loss" else f"loss_{k}"): float(v) for k, v in lo.items()})
-        notes.append(score_notes(decode_rolls(piece.rolls, fps, roll_cfg), piece.reference))
-    out = {"frame_f": _f1(tp, fp, fn), **mean_scores(losses), **mean_scores(notes)}
+def _score_piece(piece: ScoredPiece, fps: float, target_cfg: TargetConfig,
+                 roll_cfg: RollDecodeConfig) -> tuple[tuple[float, float, float],
+                                                   dict[str, float], dict[str, float]]:
+    """One piece's frame counts (tp, fp, fn), roll losses and note-level scores."""
+    n = len(piece.rolls["onset"])
+    tgt = roll_targets(piece.reference, n, target_cfg).as_dict()
+    with torch.no_grad():
+        lo = roll_losses({k: torch.from_numpy(v)[None] for k, v in piece.rolls.items()},
+                         {k: torch.from_numpy(v)[None] for k, v in tgt.items()})
+    losses = {("loss" if k == "loss" else f"loss_{k}"): float(v) for k, v in lo.items()}
+    notes = score_notes(decode_rolls(piece.rolls, fps, roll_cfg), piece.reference)
+    return frame_f1(piece.rolls["frame"], tgt["frame"]), losses, notes
+
+
+def _pooled(rows: Sequence[tuple[tuple[float, float, float], dict[str, float],
+                                 dict[str, float]]]) -> dict[str, float]:
+    """Frame F1 over the pooled counts, means of the losses and note scores."""
+    tp, fp, fn = (sum(r[0][i] for r in rows) for i in range(3))
+    out = {"frame_f": _f1(tp, fp, fn), **mean_scores(r[1] for r in rows),
+           **mean_scores(r[2] for r in rows)}
     out.pop("n_pred", None)
     out.pop("n_ref", None)
     return out
+
+
+def score_pieces(pieces: Sequence[ScoredPiece], fps: float, target_cfg: TargetConfig,
+                 roll_cfg: RollDecodeConfig) -> dict[str, float]:
+    """Roll losses, frame F1 and note-level scores of roll decoding, over whole pieces."""
+    return _pooled([_score_piece(p, fps, target_cfg, roll_cfg) for p in pieces])
 
 
 PIANO_KEYS = ("onset_f", "onset_offset_f", "onset_offset_velocity_f", "frame_f")
@@ -266,13 +275,15 @@ PIANO_KEYS = ("onset_f", "onset_offset_f", "onset_offset_velocity_f", "frame_f")
 
 def score_by_piano(pieces: Sequence[ScoredPiece], fps: float, target_cfg: TargetConfig,
                    roll_cfg: RollDecodeConfig) -> dict[str, Any]:
-    """score_pieces over all pieces, plus "pianos": the note and frame F1s of each piano's."""
-    out: dict[str, Any] = score_pieces(pieces, fps, target_cfg, roll_cfg)
-    pianos = sorted({p.piano for p in pieces if p.piano})
+    """score_pieces over all pieces, plus "pianos": the note and frame F1s of each piano's
+    (each piece is scored once)."""
+    rows = [(p.piano, _score_piece(p, fps, target_cfg, roll_cfg)) for p in pieces]
+    out: dict[str, Any] = _pooled([r for _, r in rows])
+    pianos = sorted({piano for piano, _ in rows if piano})
     if pianos:
         out["pianos"] = {}
         for name in pianos:
-            own = score_pieces([p for p in pieces if p.piano == name], fps, target_cfg, roll_cfg)
+            own = _pooled([r for piano, r in rows if piano == name])
             out["pianos"][name] = {k: own[k] for k in PIANO_KEYS}
     return out
 
