@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from pianolm.export.train.embeddings import embed_dataset, load_embeddings_index, load_items
-from pianolm.export.train.encoder import read_encoder_meta, roll_losses, train_encoder
+from pianolm.export.train.encoder import (
+    parse_loss_weights,
+    read_encoder_meta,
+    roll_losses,
+    train_encoder,
+)
 from pianolm.export.train.examples import CropSource, make_batch
 from pianolm.export.train.targets import TargetConfig
 from pianolm.export.train.thresholds import tune_rolls
@@ -50,6 +55,36 @@ def test_overfits_a_repeated_batch(dataset):
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_loss_weights_scale_their_roll_in_the_sum(dataset):
+    model = _stub()
+    src = CropSource(dataset, "train")
+    wave, targets = make_batch(src, np.random.default_rng(1), 2, 16000,
+                               model.num_frames(16000), TargetConfig(100.0))
+    with torch.no_grad():
+        rolls = model(wave).rolls
+        plain = roll_losses(rolls, targets)
+        weighted = roll_losses(rolls, targets, parse_loss_weights("offset=3,frame=0"))
+    assert torch.isclose(weighted["loss"], plain["loss"] + 2 * plain["offset"] - plain["frame"])
+    assert all(torch.equal(weighted[k], plain[k]) for k in ("onset", "offset", "frame"))
+
+
+@pytest.mark.parametrize("bad", ["offset", "pedal=2", "offset=x", "offset=-1", "onset=nan"])
+def test_bad_loss_weights_are_refused(bad):
+    with pytest.raises(ValueError, match="ROLL=WEIGHT"):
+        parse_loss_weights(bad)
+
+
+def test_bad_loss_weights_fail_in_one_line(dataset, tmp_path, capsys):
+    from pianolm.export.train import main_train
+
+    with pytest.raises(SystemExit) as e:
+        main_train(["encoder", "--data", str(dataset), "--out", str(tmp_path / "run"),
+                    "--loss-weights", "offset=x"])
+    assert e.value.code == 2
+    assert "--loss-weights: 'offset=x' is not ROLL=WEIGHT" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def _run(out, dataset, **kw):

@@ -100,6 +100,12 @@ class EncoderTrainConfig:
     init_from: str | None = None
     train_only: str = ""
     until_step: int | None = None  # stop (and save) after this step, as if interrupted
+    # roll losses weighted in the sum trained on, e.g. "offset=3" (unnamed rolls weigh 1);
+    # validation losses stay unweighted, so runs compare
+    loss_weights: str = ""
+
+    def loss_weight_map(self) -> dict[str, float]:
+        return parse_loss_weights(self.loss_weights)
 
     def target_config(self, frames_per_second: float) -> TargetConfig:
         return TargetConfig(frames_per_second=frames_per_second, soft=self.soft_targets,
@@ -111,9 +117,33 @@ class EncoderTrainConfig:
 # Loss
 
 
-def roll_losses(rolls: Mapping[str, Tensor], targets: Mapping[str, Tensor]
-                ) -> dict[str, Tensor]:
-    """BCE per roll (probabilities in, as the encoders output them) and their sum "loss".
+def parse_loss_weights(text: str) -> dict[str, float]:
+    """"offset=3,frame=2" -> {"offset": 3.0, "frame": 2.0}; ValueError on anything else."""
+    weights = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            weights[key] = -1.0
+        if key not in ROLL_LOSS_KEYS or not weights[key] >= 0:
+            raise ValueError(f"{item!r} is not ROLL=WEIGHT with ROLL one of "
+                             f"{', '.join(ROLL_LOSS_KEYS)} and WEIGHT >= 0")
+    return weights
+
+
+def _loss_weights_arg(text: str) -> str:
+    try:
+        parse_loss_weights(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def roll_losses(rolls: Mapping[str, Tensor], targets: Mapping[str, Tensor],
+                weights: Mapping[str, float] | None = None) -> dict[str, Tensor]:
+    """BCE per roll (probabilities in, as the encoders output them) and their sum "loss",
+    each roll's loss times its entry in `weights` (1 where it has none).
 
     Velocity: BCE against velocity / 127, averaged over the onset frames of `velocity_mask`
     only (Kong's masked velocity loss). Frame counts of rolls and targets may differ by a frame
@@ -128,7 +158,8 @@ def roll_losses(rolls: Mapping[str, Tensor], targets: Mapping[str, Tensor]
     p = rolls["velocity"][:, :t].float().clamp(1e-7, 1 - 1e-7)
     bce = F.binary_cross_entropy(p, targets["velocity"][:, :t], reduction="none")
     out["velocity"] = (bce * mask).sum() / mask.sum().clamp(min=1.0)
-    out["loss"] = out["onset"] + out["offset"] + out["frame"] + out["velocity"]
+    w = weights or {}
+    out["loss"] = sum(out[k] * w.get(k, 1.0) for k in ROLL_LOSS_KEYS)
     return out
 
 
@@ -366,6 +397,7 @@ def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
     if cfg.init_from and saved is None:
         load_init_weights(model, cfg.init_from)
     heads = [h for h in cfg.train_only.split(",") if h]
+    loss_weights = cfg.loss_weight_map()
     params = head_parameters(model, heads) if heads else list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -383,7 +415,7 @@ def train_encoder(data_root: str | None = None, encoder_name: str | None = None,
             wave, targets = make_batch(source, rng, cfg.batch, n_samples, n_frames, target_cfg,
                                        cfg.gain_db)
             # forward / backward
-            losses = roll_losses(model(wave).rolls, targets)
+            losses = roll_losses(model(wave).rolls, targets, loss_weights)
             if heads:
                 losses["loss"] = sum(losses[h] for h in heads)
             optimizer.zero_grad(set_to_none=True)
@@ -456,7 +488,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        ("onset-width", float), ("offset-width", float),
                        ("velocity-radius", int), ("log-every", int), ("save-every", int),
                        ("val-every", int), ("val-items", int), ("threads", int),
-                       ("until-step", int), ("train-only", str), ("best-metric", str)):
+                       ("until-step", int), ("train-only", str), ("best-metric", str),
+                       ("loss-weights", _loss_weights_arg)):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--binary-targets", dest="soft_targets", action="store_false",
                    help="onsets-and-frames binary onset/offset targets instead of Kong's")
