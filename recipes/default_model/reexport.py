@@ -3,7 +3,7 @@
 The shipped stage decoders were trained in a session whose LM checkpoints did not survive; their
 weights live on only in the exported ONNX graphs. This script reads them back out (every MatMul
 weight is named by the module scope the exporter records on its node), rebuilds the system with
-the committed encoder weights (recipes/default_model/record/encoder-gen/), checks the rebuilt
+the committed encoder weights (recipes/default_model/record/encoder-gen2/), checks the rebuilt
 PyTorch modules against the old graphs on random inputs, saves a checkpoint and exports it over
 engines/default/ with the same roll thresholds and default decoder (MODEL.md and LICENSE.md
 stay). Used for manifest format 2 -> 3 (per-layer caches), and to ship a further-trained
@@ -41,7 +41,7 @@ from pianolm.runtime.manifest import MANIFEST_FILE, load_manifest, write_manifes
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "engines" / "default"
-ENCODER_RUN = Path(__file__).resolve().parent / "record" / "encoder-gen"  # the shipped one
+ENCODER_RUN = Path(__file__).resolve().parent / "record" / "encoder-gen2"  # the shipped one
 KEEP = ("MODEL.md", "LICENSE.md")
 
 
