@@ -77,24 +77,37 @@ def _matched(a: list[Note], b: list[Note], tol: float = 0.05) -> int:
     return len(used)
 
 
+CLIPS = ("dev_01.wav", "dev_02.wav", "dev_04.wav")
+
+
 @pytest.fixture(scope="module")
-def devclip(devset) -> tuple[np.ndarray, int]:
-    x, rate = sf.read(devset / "dev_01.wav", dtype="float32")
-    return x, rate
+def devclips(devset) -> list[tuple[np.ndarray, int, list[Note]]]:
+    """Three dev clips, each with the shipped model's notes (rolls) for the whole clip."""
+    from pianolm.runtime.transcriber import Transcriber
+
+    t = Transcriber(decoder="rolls", threads=2)
+    clips = []
+    for name in CLIPS:
+        x, rate = sf.read(devset / name, dtype="float32")
+        clips.append((x, rate, t.transcribe((x, rate)).notes))
+    return clips
 
 
 @pytest.mark.parametrize("seconds", [1, 2, 3, 5, 10.4, 11])
-def test_first_seconds_give_the_whole_clips_notes(devclip, seconds: float) -> None:
+def test_first_seconds_give_the_whole_clips_notes(devclips, seconds: float) -> None:
     """The shipped model (rolls): the notes of a clip's first N s equal the whole clip's there
-    (same key, onset within 50 ms), for every N, also just over one segment; before the fix
-    1 s gave 5 of 10. Notes within 0.1 s of the cut are left out (the cut changes them)."""
+    (same key, onset within 50 ms), pooled over three clips, for every N, also just over one
+    segment. Zero-padding a short input instead of tiling it fails this (1 s: 23 of 28 notes;
+    2 s: 47 of 53); pooled, because on one clip a single borderline note decides 0.95. Notes
+    within 0.1 s of the cut are left out (the cut changes them)."""
     from pianolm.runtime.transcriber import Transcriber
 
-    x, rate = devclip
     t = Transcriber(decoder="rolls", threads=2)
-    full = [n for n in t.transcribe((x, rate)).notes if n.onset < seconds - 0.1]
-    cut = [n for n in t.transcribe((x[: int(seconds * rate)], rate)).notes
-           if n.onset < seconds - 0.1]
-    assert len(full) >= 8
-    both = _matched(full, cut)
-    assert both >= 0.95 * max(len(full), len(cut)), (len(full), len(cut), both)
+    both = total = 0
+    for x, rate, whole in devclips:
+        full = [n for n in whole if n.onset < seconds - 0.1]
+        cut = [n for n in t.transcribe((x[: int(seconds * rate)], rate)).notes
+               if n.onset < seconds - 0.1]
+        both, total = both + _matched(full, cut), total + max(len(full), len(cut))
+    assert total >= 20
+    assert both >= 0.95 * total, (total, both)
