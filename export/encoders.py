@@ -80,6 +80,12 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.encoder = encoder
 
+    @property
+    def roll_keys(self) -> tuple[str, ...]:
+        """The rolls the graph outputs: ROLL_KEYS, then an encoder's pedal rolls if it has a
+        pedal model (its `roll_keys`; runtime/graphs.py ENCODER_PEDAL_IO)."""
+        return getattr(self.encoder, "roll_keys", ROLL_KEYS)
+
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.encoder(waveform)
-        return (out.embedding, *(out.rolls[key] for key in ROLL_KEYS))
+        return (out.embedding, *(out.rolls[key] for key in self.roll_keys))

@@ -49,6 +49,7 @@ from pianolm.export.precision import EXTERNAL_DATA_BYTES, convert_model, graph_s
 from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
 from pianolm.runtime import vocab
 from pianolm.runtime.graphs import (
+    ENCODER_PEDAL_IO,
     ENCODER_ROLLS_IO,
     cache_length_axis,
     cache_shape,
@@ -154,9 +155,10 @@ def _encoder_plan(encoder: nn.Module, samples: int) -> _Plan:
     g = torch.Generator().manual_seed(0)
     wave = 0.1 * torch.randn(EX_BATCH, samples, generator=g)
     frames = {0: "batch", 1: "frames"}
-    return _Plan(EncoderGraph(encoder), (wave,), ENCODER_ROLLS_IO,
-                 {"waveform": {0: "batch", 1: "samples"}, "embeddings": frames,
-                  **{key: frames for key in ROLL_KEYS}})
+    graph = EncoderGraph(encoder)
+    io = ENCODER_PEDAL_IO if graph.roll_keys != ROLL_KEYS else ENCODER_ROLLS_IO
+    return _Plan(graph, (wave,), io, {"waveform": {0: "batch", 1: "samples"},
+                                      "embeddings": frames, **{k: frames for k in io[1][1:]}})
 
 
 def _cache_axes(names: Sequence[str], length: str) -> dict[str, dict[int, str]]:
@@ -319,12 +321,9 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
         log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
         return graph_spec(out / name, "fp32")
 
-    encoder = EncoderSpec(
-        name=system.config.encoder, embed_dim=int(enc.embed_dim),
-        frames_per_second=float(enc.frames_per_second),
-        frames_per_segment=int(enc.frames_per_segment), config=_encoder_config(enc),
-        graph=export(_encoder_plan(enc, example_samples), "encoder.onnx"),
-        rolls=roll_thresholds(source_checkpoint, metadata))
+    encoder = _encoder_spec(enc, system.config.encoder, roll_thresholds(source_checkpoint,
+                                                                         metadata),
+                            export(_encoder_plan(enc, example_samples), "encoder.onnx"))
     stages = []
     for stage, decoder in system.decoders.items():
         cfg = decoder.cfg
@@ -347,6 +346,46 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
                         segment_samples=SEGMENT_SAMPLES, encoder=encoder, stages=tuple(stages),
                         source=source, versions=_versions(),
                         input_peak=getattr(system.encoder, "input_peak", None))
+    write_manifest(manifest, out)
+    return load_manifest(out)
+
+
+def _encoder_spec(encoder: nn.Module, name: str, rolls: RollsSpec, graph: GraphSpec
+                  ) -> EncoderSpec:
+    """The manifest's `encoder` section for an exported encoder graph."""
+    pedal = EncoderGraph(encoder).roll_keys != ROLL_KEYS
+    return EncoderSpec(name=name, embed_dim=int(encoder.embed_dim),
+                       frames_per_second=float(encoder.frames_per_second),
+                       frames_per_segment=int(encoder.frames_per_segment),
+                       config=_encoder_config(encoder), graph=graph,
+                       rolls=replace(rolls, pedal=pedal))
+
+
+def export_rolls_model(encoder: nn.Module, name: str, out_dir: str | Path, rolls: RollsSpec,
+                       source: SourceSpec, precision: str = "fp32", segmenting: str = "pianolm",
+                       opset: int = OPSET, example_samples: int = EX_SAMPLES) -> Manifest:
+    """A rolls-only model folder: the encoder graph alone (manifest without stages, default
+    decoder "rolls"), e.g. a peer's encoder imported by `pianolm import`. Its notes come from
+    the rolls, decoded as `rolls.thresholds` says; `segmenting` is how audio is cut
+    (runtime/manifest.py SEGMENTINGS)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if precision != "fp32":
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-fp32-") as tmp:
+            export_rolls_model(encoder, name, tmp, rolls, source, "fp32", segmenting, opset,
+                               example_samples)
+            return convert_model(tmp, out, precision)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-written folder must not look complete
+    encoder = encoder.float().eval()
+    _export(_encoder_plan(encoder, example_samples), out / "encoder.onnx", opset,
+            EXTERNAL_DATA_BYTES)
+    spec = _encoder_spec(encoder, name, rolls, graph_spec(out / "encoder.onnx", "fp32"))
+    manifest = Manifest(precision="fp32", opset=opset, sample_rate=16000,
+                        segment_samples=SEGMENT_SAMPLES, encoder=spec, stages=(),
+                        source=source, versions=_versions(), default_decoder="rolls",
+                        input_peak=getattr(encoder, "input_peak", None), segmenting=segmenting)
     write_manifest(manifest, out)
     return load_manifest(out)
 

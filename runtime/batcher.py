@@ -218,7 +218,8 @@ class SegmentBatcher:
         by_state = {id(job.state): job for job in jobs}
         for state, notes in finished:
             job = by_state[id(state)]
-            self._finish(job, None, Transcription(job.name, notes, state.duration_s))
+            self._finish(job, None, Transcription(job.name, notes, state.duration_s,
+                                                    state.pedals))
         for job in jobs:  # never left waiting: every row decoded and still no notes
             if job.exhausted and not job.future.done():
                 self._finish(job, DecodeFailed(f"{job.name}: decoding ended without notes"))

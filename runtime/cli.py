@@ -195,8 +195,9 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
                 result.write_midi(midi_paths[k])
                 if args.notes:
                     result.write_notes(note_paths[k], args.notes)
-                bar.write(f"{result.source} -> {midi_paths[k]} ({len(result.notes)} notes)",
-                          file=sys.stdout)
+                pedals = f", {len(result.pedals)} pedal presses" if result.pedals else ""
+                bar.write(f"{result.source} -> {midi_paths[k]} ({len(result.notes)} notes"
+                          f"{pedals})", file=sys.stdout)
     except (AudioError, BackendUnavailable, ManifestError, MidiError, OSError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
     report = transcriber.report
@@ -333,6 +334,9 @@ PASS_THROUGH = {
               "train encoder / LM stages: `pianolm train --help`"),
     "export": ("pianolm.export.onnx_export", "main_export",
                "export a model to ONNX: `pianolm export --help`"),
+    "import": ("pianolm.export.importing", "main_import",
+               "a peer's checkpoint (Kong et al.'s CRNN) -> a model folder: "
+               "`pianolm import --help`"),
     "build-engines": ("pianolm.runtime.trt_build", "main_build_engines",
                       "TensorRT engines for an export: `pianolm build-engines --help`"),
     "bench": ("pianolm.export.bench", "main_bench",

@@ -15,7 +15,10 @@ encoder's own roll-decoded notes (runtime/rolls.py, Kong-style thresholds from t
 the baseline the paper's claim "LM decoding beats roll outputs" is measured against. Both come
 from one encoder run per segment: `RollTap` keeps the rolls of the run the decode loop makes.
 Models exported before the encoder graph had roll outputs (manifest format 1) are scored on
-the LM notes only, and the result says why.
+the LM notes only, and the result says why. A rolls-only model (`pianolm import kong`) is
+scored on its roll notes alone, read exactly as `pianolm transcribe` reads them (its own
+segmenting and post-processor). Where the model has a pedal and a clip's reference is a MIDI
+file, its pedal intervals are scored too (metrics.score_pedals: pedal onset and onset+offset F1).
 
 Torch-free: numpy, onnxruntime and mir_eval (`pip install 'pianolm[eval]'`).
 """
@@ -34,6 +37,7 @@ import numpy as np
 
 from .audio import AudioInfo, probe_audio, tail_start
 from .backend import RollBackend, StageSession
+from .kong_rolls import kong_notes
 from .manifest import MANIFEST_FILE, Manifest, file_sha256, load_manifest
 from .metrics import (
     METRICS,
@@ -43,9 +47,10 @@ from .metrics import (
     mean_scores,
     require_mir_eval,
     score_notes,
+    score_pedals,
 )
-from .midi import atomic_write, read_midi, read_notes_tsv
-from .notes import Note
+from .midi import atomic_write, read_midi, read_midi_with_pedal, read_notes_tsv
+from .notes import Note, Pedal
 from .report import Report
 from .rolls import ROLL_KEYS, decode_rolls, join_segments
 from .transcriber import (
@@ -113,6 +118,13 @@ def read_reference(path: str | os.PathLike) -> list[Note]:
     return read_midi(path, extend_pedal=True)
 
 
+def read_reference_pedals(path: str | os.PathLike) -> list[Pedal] | None:
+    """A MIDI reference's sustain-pedal intervals; None for a .tsv (it holds no pedal)."""
+    if Path(path).suffix.lower() == ".tsv":
+        return None
+    return read_midi_with_pedal(path)[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Rolls from the decode loop's own encoder run
 
@@ -171,6 +183,7 @@ class ClipResult:
     reference: str
     duration_s: float
     scores: dict[str, dict[str, float] | None]  # "lm", "rolls" -> evaluate()'s keys, or None
+    pedal: dict[str, float] | None = None  # metrics.score_pedals, where both sides have pedal
 
 
 @dataclass
@@ -190,6 +203,11 @@ class EvalResult:
         """Mean scores over the clips for "lm" or "rolls" (None if not scored)."""
         rows = [c.scores[kind] for c in self.clips]
         return mean_scores(rows) if rows and all(r is not None for r in rows) else None
+
+    def mean_pedal(self) -> dict[str, float] | None:
+        """Mean pedal scores over the clips that have them (None if none has)."""
+        rows = [c.pedal for c in self.clips if c.pedal is not None]
+        return mean_scores(rows) if rows else None
 
     def rolls_info(self) -> dict[str, Any]:
         spec = self.manifest.encoder.rolls
@@ -211,6 +229,7 @@ class EvalResult:
             "rolls": self.rolls_info(),
             "clips": [asdict(c) for c in self.clips],
             "mean": {kind: self.mean(kind) for kind in KINDS},
+            "mean_pedal": self.mean_pedal(),
             "report": self.report.to_dict() if self.report else None,
         }
 
@@ -232,12 +251,21 @@ class EvalResult:
                         f"{s[f'{m}_f']:>7.3f}" for m in METRICS))
             return "  ".join(parts)
 
+        def n_ref(scores: list[dict[str, float] | None]) -> float:
+            return next((s["n_ref"] for s in scores if s is not None), 0.0)
+
         for c in self.clips:
-            n_ref = (c.scores["lm"] or {}).get("n_ref", 0.0)
-            lines.append(row(c.name, n_ref, [c.scores[k] for k in KINDS]))
+            scores = [c.scores[k] for k in KINDS]
+            lines.append(row(c.name, n_ref(scores), scores))
         means = [self.mean(k) for k in KINDS]
         label = f"mean ({len(self.clips)})"
-        lines.append(row(label, (means[0] or {}).get("n_ref", 0.0), means))
+        lines.append(row(label, n_ref(means), means))
+        pedal = self.mean_pedal()
+        if pedal is not None:
+            scored = sum(c.pedal is not None for c in self.clips)
+            lines.append(f"pedal ({scored} clips with CC64 references): onset F1 "
+                         f"{pedal['pedal_onset_f']:.3f}, onset+offset F1 "
+                         f"{pedal['pedal_onset_offset_f']:.3f}")
         spec = self.manifest.encoder.rolls
         if self.rolls_reason:
             lines.append(f"roll notes not scored: {self.rolls_reason}")
@@ -289,6 +317,9 @@ def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None 
     folder = Path(model_dir) if model_dir is not None else default_model_dir()
     manifest = load_manifest(folder)
     raw = open_backend(backend, folder, threads)
+    if manifest.rolls_only:
+        return _evaluate_rolls_only(clips, infos, references, folder, manifest, raw, backend,
+                                    batch, threads, data, progress)
     reason = _rolls_reason(manifest, raw)
     tap = RollTap(raw, backend, keep_rolls=reason is None)
     transcriber = Transcriber(backend=tap, batch=batch, threads=threads, concurrent=concurrent,
@@ -311,7 +342,8 @@ def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None 
     for clip, info, ref, notes, roll in zip(clips, infos, references, lm_notes, rolls):
         roll_scores = None
         if roll is not None and spec is not None:
-            roll_scores = score_notes(decode_rolls(roll, fps, spec.thresholds), ref)
+            decode = kong_notes if spec.thresholds.method == "kong" else decode_rolls
+            roll_scores = score_notes(decode(roll, fps, spec.thresholds), ref)
         results.append(ClipResult(clip.name, str(clip.audio), str(clip.reference),
                                   round(info.duration_s, 3),
                                   {"lm": score_notes(notes, ref), "rolls": roll_scores}))
@@ -319,3 +351,25 @@ def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None 
                       manifest_sha256=file_sha256(folder / MANIFEST_FILE), backend=backend,
                       batch=batch, threads=threads, data=str(data), clips=results,
                       rolls_reason=reason, report=transcriber.report)
+
+
+def _evaluate_rolls_only(clips: list[Clip], infos: list[AudioInfo], references: list[list[Note]],
+                         folder: Path, manifest: Manifest, raw: RollBackend, backend: str,
+                         batch: int, threads: int | None, data: str | os.PathLike,
+                         progress: Callable[[int], None] | None) -> EvalResult:
+    """A model without stages: its notes (and pedals) are its roll decoder's, as transcribed."""
+    transcriber = Transcriber(backend=raw, batch=batch, threads=threads, decoder="rolls")
+    transcribed = list(transcriber.transcribe_many([c.audio for c in clips], progress=progress))
+    results = []
+    for clip, info, ref, result in zip(clips, infos, references, transcribed):
+        ref_pedals = read_reference_pedals(clip.reference)
+        pedal = None
+        if manifest.encoder.rolls and manifest.encoder.rolls.pedal and ref_pedals is not None:
+            pedal = score_pedals(result.pedals, ref_pedals)
+        results.append(ClipResult(clip.name, str(clip.audio), str(clip.reference),
+                                  round(info.duration_s, 3),
+                                  {"lm": None, "rolls": score_notes(result.notes, ref)}, pedal))
+    return EvalResult(model=str(folder), manifest=manifest,
+                      manifest_sha256=file_sha256(folder / MANIFEST_FILE), backend=backend,
+                      batch=batch, threads=threads, data=str(data), clips=results,
+                      rolls_reason=None, report=transcriber.report)

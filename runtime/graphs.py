@@ -10,11 +10,13 @@ describes the interface. Torch-free: the runtime's vocabulary and roll keys only
 from __future__ import annotations
 
 from . import vocab
-from .rolls import ROLL_KEYS
+from .rolls import PEDAL_KEYS, ROLL_KEYS
 
 # The graph interface: fixed input/output names, in this order.
 ENCODER_IO = (("waveform",), ("embeddings",))
 ENCODER_ROLLS_IO = (("waveform",), ("embeddings", *ROLL_KEYS))  # with `encoder.rolls`
+# with `encoder.rolls` that has a sustain-pedal model: three more rolls, [batch, frames, 1]
+ENCODER_PEDAL_IO = (("waveform",), ("embeddings", *ROLL_KEYS, *PEDAL_KEYS))
 # The one roll layout runtime/rolls.py decodes: column k is MIDI key min_pitch + k, and the
 # velocity roll x velocity_scale is the MIDI velocity.
 ROLL_LAYOUT = {"min_pitch": vocab.MIN_PITCH, "num_pitches": vocab.NUM_PITCHES,

@@ -23,6 +23,7 @@ from typing import Any
 from . import vocab
 from .graphs import (
     ENCODER_IO,
+    ENCODER_PEDAL_IO,
     ENCODER_ROLLS_IO,
     POINTER_KEY,
     ROLL_LAYOUT,
@@ -33,7 +34,7 @@ from .graphs import (
     step_inputs,
     step_io,
 )
-from .rolls import ROLL_KEYS, RollDecodeConfig
+from .rolls import PEDAL_KEYS, ROLL_KEYS, ROLL_METHODS, RollDecodeConfig
 
 FORMAT = "pianolm-model"
 # 2: the encoder graph may also output the four piano rolls, described by `encoder.rolls`.
@@ -49,10 +50,18 @@ FORMAT = "pianolm-model"
 # 6: a step graph's logits are every chunk position's, [batch, chunk, vocab] (a speculative
 #    verify reads them all; runtime/speculative.py). Versions 3-5 give the last position's,
 #    [batch, vocab]: they decode as before, and speculative decoding asks for a re-export.
-FORMAT_VERSION = 6
+# 7: a rolls-only model (no stages; default_decoder "rolls": an imported encoder such as
+#    Kong et al.'s CRNN); optional `audio.segmenting` ("kong": 10 s windows at a 5 s hop, the
+#    middle halves kept); `encoder.rolls.pedal` (three sustain-pedal rolls after the four);
+#    `encoder.rolls.thresholds.method` and the pedal thresholds (runtime/rolls.py).
+FORMAT_VERSION = 7
 FIRST_EVERY_POSITION_VERSION = 6
 MIN_FORMAT_VERSION = 3
 DECODERS = ("lm", "rolls")  # how notes are read: the stage decoders, or the encoder's rolls
+# How audio is cut into the encoder's 10 s segments: "pianolm" (back to back, the last one
+# end-aligned: runtime/audio.py transcription_segments) or "kong" (Kong et al.'s tool: zero
+# padded, windows at a 5 s hop, each window's middle half kept: runtime/kong_rolls.py).
+SEGMENTINGS = ("pianolm", "kong")
 MANIFEST_FILE = "manifest.json"
 MIN_OPSET = 17
 
@@ -61,8 +70,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 INT8_IS_ORT_ONLY = ("int8 exports use ONNX Runtime's MatMulNBits (8-bit weight blocks), "
                     "which TensorRT cannot parse")
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
-# Stage lists the decode loop serves (runtime/decode.py), in decode order.
-STAGE_SETS = (vocab.STAGES, ("flat",))
+# Stage lists the decode loop serves (runtime/decode.py), in decode order; () is a rolls-only
+# model, whose notes come from its encoder's rolls alone.
+STAGE_SETS = (vocab.STAGES, ("flat",), ())
 
 _DECODER_INT_FIELDS = ("n_layers", "d_model", "n_heads", "enc_dim", "vocab_size", "max_seq_len",
                        "audio_pe_dim", "max_frames")
@@ -203,9 +213,15 @@ class RollsSpec:
     thresholds: RollDecodeConfig
     tuned: bool  # False: runtime/rolls.py's defaults, never tuned for this encoder
     thresholds_from: str  # where the thresholds came from, for the reader
+    # the graph also outputs PEDAL_KEYS, each float32 [batch, frames, 1] (format 7)
+    pedal: bool = False
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (*ROLL_KEYS, *(PEDAL_KEYS if self.pedal else ()))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"outputs": list(ROLL_KEYS), **ROLL_LAYOUT,
+        return {"outputs": list(self.outputs), **ROLL_LAYOUT,
                 "thresholds": self.thresholds.to_dict(), "tuned": self.tuned,
                 "thresholds_from": self.thresholds_from}
 
@@ -264,6 +280,12 @@ class Manifest:
     # The peak each input file is scaled to before segmenting (runtime/audio.py
     # normalise_peak); None: audio as it is. Optional (format 4).
     input_peak: float | None = None
+    segmenting: str = "pianolm"  # one of SEGMENTINGS (format 7)
+
+    @property
+    def rolls_only(self) -> bool:
+        """No LM stages: the notes come from the encoder's rolls alone."""
+        return not self.stages
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -293,7 +315,9 @@ class Manifest:
                 "precision": self.precision, "opset": self.opset,
                 "audio": {"sample_rate": self.sample_rate,
                           "segment_samples": self.segment_samples,
-                          **({"input_peak": self.input_peak} if self.input_peak else {})},
+                          **({"input_peak": self.input_peak} if self.input_peak else {}),
+                          **({"segmenting": self.segmenting}
+                             if self.segmenting != "pianolm" else {})},
                 "encoder": self.encoder.to_dict(), "vocab": dict(self.vocab),
                 "stages": [s.to_dict() for s in self.stages], "source": self.source.to_dict(),
                 "versions": dict(self.versions), "default_decoder": self.default_decoder}
@@ -513,8 +537,10 @@ def _rolls(f: _Fields, enc: dict[str, Any]) -> RollsSpec | None:
     f.only(raw, {"outputs", "min_pitch", "num_pitches", "velocity_scale", "thresholds", "tuned",
                  "thresholds_from"}, where)
     outputs = f.get(raw, "outputs", list, where)
-    if outputs != list(ROLL_KEYS):
-        raise f.fail(f"{where}.outputs", f"is {outputs}; this runtime decodes {list(ROLL_KEYS)}")
+    with_pedal = [*ROLL_KEYS, *PEDAL_KEYS]
+    if outputs not in (list(ROLL_KEYS), with_pedal):
+        raise f.fail(f"{where}.outputs", f"is {outputs}; this runtime decodes "
+                     f"{list(ROLL_KEYS)} or {with_pedal}")
     for key, want in ROLL_LAYOUT.items():
         got = f.get(raw, key, int, where)
         if got != want:
@@ -533,10 +559,14 @@ def _rolls(f: _Fields, enc: dict[str, Any]) -> RollsSpec | None:
                 raise f.fail(f"{where}.thresholds.{key}", f"must be a list of numbers, got {items}")
             values[key] = items
             continue
-        kind = bool if isinstance(d, bool) else int if isinstance(d, int) else (int, float)
+        kind = (str if isinstance(d, str) else bool if isinstance(d, bool)
+                else int if isinstance(d, int) else (int, float))
         values[key] = f.get(thresholds, key, kind, f"{where}.thresholds", optional=d is None)
+    if values.get("method", "pianolm") not in ROLL_METHODS:
+        raise f.fail(f"{where}.thresholds.method", f"is {values['method']!r}; known: "
+                     f"{list(ROLL_METHODS)}")
     return RollsSpec(RollDecodeConfig.from_dict(values), f.get(raw, "tuned", bool, where),
-                     f.get(raw, "thresholds_from", str, where))
+                     f.get(raw, "thresholds_from", str, where), pedal=outputs == with_pedal)
 
 
 def load_manifest(folder: str | Path) -> Manifest:
@@ -547,16 +577,17 @@ def load_manifest(folder: str | Path) -> Manifest:
     f.only(raw, {"format", "format_version", "precision", "opset", "audio", "encoder", "vocab",
                  "stages", "source", "versions", "default_decoder"}, "")
     version = _header(f, raw)
-    sample_rate, segment_samples, input_peak = _audio(f, f.get(raw, "audio", dict, ""))
+    sample_rate, segment_samples, input_peak, segmenting = _audio(f, f.get(raw, "audio", dict,
+                                                                           ""))
     vocab_raw = _vocab(f, f.get(raw, "vocab", dict, ""))
     encoder = _encoder(f, f.get(raw, "encoder", dict, ""), folder)
     stages = _stages(f, f.get(raw, "stages", list, ""), folder, encoder, version)
     source = _source(f, f.get(raw, "source", dict, ""))
     versions = _versions(f, f.get(raw, "versions", dict, ""))
-    default_decoder = _default_decoder(f, raw, encoder)
+    default_decoder = _default_decoder(f, raw, encoder, stages)
     return Manifest(f.get(raw, "precision", str, ""), f.get(raw, "opset", int, ""), sample_rate,
                     segment_samples, encoder, stages, source, versions, vocab_raw, version,
-                    folder, default_decoder, input_peak)
+                    folder, default_decoder, input_peak, segmenting)
 
 
 def _read_json(folder: Path) -> tuple[Path, Path, dict[str, Any]]:
@@ -599,15 +630,19 @@ def _header(f: _Fields, raw: dict[str, Any]) -> int:
     return version
 
 
-def _audio(f: _Fields, audio: dict[str, Any]) -> tuple[int, int, float | None]:
-    """(sample_rate, segment_samples, input_peak)."""
-    f.only(audio, {"sample_rate", "segment_samples", "input_peak"}, "audio")
+def _audio(f: _Fields, audio: dict[str, Any]) -> tuple[int, int, float | None, str]:
+    """(sample_rate, segment_samples, input_peak, segmenting)."""
+    f.only(audio, {"sample_rate", "segment_samples", "input_peak", "segmenting"}, "audio")
     sample_rate = f.positive(audio, "sample_rate", "audio")
     segment_samples = f.positive(audio, "segment_samples", "audio")
     input_peak = f.get(audio, "input_peak", (int, float), "audio", optional=True)
     if input_peak is not None and not 0 < input_peak <= 1:
         raise f.fail("audio.input_peak", f"must be in (0, 1], got {input_peak}")
-    return sample_rate, segment_samples, None if input_peak is None else float(input_peak)
+    segmenting = f.get(audio, "segmenting", str, "audio", optional=True) or "pianolm"
+    if segmenting not in SEGMENTINGS:
+        raise f.fail("audio.segmenting", f"is {segmenting!r}; known: {list(SEGMENTINGS)}")
+    return (sample_rate, segment_samples, None if input_peak is None else float(input_peak),
+            segmenting)
 
 
 def _vocab(f: _Fields, vocab_raw: dict[str, Any]) -> dict[str, Any]:
@@ -629,12 +664,15 @@ def _encoder(f: _Fields, enc: dict[str, Any], folder: Path) -> EncoderSpec:
     if fps <= 0:
         raise f.fail("encoder.frames_per_second", f"must be > 0, got {fps}")
     rolls = _rolls(f, enc)
-    io, note = ((ENCODER_ROLLS_IO, " (with encoder.rolls)") if rolls else
-                (ENCODER_IO, " (without encoder.rolls)"))
+    io, note = ((ENCODER_IO, " (without encoder.rolls)") if rolls is None else
+                (ENCODER_PEDAL_IO, " (with encoder.rolls and its pedal)") if rolls.pedal else
+                (ENCODER_ROLLS_IO, " (with encoder.rolls)"))
     graph = _graph(f, f.get(enc, "graph", dict, "encoder"), "encoder.graph", io, folder, note)
     roll_axes = {2: ROLL_LAYOUT["num_pitches"]} if rolls else {}
+    pedal_axes = {2: 1} if rolls and rolls.pedal else {}
     _expect_shape(f, graph, "encoder.graph", {"embeddings": {2: embed_dim},
-                                              **{k: roll_axes for k in ROLL_KEYS}})
+                                              **{k: roll_axes for k in ROLL_KEYS},
+                                              **{k: pedal_axes for k in PEDAL_KEYS}})
     return EncoderSpec(f.get(enc, "name", str, "encoder"), embed_dim, float(fps), frames,
                        f.get(enc, "config", dict, "encoder"), graph, rolls)
 
@@ -672,12 +710,16 @@ def _versions(f: _Fields, versions: dict[str, Any]) -> dict[str, str]:
     return dict(versions)
 
 
-def _default_decoder(f: _Fields, raw: dict[str, Any], encoder: EncoderSpec) -> str:
+def _default_decoder(f: _Fields, raw: dict[str, Any], encoder: EncoderSpec,
+                     stages: tuple[StageSpec, ...]) -> str:
     default_decoder = f.get(raw, "default_decoder", str, "", optional=True) or "lm"
     if default_decoder not in DECODERS:
         raise f.fail("default_decoder", f"is {default_decoder!r}; known: {list(DECODERS)}")
     if default_decoder == "rolls" and encoder.rolls is None:
         raise f.fail("default_decoder", "is 'rolls', but the encoder graph has no roll outputs")
+    if not stages and default_decoder != "rolls":
+        raise f.fail("default_decoder", "must be 'rolls' for a model without stages (its "
+                     "notes come from the encoder's rolls alone)")
     return default_decoder
 
 

@@ -8,6 +8,16 @@ mir_eval.transcription_velocity (velocities rescaled to the reference by linear 
 then matched within 0.1) for the velocity-aware score. Reference offsets must already be
 pedal-extended: `reference_notes(notes, pedal)` does it for notes as played.
 
+    score_pedals(pred, ref) -> {"pedal_onset_f": ..., "pedal_onset_offset_f": ..., ...}
+
+Sustain-pedal intervals (down, up) are scored as notes of one constant dummy pitch: onset
+within 50 ms, and onset+offset with the same offset rule as notes (max(50 ms, 0.2 x the
+reference interval)). Kong et al. (bytedance/piano_transcription,
+pytorch/calculate_score_for_paper.py) score pedals the same way (mir_eval.transcription,
+np.ones pitches, offset_ratio 0.2, offset_min_tolerance 0.05) but with a 200 ms onset tolerance
+(`onset_tolerance=KONG_PEDAL_ONSET_TOLERANCE` reproduces theirs), report only the
+onset+offset F1, and skip clips without reference pedal.
+
 mir_eval is an optional dependency (`pip install 'pianolm[eval]'`): it is imported when a score
 is computed, and `require_mir_eval()` says in one line what to install.
 """
@@ -20,13 +30,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .notes import Note
+from .notes import Note, Pedal
 from .tokens import extend_by_pedal
 
 ONSET_TOLERANCE = 0.05
 OFFSET_RATIO = 0.2
 OFFSET_MIN_TOLERANCE = 0.05
 METRICS = ("onset", "onset_offset", "onset_offset_velocity")
+PEDAL_METRICS = ("pedal_onset", "pedal_onset_offset")
+KONG_PEDAL_ONSET_TOLERANCE = 0.2  # Kong et al.'s pedal onset tolerance (module doc)
 INSTALL_HINT = "pip install 'pianolm[eval]'"
 
 
@@ -96,6 +108,49 @@ def evaluate(notes_pred: Sequence[Note], notes_ref: Sequence[Note],
             offset_min_tolerance=offset_min_tolerance)
         out.update(onset_offset_velocity_p=p, onset_offset_velocity_r=r,
                    onset_offset_velocity_f=f)
+    return {k: float(v) for k, v in out.items()}
+
+
+def score_pedals(pred: Sequence[Pedal], ref: Sequence[Pedal],
+                 onset_tolerance: float = ONSET_TOLERANCE, offset_ratio: float = OFFSET_RATIO,
+                 offset_min_tolerance: float = OFFSET_MIN_TOLERANCE) -> dict[str, float]:
+    """Precision / recall / F1 of sustain-pedal intervals, (down, up) in seconds.
+
+    Keys `{metric}_{p,r,f}` for metric in PEDAL_METRICS (`pedal_onset`: down within
+    `onset_tolerance`; `pedal_onset_offset`: and up within max(offset_min_tolerance,
+    offset_ratio x the reference interval's length)), plus `pedal_n_pred` and `pedal_n_ref`:
+    prefixed, so they merge with evaluate()'s keys into one row. Scored with
+    mir_eval.transcription.precision_recall_f1_overlap on a constant dummy pitch (module doc:
+    the defaults are the note tolerances; Kong et al. used a 200 ms onset tolerance). As in
+    evaluate(): both lists empty -> every score 1.0; exactly one empty -> 0.0.
+    """
+    require_mir_eval()
+    import mir_eval.transcription
+
+    pred, ref = list(pred), list(ref)
+    out: dict[str, float] = {"pedal_n_pred": float(len(pred)), "pedal_n_ref": float(len(ref))}
+    if not pred or not ref:
+        score = 1.0 if not pred and not ref else 0.0
+        for m in PEDAL_METRICS:
+            out.update({f"{m}_p": score, f"{m}_r": score, f"{m}_f": score})
+        return out
+
+    def arrays(pedals: list[Pedal]) -> tuple[np.ndarray, np.ndarray]:
+        # at least 1 ms long, as notes in _arrays (mir_eval refuses zero-length intervals)
+        intervals = np.array([[d, max(u, d + 1e-3)] for d, u in pedals], float)
+        return intervals, np.ones(len(pedals))  # one dummy pitch (1 Hz, as Kong et al.)
+
+    ri, rp = arrays(ref)
+    ei, ep = arrays(pred)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
+            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=None)
+        out.update(pedal_onset_p=p, pedal_onset_r=r, pedal_onset_f=f)
+        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
+            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=offset_ratio,
+            offset_min_tolerance=offset_min_tolerance)
+        out.update(pedal_onset_offset_p=p, pedal_onset_offset_r=r, pedal_onset_offset_f=f)
     return {k: float(v) for k, v in out.items()}
 
 

@@ -1,6 +1,6 @@
 """Notes in and out: MIDI files (mido), TSV and JSON note lists.
 
-numpy-free and torch-free; mido only.
+torch-free; mido and numpy only.
 
 Writing (`write_midi`): a type-0 file with one track: track name, tempo (120 bpm unless told),
 4/4, program 0 (acoustic grand piano) on channel 0, then the notes. Conventions:
@@ -16,8 +16,21 @@ Writing (`write_midi`): a type-0 file with one track: track name, tempo (120 bpm
   same pitch and the same tick become one (the longer end, the louder velocity). At equal
   ticks every `note_off` precedes every `note_on`, so a re-strike never reads as a zero-length
   note.
+- Sustain pedal (`pedals`, (down, up) intervals in seconds, `pianolm.runtime.notes.Pedal`):
+  CC64 value 127 at each down and 0 at each up, on channel 0, in the same track, time-ordered
+  with the notes. Intervals are quantised to ticks like notes (at least one tick long), and
+  intervals that overlap or touch (in ticks) are merged, so no up and down share a tick. At
+  equal ticks the order is: pedal up, pedal down, note_off, note_on. A sequential reader then
+  agrees with `extend_by_pedal` (pedal down on [down, up)): a key released at the tick the
+  pedal goes down is held, a key released at the tick it goes up is not, and a key struck at
+  the tick the pedal goes up is not caught by it. `read_midi_with_pedal` gives back the same
+  notes and intervals (within one tick).
 - The file is written to a temporary file in the destination folder and moved into place with
   `os.replace`: a failed write never leaves a half-written file (or destroys an old one).
+
+Validation: a note with a non-finite or negative time, an offset before its onset or a
+pitch/velocity outside 0..127, and a pedal interval that is not a pair of finite times with
+0 <= down <= up, raise a one-line ValueError naming it, before anything is written.
 
 Reading (`read_midi`, `read_midi_with_pedal`): all tracks merged (type 0 and 1; a type-2
 file's tracks are merged too), tempo changes honoured, `note_on` velocity 0 = `note_off`, a
@@ -27,6 +40,18 @@ down, < 64 up, on any channel (one piano, one pedal); a pedal still down at the 
 at the file's last event. With `extend_pedal=True`, offsets are extended by the pedal (a key
 released while the pedal is down sounds until the pedal is released or the key is struck
 again), using `pianolm.runtime.tokens.extend_by_pedal`, the single implementation of that rule.
+
+Note lists (TSV, JSON), all written atomically, notes sorted by (onset, pitch), times rounded
+to 1 us. Pedal intervals, when given, are validated as for MIDI, sorted, and merged where they
+overlap or touch (the form `read_midi_with_pedal` returns):
+- JSON: {"notes": [...], "pedals": [{"onset": down, "offset": up}, ...]}; "pedals" is present
+  only when pedals are passed (an empty list as []). `read_notes_json` returns the notes,
+  `read_pedals_json` the pedals ([] when the key is absent).
+- TSV (the dev set's `onset_s offset_s pitch velocity`): the note rows first, exactly as
+  without pedals, then one row per pedal interval: `down<TAB>up<TAB>pedal<TAB>` (the pitch
+  column holds the literal `pedal`, CC64; the velocity column is empty). `read_notes_tsv`
+  recognises exactly those rows (pitch field `pedal`) and skips them; `read_pedals_tsv`
+  returns them; a file without such rows has no pedals.
 """
 
 from __future__ import annotations
@@ -42,18 +67,21 @@ import mido
 import numpy as np
 
 from .errors import one_line
-from .notes import Note, sort_notes, sorted_notes
+from .notes import Note, Pedal, sort_notes, sorted_notes
 
 DEFAULT_TEMPO_BPM = 120.0
 DEFAULT_TICKS_PER_BEAT = 480
 PEDAL_CC = 64  # sustain (damper) pedal
 PEDAL_THRESHOLD = 64  # value >= 64: down
 NOTE_OFF_VELOCITY = 64  # release velocity written on note_off (MIDI default)
+PEDAL_DOWN_VALUE, PEDAL_UP_VALUE = 127, 0  # CC64 values written
 TSV_HEADER = ("onset_s", "offset_s", "pitch", "velocity")  # the dev set's columns
+TSV_PEDAL = "pedal"  # pitch column of a TSV pedal row (CC64)
 
 __all__ = [
     "MidiError", "write_midi", "read_midi", "read_midi_with_pedal",
-    "read_notes_tsv", "write_notes_tsv", "write_notes_json", "read_notes_json", "atomic_write",
+    "read_notes_tsv", "read_pedals_tsv", "write_notes_tsv", "write_notes_json", "read_notes_json",
+    "read_pedals_json", "atomic_write",
 ]
 
 
@@ -101,6 +129,35 @@ def _check_note(i: int, n: Note) -> None:
         raise ValueError(f"note {i} has velocity {n.velocity!r} outside 0..127: {n}")
 
 
+def _pedal_list(pedals: Iterable[Pedal]) -> list[Pedal]:
+    """Validated (down, up) float pairs, sorted, overlapping or touching intervals merged.
+
+    Raises a one-line ValueError naming the first bad interval (as notes are checked)."""
+    out: list[Pedal] = []
+    for i, p in enumerate(pedals):
+        try:
+            down, up = (float(t) for t in p)
+        except (TypeError, ValueError):
+            raise ValueError(f"pedal {i} is not a (down, up) pair of times: {p!r}") from None
+        if not (math.isfinite(down) and math.isfinite(up)):
+            raise ValueError(f"pedal {i} has a non-finite time: {(down, up)}")
+        if down < -1e-6:  # tolerate float round-off just below 0, as for notes
+            raise ValueError(f"pedal {i} goes down before 0 s: {(down, up)}")
+        if up < down:
+            raise ValueError(f"pedal {i} goes up before it goes down: {(down, up)}")
+        out.append((max(0.0, down), max(0.0, up)))
+    return _merge_intervals(out)
+
+
+def _pedal_ticks(pedals: Iterable[Pedal], ticks_per_second: float) -> list[tuple[int, int]]:
+    """Validated pedal intervals in ticks: at least one tick long, merged where they overlap
+    or touch once quantised (so no pedal up and down share a tick)."""
+    ticks = [(d, max(u, d + 1)) for d, u in
+             ((round(down * ticks_per_second), round(up * ticks_per_second))
+              for down, up in _pedal_list(pedals))]
+    return [(int(d), int(u)) for d, u in _merge_intervals(ticks)]
+
+
 def _note_ticks(notes: Iterable[Note], ticks_per_second: float) -> np.ndarray:
     """Quantise to ticks and resolve same-pitch overlaps: an int64 array of rows (on, off,
     pitch, velocity). In numpy, not a Python list per note: at the end of a long file this
@@ -131,11 +188,13 @@ def _note_ticks(notes: Iterable[Note], ticks_per_second: float) -> np.ndarray:
 
 
 def write_midi(notes: Iterable[Note], path: str | os.PathLike, tempo_bpm: float = 120.0,
-               ticks_per_beat: int = 480) -> None:
-    """Write notes (seconds) as a single-track piano MIDI file; see the module doc.
+               ticks_per_beat: int = 480, pedals: Iterable[Pedal] = ()) -> None:
+    """Write notes (seconds) and sustain-pedal intervals (CC64) as a single-track piano MIDI
+    file; see the module doc.
 
     Raises ValueError for a note with a non-finite or negative time, an offset before its
-    onset, or a pitch/velocity outside 0..127. The write is atomic (temp file + os.replace).
+    onset, or a pitch/velocity outside 0..127, and for a pedal interval that is not a pair of
+    finite times with 0 <= down <= up. The write is atomic (temp file + os.replace).
     """
     if not (isinstance(ticks_per_beat, int) and 1 <= ticks_per_beat <= 0x7FFF):
         raise ValueError(f"ticks_per_beat must be an int in 1..32767, got {ticks_per_beat!r}")
@@ -146,11 +205,18 @@ def write_midi(notes: Iterable[Note], path: str | os.PathLike, tempo_bpm: float 
         raise ValueError(f"tempo_bpm {tempo_bpm!r} is out of the range a MIDI file can store")
     ticks_per_second = ticks_per_beat * 1e6 / tempo
 
-    # events (tick, kind: 0 off / 1 on, pitch, velocity) in time order, each packed into one
-    # int64 whose numeric order is that order (pitch and velocity take 7 bits, kind 1)
+    # events (tick, kind, pitch or controller, velocity or value) in time order, each packed
+    # into one int64 whose numeric order is that order (the last two take 7 bits each, kind 2).
+    # Kinds in their order at equal ticks (module doc): 0 pedal up, 1 pedal down, 2 note_off,
+    # 3 note_on.
     on, off, pitch, vel = _note_ticks(notes, ticks_per_second).T
-    events = np.sort(np.concatenate((((on << 1 | 1) << 7 | pitch) << 7 | vel,
-                                     ((off << 1) << 7 | pitch) << 7 | NOTE_OFF_VELOCITY)))
+    pedal = np.array(_pedal_ticks(pedals, ticks_per_second), np.int64).reshape(-1, 2)
+    down, up = pedal.T
+    events = np.sort(np.concatenate((
+        ((on << 2 | 3) << 7 | pitch) << 7 | vel,
+        ((off << 2 | 2) << 7 | pitch) << 7 | NOTE_OFF_VELOCITY,
+        ((down << 2 | 1) << 7 | PEDAL_CC) << 7 | PEDAL_DOWN_VALUE,
+        ((up << 2 | 0) << 7 | PEDAL_CC) << 7 | PEDAL_UP_VALUE)))
 
     def messages() -> Iterator[mido.Message | mido.MetaMessage]:
         # made one at a time while mido encodes them: a list of Message objects would cost
@@ -161,9 +227,13 @@ def write_midi(notes: Iterable[Note], path: str | os.PathLike, tempo_bpm: float 
         yield mido.Message("program_change", channel=0, program=0, time=0)
         now = 0
         for event in map(int, events):  # one Python int at a time, not a list of them
-            tick, kind, pitch, vel = event >> 15, event >> 14 & 1, event >> 7 & 127, event & 127
-            yield mido.Message("note_on" if kind else "note_off", channel=0, note=pitch,
-                               velocity=vel, time=tick - now)
+            tick, kind, number, value = event >> 16, event >> 14 & 3, event >> 7 & 127, event & 127
+            if kind >= 2:
+                yield mido.Message("note_on" if kind == 3 else "note_off", channel=0,
+                                   note=number, velocity=value, time=tick - now)
+            else:
+                yield mido.Message("control_change", channel=0, control=number, value=value,
+                                   time=tick - now)
             now = tick
         yield mido.MetaMessage("end_of_track", time=0)
 
@@ -317,8 +387,19 @@ def read_notes_tsv(path: str | os.PathLike) -> list[Note]:
     The dev set's format (`onset_s offset_s pitch velocity` header, seconds, MIDI pitch and
     velocity) and MAESTRO-style headers (`onset offset note velocity`) map columns by name;
     without a header the columns are positional. Lines starting with '#' and blank lines are
-    skipped; a missing velocity column gives velocity 64. Sorted by (onset, pitch).
+    skipped; a missing velocity column gives velocity 64. Sorted by (onset, pitch). Pedal rows
+    (pitch field `pedal`, module doc) are skipped: see read_pedals_tsv.
     """
+    return _read_tsv(path)[0]
+
+
+def read_pedals_tsv(path: str | os.PathLike) -> list[Pedal]:
+    """Read the sustain-pedal rows (pitch field `pedal`) of a note list TSV as sorted
+    (down, up) intervals in seconds; [] for a file without any (every pre-pedal file)."""
+    return _read_tsv(path)[1]
+
+
+def _read_tsv(path: str | os.PathLike) -> tuple[list[Note], list[Pedal]]:
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8") as f:
@@ -330,6 +411,7 @@ def read_notes_tsv(path: str | os.PathLike) -> list[Note]:
 
     cols = {"onset": 0, "offset": 1, "pitch": 2, "velocity": 3}
     notes: list[Note] = []
+    pedals: list[Pedal] = []
     header_seen = False
     for lineno, line in enumerate(lines, 1):
         fields = line.split()
@@ -351,6 +433,14 @@ def read_notes_tsv(path: str | os.PathLike) -> list[Note]:
                     raise MidiError(f"{name}:{lineno}: header {fields} lacks column(s) "
                                     f"{', '.join(missing)}") from None
                 continue
+        if len(fields) > cols["pitch"] and fields[cols["pitch"]] == TSV_PEDAL:
+            try:
+                down, up = float(fields[cols["onset"]]), float(fields[cols["offset"]])
+            except (ValueError, IndexError) as e:
+                raise MidiError(f"{name}:{lineno}: bad pedal line {line.strip()!r} ({e})") \
+                    from None
+            pedals.append((down, up))
+            continue
         try:
             onset = float(fields[cols["onset"]])
             offset = float(fields[cols["offset"]])
@@ -361,35 +451,48 @@ def read_notes_tsv(path: str | os.PathLike) -> list[Note]:
         except (ValueError, IndexError) as e:
             raise MidiError(f"{name}:{lineno}: bad note line {line.strip()!r} ({e})") from None
         notes.append(Note(onset, offset, pitch, velocity))
-    return sort_notes(notes)
+    return sort_notes(notes), sorted(pedals)
 
 
 def _fmt_time(t: float) -> str:
     return f"{t:.6f}"
 
 
-def write_notes_tsv(notes: Iterable[Note], path: str | os.PathLike) -> None:
+def write_notes_tsv(notes: Iterable[Note], path: str | os.PathLike,
+                    pedals: Iterable[Pedal] = ()) -> None:
     """Write notes as TSV in the dev set's format: header `onset_s offset_s pitch velocity`.
 
-    Times in seconds with 6 decimals (1 us), sorted by (onset, pitch). Written atomically.
+    Times in seconds with 6 decimals (1 us), sorted by (onset, pitch). Pedal intervals, when
+    given, follow the notes as rows `down up pedal <empty>` (module doc), sorted and merged;
+    a bad interval raises a one-line ValueError and nothing is written. Written atomically.
     """
+    merged = _pedal_list(pedals)
     rows = sorted_notes(notes)
     text = "\t".join(TSV_HEADER) + "\n" + "".join(
         f"{_fmt_time(n.onset)}\t{_fmt_time(n.offset)}\t{int(n.pitch)}\t{int(n.velocity)}\n"
-        for n in rows)
+        for n in rows) + "".join(
+        f"{_fmt_time(down)}\t{_fmt_time(up)}\t{TSV_PEDAL}\t\n" for down, up in merged)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_notes_json(notes: Iterable[Note], path: str | os.PathLike,
-                     metadata: dict | None = None) -> None:
+                     metadata: dict | None = None, pedals: Iterable[Pedal] | None = None
+                     ) -> None:
     """Write notes as JSON: {"notes": [{"onset", "offset", "pitch", "velocity"}, ...]}.
 
-    Times in seconds (rounded to 1 us), sorted by (onset, pitch). `metadata`, when given, is
-    stored under "metadata" (it must be JSON-serialisable). Written atomically.
+    Times in seconds (rounded to 1 us), sorted by (onset, pitch). `pedals`, when not None, is
+    stored under "pedals" as [{"onset": down, "offset": up}, ...], sorted and merged (an empty
+    list as []); a bad interval raises a one-line ValueError and nothing is written.
+    `metadata`, when given, is stored under "metadata" (it must be JSON-serialisable). Written
+    atomically.
     """
+    merged = None if pedals is None else _pedal_list(pedals)
     rows = sorted_notes(notes)
     doc: dict = {"notes": [{"onset": round(float(n.onset), 6), "offset": round(float(n.offset), 6),
                             "pitch": int(n.pitch), "velocity": int(n.velocity)} for n in rows]}
+    if merged is not None:
+        doc["pedals"] = [{"onset": round(down, 6), "offset": round(up, 6)}
+                         for down, up in merged]
     if metadata is not None:
         doc["metadata"] = metadata
     text = json.dumps(doc, indent=1) + "\n"
@@ -411,3 +514,20 @@ def read_notes_json(path: str | os.PathLike) -> list[Note]:
         raise MidiError(f"{name}: not a pianolm note list ({one_line(e)})") \
             from None
     return sort_notes(notes)
+
+
+def read_pedals_json(path: str | os.PathLike) -> list[Pedal]:
+    """Read the sustain-pedal intervals written by write_notes_json as sorted (down, up) pairs
+    in seconds; [] when the file has no "pedals" key (or is a bare list of notes)."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            doc = json.load(f)
+        rows = doc.get("pedals", []) if isinstance(doc, dict) else []
+        pedals = [(float(r["onset"]), float(r["offset"])) for r in rows]
+    except FileNotFoundError:
+        raise MidiError(f"{name}: file not found") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MidiError(f"{name}: not a pianolm note list ({one_line(e)})") \
+            from None
+    return sorted(pedals)

@@ -17,6 +17,10 @@ class Note:
     velocity: int = 64
 
 
+# A sustain-pedal interval: (down, up) in seconds, as runtime/midi.py read_midi_with_pedal gives.
+Pedal = tuple[float, float]
+
+
 # The one order of every note list pianolm reads, writes or returns.
 NOTE_ORDER = ("onset", "pitch", "offset", "velocity")
 

@@ -26,7 +26,6 @@ from .manifest import (
     check_graph,
     load_manifest,
 )
-from .rolls import ROLL_KEYS
 from .step_session import KVCache, StepSession, empty_past
 
 # ONNX Runtime's type strings for the manifest's dtypes
@@ -102,7 +101,8 @@ class OrtBackend:
     def encode_with_rolls(self, audio: np.ndarray
                           ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         """`encode`, plus the encoder's piano rolls from the same run: {onset, offset, frame,
-        velocity: float32 [B, T, 88]}, or None when the model's encoder has no roll outputs
+        velocity: float32 [B, T, 88]}, with pedal_onset/offset/frame [B, T, 1] where the encoder has
+        a pedal model, or None when the model's encoder has no roll outputs
         (format-1 folders)."""
         return self._encode(audio, with_rolls=True)
 
@@ -110,7 +110,8 @@ class OrtBackend:
                 ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         audio = check_audio(audio, self.segment_samples)
         graph = self.manifest.encoder.graph
-        keys = list(ROLL_KEYS) if with_rolls and self.manifest.encoder.rolls else []
+        rolls_spec = self.manifest.encoder.rolls
+        keys = list(rolls_spec.outputs) if with_rolls and rolls_spec else []
         emb, *rolls = self.sessions["encoder"].run(
             ["embeddings", *keys],
             {"waveform": audio.astype(graph.input("waveform").dtype, copy=False)})

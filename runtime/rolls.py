@@ -29,6 +29,10 @@ from .notes import Note, sort_notes
 from .vocab import MIN_PITCH, NUM_PITCHES, SEGMENT_SECONDS
 
 ROLL_KEYS = ("onset", "offset", "frame", "velocity")
+# An encoder with a sustain-pedal model (Kong et al.'s Regress_pedal_CRNN) also outputs these,
+# each [batch, frames, 1] in 0..1 (runtime/graphs.py ENCODER_PEDAL_IO).
+PEDAL_KEYS = ("pedal_onset", "pedal_offset", "pedal_frame")
+ROLL_METHODS = ("pianolm", "kong")  # decode_rolls; runtime/kong_rolls.py (Kong's own rules)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ class RollDecodeConfig:
     # numpy.polyval coefficients (highest power first) from the roll's velocity x 127 to the
     # MIDI velocity written; () = the roll's own value
     velocity_curve: tuple[float, ...] = ()
+    # "pianolm": decode_rolls below; "kong": Kong et al.'s RegressionPostProcessor, rule for
+    # rule (runtime/kong_rolls.py), which reads the pedal thresholds too
+    method: str = "pianolm"
+    pedal_offset_threshold: float = 0.2  # Kong's values
+    pedal_frame_threshold: float = 0.5
 
     def to_dict(self) -> dict:
         return {**asdict(self), "velocity_curve": list(self.velocity_curve)}

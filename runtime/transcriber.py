@@ -30,11 +30,13 @@ import numpy as np
 
 from .audio import (
     SAMPLE_RATE,
+    SEGMENT_SAMPLES,
     AudioError,
     normalise_peak,
     num_segments,
     prepare_audio,
     probe_audio,
+    segments_from_array,
     stream_segments,
     tail_start,
     transcription_segments,
@@ -50,11 +52,12 @@ from .decode import (
     decode_batch,
     speculation_for,
 )
+from .kong_rolls import kong_kept_frames, kong_notes, kong_pedals, kong_window_count, kong_windows
 from .manifest import DECODERS, Manifest, ManifestError, RollsSpec, load_manifest
 from .midi import write_midi, write_notes_json, write_notes_tsv
-from .notes import Note
+from .notes import Note, Pedal
 from .report import Report, Tally, TimedBackend, Timings
-from .rolls import ROLL_KEYS, RollStream, kept_frames
+from .rolls import PEDAL_KEYS, ROLL_KEYS, RollStream, kept_frames
 
 Source = str | os.PathLike | tuple[np.ndarray, int]
 BACKENDS = ("cpu", "cuda", "tensorrt")
@@ -101,12 +104,15 @@ class Transcription:
     source: str
     notes: list[Note]
     duration_s: float
+    # sustain-pedal intervals, for a model whose encoder has a pedal model (else empty)
+    pedals: list[Pedal] = field(default_factory=list)
 
     def write_midi(self, path: str | os.PathLike) -> None:
-        write_midi(self.notes, path)
+        write_midi(self.notes, path, pedals=self.pedals)
 
     def write_notes(self, path: str | os.PathLike, fmt: str = "tsv") -> None:
-        (write_notes_json if fmt == "json" else write_notes_tsv)(self.notes, path)
+        write = write_notes_json if fmt == "json" else write_notes_tsv
+        write(self.notes, path, pedals=self.pedals)
 
 
 @dataclass
@@ -130,6 +136,9 @@ class InputState:
     notes: FileNotes | None = None  # decoder="lm": the notes stitched so far
     carry: list[OpenNote] = field(default_factory=list)
     rolls: RollStream | None = None  # decoder="rolls": peak picking so far (carried state)
+    whole: FileRolls | None = None  # decoder="rolls": the rolls kept whole (Kong, pedal)
+    pedals: list[Pedal] = field(default_factory=list)
+    segmenting: str = "pianolm"  # the manifest's audio.segmenting
     samples_read: list[int] = field(default_factory=list)  # audio.stream_segments(lengths=)
     result: Transcription | None = None
     error: str | None = None
@@ -137,6 +146,22 @@ class InputState:
     def is_tail(self, index: int) -> bool:
         """Segment `index` is the end-aligned last one (decoded on its own, merged after)."""
         return self.last_start is not None and index == self.num_segments - 1
+
+
+@dataclass
+class FileRolls:
+    """A file's rolls, kept whole until its last segment: what Kong et al.'s post-processor
+    reads (a note may look 6 s ahead; runtime/kong_rolls.py), and the pedal rolls (one value a
+    frame). 88 keys x 4 rolls is 1.4 kB a frame: ~140 kB per second of audio."""
+
+    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def push(self, rolls: dict[str, np.ndarray]) -> None:
+        for key, roll in rolls.items():
+            self.parts.setdefault(key, []).append(roll)
+
+    def joined(self) -> dict[str, np.ndarray]:
+        return {key: np.concatenate(parts) for key, parts in self.parts.items()}
 
 
 # One row of a decode batch: the input, the segment's index in it, its 16 kHz samples
@@ -160,10 +185,13 @@ def input_peak_of(backend: Backend) -> float | None:
     return manifest.input_peak if manifest else getattr(backend, "input_peak", None)
 
 
-def _open_source(source: Source, peak: float | None, align: int
+def _open_source(source: Source, peak: float | None, align: int, segmenting: str = "pianolm"
                  ) -> tuple[InputState, Iterator[np.ndarray]]:
     """peak: the manifest's input_peak (each input scaled to it), or None. The segments are
-    audio.transcription_segments: the last partial one end-aligned, a short input tiled."""
+    audio.transcription_segments: the last partial one end-aligned, a short input tiled; with
+    Kong's segmenting, his windows at a 5 s hop over the zero-padded audio."""
+    if segmenting == "kong":
+        return _open_kong(source, peak)
     if isinstance(source, tuple):
         samples, rate = source
         audio = normalise_peak(prepare_audio(samples, rate), peak)
@@ -174,6 +202,22 @@ def _open_source(source: Source, peak: float | None, align: int
     n = info.samples_16k
     item = InputState(str(source), info.num_segments, info.duration_s, n, tail_start(n, align))
     return item, stream_segments(source, peak=peak, align=align, lengths=item.samples_read)
+
+
+def _open_kong(source: Source, peak: float | None) -> tuple[InputState, Iterator[np.ndarray]]:
+    """Kong et al.'s segmenting: zero-padded 10 s segments, read as his half-hop windows."""
+    if isinstance(source, tuple):
+        samples, rate = source
+        audio = normalise_peak(prepare_audio(samples, rate), peak)
+        name, n, segments = "<array>", len(audio), segments_from_array(audio)
+        read: list[int] = []
+    else:
+        info = probe_audio(source)
+        name, n, read = str(source), info.samples_16k, []
+        segments = stream_segments(source, peak=peak, lengths=read)
+    item = InputState(name, kong_window_count(n, SEGMENT_SAMPLES), n / SAMPLE_RATE, n, None,
+                      samples_read=read, segmenting="kong")
+    return item, kong_windows(segments)
 
 
 class Transcriber:
@@ -216,6 +260,13 @@ class Transcriber:
         if self.decoder == "rolls" and self.rolls is None:
             raise ManifestError("decoder 'rolls' needs a model whose encoder graph outputs "
                                 "piano rolls (manifest encoder.rolls); this one has none")
+        self.segmenting = manifest.segmenting if manifest else "pianolm"
+        if self.decoder == "lm" and manifest is not None and manifest.rolls_only:
+            raise ManifestError("this model has no LM stages (a rolls-only model, e.g. one "
+                                "made by `pianolm import`): use --decoder rolls")
+        if self.decoder == "lm" and self.segmenting != "pianolm":
+            raise ManifestError(f"the model cuts audio as {self.segmenting!r} "
+                                "(manifest audio.segmenting), which only --decoder rolls reads")
         self.precision: str = getattr(self.backend, "precision", "fp32")
         self.batch = batch
         self.threads = threads
@@ -252,7 +303,8 @@ class Transcriber:
                 for item, notes in self.decode_rows(batch, timed, tally):
                     first_note = first_note if first_note is not None else (
                         time.perf_counter() - t0)
-                    item.result = Transcription(item.name, notes, item.duration_s)
+                    item.result = Transcription(item.name, notes, item.duration_s,
+                                                item.pedals)
             while order and (order[0].result is not None or order[0].error is not None):
                 item = order.popleft()
                 self._local.report = self._report(timings, tally, t0, first_note)
@@ -265,7 +317,7 @@ class Transcriber:
         """Open one source (its header is read now: AudioError if unreadable) and the rows of
         its segments in order, read lazily (a server's batcher interleaves several)."""
         align = segment_align(self.backend)
-        item, segments = _open_source(source, self.input_peak, align)
+        item, segments = _open_source(source, self.input_peak, align, self.segmenting)
         return item, _rows(item, segments, align)
 
     def decode_rows(self, batch: list[Row], timed: TimedBackend, tally: Tally | None = None
@@ -316,21 +368,38 @@ class Transcriber:
                     tally: Tally) -> list[tuple[InputState, list[Note]]]:
         """decoder="rolls": one encoder run; each segment's frames go straight into its input's
         RollStream (peak picking with carried open notes, runtime/rolls.py), so no input's
-        rolls are kept beyond a few frames; an input's notes are final with its last segment."""
+        note rolls are kept beyond a few frames; an input's notes are final with its last
+        segment. Kong's post-processor (thresholds.method "kong") and the pedal read a file's
+        rolls whole (FileRolls)."""
         assert self.rolls is not None
         _, rolls = timed.encode_with_rolls(np.stack([seg for _, _, seg in batch]))
+        assert rolls is not None
         fps = self.backend.manifest.encoder.frames_per_second
+        config = self.rolls.thresholds
+        whole_keys = (self.rolls.outputs if config.method == "kong" else
+                      PEDAL_KEYS if self.rolls.pedal else ())
         t_dec = time.perf_counter()
         finished = []
         for r, (item, index, _) in enumerate(batch):
-            if item.rolls is None:
-                item.rolls = RollStream(fps, self.rolls.thresholds)
-            keep = kept_frames(index, item.num_segments, fps, item.n_samples, item.last_start)
-            item.rolls.push({k: rolls[k][r, keep] for k in ROLL_KEYS})
+            if item.segmenting == "kong":
+                keep = kong_kept_frames(index, item.num_segments, rolls["onset"].shape[1])
+            else:
+                keep = kept_frames(index, item.num_segments, fps, item.n_samples,
+                                   item.last_start)
+            if config.method != "kong":
+                item.rolls = item.rolls or RollStream(fps, config)
+                item.rolls.push({k: rolls[k][r, keep] for k in ROLL_KEYS})
+            if whole_keys:
+                item.whole = item.whole or FileRolls()
+                item.whole.push({k: rolls[k][r, keep] for k in whole_keys})
             item.decoded += 1
             if item.decoded == item.num_segments:
-                finished.append((item, item.rolls.finish()))
-                item.rolls = None
+                whole = item.whole.joined() if item.whole else {}
+                notes = kong_notes(whole, fps, config) if item.rolls is None \
+                    else item.rolls.finish()
+                item.pedals = kong_pedals(whole, fps, config) if self.rolls.pedal else []
+                finished.append((item, notes))
+                item.rolls = item.whole = None
         tally.decode_s += time.perf_counter() - t_dec
         return finished
 
@@ -344,7 +413,7 @@ class Transcriber:
         for source in sources:
             item: InputState | None = None
             try:
-                item, segments = _open_source(source, self.input_peak, align)
+                item, segments = _open_source(source, self.input_peak, align, self.segmenting)
                 order.append(item)
                 for row in _rows(item, segments, align):
                     batch.append(row)
@@ -392,7 +461,8 @@ def _shorter_than_its_header(item: InputState, segments: int, align: int) -> Non
     if item.samples_read and item.samples_read[0] != item.n_samples:
         n = item.samples_read[0]
         item.n_samples, item.duration_s = n, n / SAMPLE_RATE
-        item.num_segments, item.last_start = segments, tail_start(n, align)
+        item.num_segments = segments
+        item.last_start = tail_start(n, align) if item.segmenting == "pianolm" else None
 
 
 def _row_specs(batch: list[Row]) -> list[RowSpec]:

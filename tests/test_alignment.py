@@ -33,7 +33,12 @@ from pianolm.export.tensorrt import check_model  # noqa: E402
 from pianolm.export.torch_backend import CachedSession, TorchBackend  # noqa: E402
 from pianolm.runtime.decode import RowSpec, decode_batch  # noqa: E402
 from pianolm.runtime.graphs import POINTER_KEY  # noqa: E402
-from pianolm.runtime.manifest import MANIFEST_FILE, ManifestError, load_manifest  # noqa: E402
+from pianolm.runtime.manifest import (  # noqa: E402
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    ManifestError,
+    load_manifest,
+)
 from pianolm.runtime.ort_backend import OrtBackend  # noqa: E402
 from pianolm.runtime.ort_iobinding import OrtIoBindingBackend  # noqa: E402
 from tests.test_export_manifest import older_copy  # noqa: E402
@@ -218,7 +223,7 @@ def aligned(tmp_path_factory):
 def test_manifest_describes_the_new_io(aligned):
     _, folder = aligned
     m = load_manifest(folder)
-    assert m.format_version == 6
+    assert m.format_version == FORMAT_VERSION
     onset, velocity = m.stage("onset"), m.stage("velocity")
     assert onset.decoder.time_aligned and onset.decoder.look_ahead and onset.decoder.pointer
     assert [t.name for t in onset.step.inputs][:4] == ["tokens", "positions", "key_mask",

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from pianolm.runtime import vocab
-from pianolm.runtime.graphs import ENCODER_IO, ENCODER_ROLLS_IO, cross_kv_io, kv_names, step_io
+from pianolm.runtime.graphs import (
+    ENCODER_IO,
+    ENCODER_PEDAL_IO,
+    ENCODER_ROLLS_IO,
+    cross_kv_io,
+    kv_names,
+    step_io,
+)
 from pianolm.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -30,7 +37,7 @@ from pianolm.runtime.manifest import (
     verify_files,
     write_manifest,
 )
-from pianolm.runtime.rolls import ROLL_KEYS, RollDecodeConfig
+from pianolm.runtime.rolls import PEDAL_KEYS, ROLL_KEYS, RollDecodeConfig
 
 L, H, DH, E, T = 2, 4, 16, 24, 51
 
@@ -46,15 +53,17 @@ def _graph(folder: Path, file: str, io: tuple, shapes: dict[str, tuple], dtypes:
 
 
 def synthetic_model(folder: Path, stages: tuple[str, ...] = vocab.STAGES,
-                    precision: str = "fp32", rolls: RollsSpec | None = None) -> Manifest:
+                    precision: str = "fp32", rolls: RollsSpec | None = None,
+                    segmenting: str = "pianolm") -> Manifest:
     """A valid manifest over dummy graph files, written into `folder` (with roll outputs on the
-    encoder when `rolls` is given)."""
+    encoder when `rolls` is given; no stages: a rolls-only model)."""
     folder.mkdir(parents=True, exist_ok=True)
     shapes = {"waveform": ("batch", "samples"), "embeddings": ("batch", "frames", E),
               "tokens": ("batch", "chunk"), "positions": ("batch", "chunk"),
               "key_mask": ("batch", "past_plus_chunk"),
               "logits": ("batch", "chunk", vocab.VOCAB_SIZE),
               **{k: ("batch", "frames", 88) for k in ROLL_KEYS},
+              **{k: ("batch", "frames", 1) for k in PEDAL_KEYS},
               **{n: ("batch", H, "past", DH) for n in kv_names("past_key_values", L)},
               **{n: ("batch", H, "past_plus_chunk", DH) for n in kv_names("present", L)},
               **{n: ("batch", H, *((DH, "frames") if n.endswith(".key") else ("frames", DH)))
@@ -64,7 +73,9 @@ def synthetic_model(folder: Path, stages: tuple[str, ...] = vocab.STAGES,
                           vocab_size=vocab.VOCAB_SIZE, max_seq_len=2048, audio_pe_dim=64,
                           max_frames=1024, rope_base=10000.0, norm_eps=1e-5)
     encoder = EncoderSpec("stub", E, 5.0, T, {"hop": 3200},
-                          _graph(folder, "encoder.onnx", ENCODER_ROLLS_IO if rolls else ENCODER_IO,
+                          _graph(folder, "encoder.onnx",
+                                 ENCODER_IO if rolls is None else
+                                 ENCODER_PEDAL_IO if rolls.pedal else ENCODER_ROLLS_IO,
                                  shapes, {}), rolls)
     stage_specs = tuple(
         StageSpec(s, vocab.TASK_TOKEN[s], decoder,
@@ -72,7 +83,8 @@ def synthetic_model(folder: Path, stages: tuple[str, ...] = vocab.STAGES,
                   _graph(folder, f"{s}_step.onnx", step_io(L), shapes, ints, precision))
         for s in stages)
     manifest = Manifest(precision, 18, 16000, 160000, encoder, stage_specs,
-                        SourceSpec(random_init=True, seed=0), {"pianolm": "test"})
+                        SourceSpec(random_init=True, seed=0), {"pianolm": "test"},
+                        default_decoder="lm" if stages else "rolls", segmenting=segmenting)
     write_manifest(manifest, folder)
     return load_manifest(folder)
 
@@ -156,7 +168,8 @@ def test_every_position_logits_from_format_6(folder: Path):
     assert all(s.every_position for s in load_manifest(folder).stages)
     _edit(folder, last_position_logits)
     with pytest.raises(ManifestError, match=r"stages\[0\]\.step\.outputs\.logits\.shape.*"
-                                            r"format version 6 step graphs give \[batch, chunk"):
+                                            rf"format version {FORMAT_VERSION} step graphs "
+                                            r"give \[batch, chunk"):
         load_manifest(folder)
     _edit(folder, lambda r: r.update(format_version=5))
     assert not any(s.every_position for s in load_manifest(folder).stages)
@@ -261,7 +274,7 @@ def with_rolls(tmp_path: Path) -> Path:
 
 def test_rolls_round_trip(with_rolls: Path):
     m = load_manifest(with_rolls)
-    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 6
+    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 7
     assert [t.name for t in m.encoder.graph.outputs] == ["embeddings", *ROLL_KEYS]
     raw = json.loads((with_rolls / MANIFEST_FILE).read_text())["encoder"]["rolls"]
     assert raw["outputs"] == list(ROLL_KEYS) and raw["thresholds"]["onset_threshold"] == 0.4
@@ -310,3 +323,48 @@ def test_roll_outputs_without_rolls_field_are_refused(with_rolls: Path):
 def test_missing_thresholds_take_the_defaults(with_rolls: Path):
     _edit(with_rolls, lambda r: r["encoder"]["rolls"].update(thresholds={}))
     assert load_manifest(with_rolls).encoder.rolls.thresholds == RollDecodeConfig()
+
+
+# A rolls-only model with Kong's pedal, post-processor and segmenting (`pianolm import kong`)
+KONG = RollsSpec(RollDecodeConfig(method="kong"), tuned=True, thresholds_from="Kong's tool",
+                 pedal=True)
+
+
+@pytest.fixture
+def rolls_only(tmp_path: Path) -> Path:
+    synthetic_model(tmp_path / "model", stages=(), rolls=KONG, segmenting="kong")
+    return tmp_path / "model"
+
+
+def test_rolls_only_model_with_pedal_round_trip(rolls_only: Path):
+    m = load_manifest(rolls_only)
+    assert m.rolls_only and m.stages == () and m.default_decoder == "rolls"
+    assert m.encoder.rolls == KONG and m.segmenting == "kong"
+    assert [t.name for t in m.encoder.graph.outputs] == ["embeddings", *ROLL_KEYS, *PEDAL_KEYS]
+    raw = json.loads((rolls_only / MANIFEST_FILE).read_text())
+    assert raw["stages"] == [] and raw["audio"]["segmenting"] == "kong"
+    assert raw["encoder"]["rolls"]["outputs"] == [*ROLL_KEYS, *PEDAL_KEYS]
+    assert raw["encoder"]["rolls"]["thresholds"]["method"] == "kong"
+
+
+def test_models_with_stages_keep_the_default_segmenting(folder: Path):
+    raw = json.loads((folder / MANIFEST_FILE).read_text())
+    assert "segmenting" not in raw["audio"] and load_manifest(folder).segmenting == "pianolm"
+
+
+@pytest.mark.parametrize("change, field, words", [
+    (lambda r: r.update(default_decoder="lm"), "default_decoder", "without stages"),
+    (lambda r: r["audio"].update(segmenting="hops"), "audio.segmenting", "known"),
+    (lambda r: r["encoder"]["rolls"]["thresholds"].update(method="magic"),
+     "encoder.rolls.thresholds.method", "known"),
+    (lambda r: r["encoder"]["rolls"]["thresholds"].update(method=1),
+     "encoder.rolls.thresholds.method", "must be str"),
+    (lambda r: r["encoder"]["graph"]["outputs"][5]["shape"].__setitem__(2, 88),
+     "encoder.graph.outputs.pedal_onset.shape", "axis 2 must be 1"),
+    (lambda r: r["encoder"]["rolls"].update(outputs=list(ROLL_KEYS)),
+     "encoder.graph.outputs", "with encoder.rolls)"),
+])
+def test_rolls_only_errors_name_file_and_field(rolls_only: Path, change, field, words):
+    _edit(rolls_only, change)
+    message = _error(rolls_only)
+    assert f"'{field}'" in message and words in message, message
