@@ -194,8 +194,12 @@ class CRNN(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> EncoderOutput:
         """[B, samples] at 16 kHz -> rolls [B, T, 88] and embedding [B, T, 1536]."""
-        x = self.frontend(waveform).unsqueeze(1)  # [B, 1, T, mels]
-        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)  # BatchNorm per mel bin
+        return self.from_logmel(self.frontend(waveform).unsqueeze(1))
+
+    def from_logmel(self, logmel: torch.Tensor) -> EncoderOutput:
+        """`forward` after the front-end: log-mel [B, 1, T, mels] in (a model that shares the
+        front-end, export/kong.py, computes it once)."""
+        x = self.bn0(logmel.transpose(1, 3)).transpose(1, 3)  # BatchNorm per mel bin
         frame, _ = self.frame_model(x)
         onset, _ = self.reg_onset_model(x)
         offset, offset_hidden = self.reg_offset_model(x)
