@@ -269,8 +269,10 @@ def _render(result: Transcription, fmt: str, folder: Path, model: dict, timings:
 
         notes = [{"onset": n.onset, "offset": n.offset, "pitch": n.pitch,
                   "velocity": n.velocity} for n in result.notes]
-        return json.dumps({"notes": notes, "duration_s": result.duration_s, "model": model,
-                           "timings": timings}).encode()
+        pedals = [{"onset": down, "offset": up} for down, up in result.pedals]
+        return json.dumps({"notes": notes, "pedals": pedals, "duration_s": result.duration_s,
+                           "model": model, "timings": timings}).encode()
     path = folder / f"out.{fmt}"
-    (write_midi if fmt == "midi" else write_notes_tsv)(result.notes, path)
+    (write_midi if fmt == "midi" else write_notes_tsv)(result.notes, path,
+                                                        pedals=result.pedals)
     return path.read_bytes()

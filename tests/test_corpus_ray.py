@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from tests.struck_tones import struck_tones
+from tests.tables import close_tables
 
 ray = pytest.importorskip("ray", reason="pianolm corpus needs the scale extra (ray[data])")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -139,3 +140,25 @@ def test_more_actors_than_cores_run_oversubscribed(corpus, tmp_path):
                           stdin=subprocess.DEVNULL, env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "out").rglob("*.mid"))) == len(GOOD)
+
+
+def test_an_imported_kong_model_writes_what_transcribe_writes(local_ray, corpus, kong_model,
+                                                             tmp_path):
+    """A rolls-only model (`pianolm import kong`) through the corpus: the notes table and the
+    MIDI (its CC64 included) are those `pianolm transcribe` writes (batch rounding aside:
+    tests/tables.py)."""
+    from pianolm.runtime.midi import read_midi_with_pedal
+    model = str(kong_model[1])
+    out = tmp_path / "out"
+    result = run_corpus(str(corpus), CorpusConfig(out_dir=str(out), model=model, batch=4,
+                                                  threads=1, notes="tsv"), actors=1)
+    assert (result.ok, result.failed) == (3, 2)
+    for rel in GOOD:
+        cli = tmp_path / "cli" / Path(rel).with_suffix(".mid")
+        assert main(["transcribe", str(corpus / rel), "-o", str(cli), "--model", model,
+                     "--notes", "tsv"]) in (0, None)
+        mine = out / Path(rel).with_suffix(".mid")
+        tables = (p.with_suffix(".tsv").read_text() for p in (mine, cli))
+        assert close_tables(*tables)
+        notes, pedals = read_midi_with_pedal(mine)
+        assert (len(notes), len(pedals)) == tuple(map(len, read_midi_with_pedal(cli)))

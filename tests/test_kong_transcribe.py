@@ -28,24 +28,6 @@ TOLERANCE_S = 0.005
 CLIPS = ("dev_05.wav", "dev_06.wav")  # 16 kHz mono, with pedal in the references
 
 
-@pytest.fixture(scope="module")
-def kong_model(tmp_path_factory) -> tuple[Path, Path]:
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("onnxscript")
-    from pianolm.export.kong import random_kong_state, save_kong_checkpoint
-
-    folder = tmp_path_factory.mktemp("kong")
-    checkpoint = folder / "CRNN_note_F1=0.9677_pedal_F1=0.9186.pth"
-    save_kong_checkpoint(random_kong_state(seed=0), checkpoint)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main_import(["kong", str(checkpoint), "--out", str(folder / "model")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return checkpoint, folder / "model"
-
-
 def test_import_writes_a_rolls_only_model_with_pedal(kong_model):
     checkpoint, model = kong_model
     m = load_manifest(model)

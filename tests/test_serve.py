@@ -23,6 +23,7 @@ import pytest
 import soundfile as sf
 
 from tests.struck_tones import struck_tones
+from tests.tables import close_tables, table_rows
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the dev extra)")
 pytest.importorskip("fastapi", reason="pianolm serve needs the serve extra")
@@ -210,3 +211,27 @@ def test_serve_without_its_extra_or_on_a_busy_port_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "pip install 'pianolm[serve]'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_imported_kong_model_serves_its_notes_and_pedals(kong_model, clips, tmp_path):
+    """A rolls-only model from `pianolm import kong`: the server gives what the CLI writes,
+    pedals (CC64, TSV rows, JSON) included, alone or in shared batches."""
+    from pianolm.runtime.midi import read_midi_with_pedal
+
+    model = str(kong_model[1])
+    chosen = [clips[k] for k in ("c0", "c4", "c6")]
+    with serve("--model", model, "--batch", "4", "--max-wait-ms", "50") as (base, _):
+        serial = [_post(base, p, "tsv").text for p in chosen]
+        with ThreadPoolExecutor(len(chosen)) as pool:
+            together = [r.text for r in pool.map(lambda p: _post(base, p, "tsv"), chosen)]
+        assert all(close_tables(a, b) for a, b in zip(together, serial))
+        for path, tsv in zip(chosen, serial):
+            assert close_tables(tsv, _cli_notes(path, tmp_path, "--model", model))
+        midi = tmp_path / "served.mid"
+        midi.write_bytes(_post(base, chosen[2], "midi").content)
+        notes, pedals = read_midi_with_pedal(midi)
+        rows = table_rows(serial[2])
+        assert len(notes) == sum(r[2] != "pedal" for r in rows) > 0
+        assert len(pedals) == sum(r[2] == "pedal" for r in rows) > 0
+        body = _post(base, chosen[2]).json()
+        assert body["model"]["decoder"] == "rolls" and len(body["pedals"]) == len(pedals)
