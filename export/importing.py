@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pianolm.runtime.manifest import MANIFEST_FILE, PRECISIONS, RollsSpec, SourceSpec, file_sha256
+from pianolm.runtime.manifest import MANIFEST_FILE, RollsSpec, SourceSpec, file_sha256
 from pianolm.runtime.rolls import RollDecodeConfig
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,9 @@ def main_import(argv: Sequence[str] | None = None) -> int:
     kong.add_argument("checkpoint", help="the .pth file, e.g. "
                       "CRNN_note_F1=0.9677_pedal_F1=0.9186.pth")
     kong.add_argument("--out", required=True, help="the model folder to write")
-    kong.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    kong.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                      help="int8: the encoder's MatMuls 8-bit (ONNX Runtime dynamic "
+                           "quantization); the convolutions stay fp32 (docs/import.md)")
     kong.add_argument("--overwrite", action="store_true",
                       help="replace a model folder that exists")
     args = ap.parse_args(argv)
@@ -94,7 +96,7 @@ def main_import(argv: Sequence[str] | None = None) -> int:
         if not Path(args.checkpoint).is_file():
             raise ImportFailed(f"{args.checkpoint}: no such file")
         manifest = import_kong(args.checkpoint, args.out, args.precision, args.overwrite)
-    except (ImportFailed, OSError) as e:
+    except (ImportFailed, OSError, ValueError) as e:
         print(f"pianolm import: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({manifest.precision}, rolls-only: notes and pedals by Kong's "

@@ -223,6 +223,16 @@ def _to_int8(src: Path, dst: Path, external_data_bytes: int,
     _save_proto(quantizer.model.model, dst, external_data_bytes)
 
 
+def _to_int8_matmuls(src: Path, dst: Path) -> None:
+    """ONNX Runtime's dynamic quantization of an encoder's MatMuls (int8 weights, activations
+    quantized per call); everything else stays fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with logger_at(None, logging.ERROR):  # it advises pre-processing on the root logger
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+
+
 def convert_model(src_dir: str | Path, out_dir: str | Path, precision: str,
                   external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Manifest:
     """Derive an fp16 or int8 folder from an fp32 one (no torch involved).
@@ -230,19 +240,29 @@ def convert_model(src_dir: str | Path, out_dir: str | Path, precision: str,
     The encoder stays fp32 in both: its front-end needs fp32 range (power spectra overflow
     fp16), ONNX Runtime CPU crashed optimising fp16 conv+GRU graphs (1.32, ORT_ENABLE_ALL), and
     int8 ConvInteger/MatMulInteger ran slower than fp32 there (docs/manifest.md, "Precisions").
-    It runs once per segment; the decoders run once per token.
+    It runs once per segment; the decoders run once per token. A rolls-only model (no stages)
+    is its encoder: int8 quantizes the encoder's MatMuls, fp16 is refused.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     src = load_manifest(src_dir)
     if src.precision != "fp32":
         raise ValueError(f"{src_dir}: convert from an fp32 folder, this one is {src.precision}")
+    if src.rolls_only and precision == "fp16":
+        raise ValueError("a rolls-only model is its encoder, which stays fp32 (its power "
+                         "spectra overflow fp16): use fp32, or int8")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-written folder must not look complete
-    _copy_graph(src.path(src.encoder.graph), out)
-    encoder = dataclasses.replace(src.encoder, graph=graph_spec(out / src.encoder.graph.file,
-                                                                "fp32"))
+    encoder_file = out / src.encoder.graph.file
+    if src.rolls_only and precision == "int8":
+        # Its encoder is all there is to quantize: the MatMuls (fc5, the heads), 8-bit dynamic.
+        # Convs stay fp32 (ConvInteger ran 4x slower than fp32 on ORT CPU: docs/import.md).
+        _to_int8_matmuls(src.path(src.encoder.graph), encoder_file)
+        encoder = dataclasses.replace(src.encoder, graph=graph_spec(encoder_file, "int8"))
+    else:
+        _copy_graph(src.path(src.encoder.graph), out)
+        encoder = dataclasses.replace(src.encoder, graph=graph_spec(encoder_file, "fp32"))
     stages = []
     for s in src.stages:
         graphs = {}
