@@ -254,7 +254,9 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _kong_parts(path: Path, checkpoint: Any) -> tuple[dict[str, dict], list[str]]:
-    """{'model': {'note_model': sd, 'pedal_model': sd}, ...} -> (the two state dicts, other keys).
+    """{'model': {'note_model': sd, 'pedal_model': sd}, ...} (Kong's file), or one flat
+    Note_pedal state dict (the authors' fine-tuned encoders) -> (the two state dicts, other
+    keys).
 
     Both sub-models are required: a note-only checkpoint (Kong's training saves the note
     model alone as {'iteration', 'model': state_dict}) has no pedal weights to import, and
@@ -264,6 +266,12 @@ def _kong_parts(path: Path, checkpoint: Any) -> tuple[dict[str, dict], list[str]
         "CRNN_note_F1=0.9677_pedal_F1=0.9186.pth"
     note_only = "a note-only (or single-model) state dict; KongCRNN needs both note_model " \
         "and pedal_model (load a note-only state dict into pianolm's CRNN instead)"
+    if _is_state_dict(checkpoint) and checkpoint and all(
+            str(k).split(".", 1)[0] in _PARTS.values() for k in checkpoint):
+        # Note_pedal.state_dict(): the encoders the LLM decoder's authors fine-tune and save
+        # per stage (`step=N_encoder.pth`), keys 'note_model.*' and 'pedal_model.*'
+        return {name: {k.split(".", 1)[1]: v for k, v in checkpoint.items()
+                       if k.startswith(name + ".")} for name in _PARTS.values()}, []
     if _is_state_dict(checkpoint):
         raise KongImportError(f"{path}: holds {note_only}")
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:

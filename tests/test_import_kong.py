@@ -116,6 +116,19 @@ def test_legacy_format_and_other_top_level_keys(state, ckpt: Path) -> None:
     assert info["other_keys"] == ["iteration"]
 
 
+def test_flat_note_pedal_state_dict(state, ckpt: Path) -> None:
+    """The LLM decoder's authors save their fine-tuned encoder as Note_pedal.state_dict():
+    one flat dict, 'note_model.' and 'pedal_model.' prefixes. It loads as the Zenodo file."""
+    torch.save({f"{part}.{k}": v for part, sd in state.items() for k, v in sd.items()}, ckpt)
+    flat, _ = load_kong_checkpoint(ckpt)
+    save_kong_checkpoint(state, ckpt)
+    zenodo, _ = load_kong_checkpoint(ckpt)
+    for (name, a), b in zip(flat.state_dict().items(), zenodo.state_dict().values()):
+        assert torch.equal(a, b), name
+    torch.save({f"note_model.{k}": v for k, v in state["note_model"].items()}, ckpt)
+    assert "pedal_model" in fails(ckpt)
+
+
 def test_note_part_is_crnn_and_interface(state) -> None:
     model = KongCRNN().eval()
     wave = torch.stack([tones(1.0, (261.6, 523.3), seed=1), tones(1.0, (98.0,), seed=2)])
