@@ -31,9 +31,6 @@ weights, for tests and benchmarks that cannot download the real one (~172 MB).
 from __future__ import annotations
 
 import os
-import pickle
-import re
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +40,7 @@ from torch import nn
 
 from .crnn import _EPS, CRNN, AcousticModel, CRNNConfig
 from .frontend import EncoderOutput, LogMel
+from .torch_files import load_torch_file
 
 __all__ = [
     "KONG_BN2D_EPS",
@@ -169,7 +167,7 @@ def load_kong_checkpoint(path: str | os.PathLike) -> tuple[KongCRNN, dict[str, A
     Raises KongImportError (one line, naming the file) for anything else.
     """
     path = Path(path)
-    checkpoint = _read_tensors(path)
+    checkpoint = load_torch_file(path, KongImportError)  # tensors only, never code
     parts, other_keys = _kong_parts(path, checkpoint)
 
     model = KongCRNN()
@@ -210,41 +208,6 @@ def load_kong_checkpoint(path: str | os.PathLike) -> tuple[KongCRNN, dict[str, A
         "other_keys": other_keys,
     }
     return model, info
-
-
-def _read_tensors(path: Path) -> Any:
-    """torch.load restricted to tensors and plain containers; errors as KongImportError."""
-    if not path.is_file():
-        raise KongImportError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():  # a foreign pickle protocol: our error says enough
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # The restricted unpickler stops at the first reference to a Python global (a class
-        # or function to call): nothing has been executed. Other refusals (an unknown
-        # opcode, e.g. a text file or a plain pickle of a newer protocol) mean "not torch.save".
-        text = str(e)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if found:
-            raise KongImportError(
-                f"{path}: holds pickled Python objects (e.g. {found.group(1)}), not only "
-                "tensors; refused without opening them (torch.load weights_only=True)"
-            ) from None
-        reason = re.search(r"WeightsUnpickler error:\s*([^\n]*\S)", text)
-        raise KongImportError(
-            f"{path}: not a PyTorch checkpoint "
-            f"({reason.group(1) if reason else _first_line(text)}; refused unread)"
-        ) from None
-    except Exception as e:  # zip/pickle/EOF errors of a file that is not a torch.save
-        raise KongImportError(
-            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {_first_line(str(e))})"
-        ) from None
-
-
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else "empty message"
-    return line[:160]
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -287,13 +287,15 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
                  source_checkpoint: str | Path | None = None, opset: int = OPSET, *,
                  seed: int | None = None, metadata: dict[str, Any] | None = None,
                  example_samples: int = EX_SAMPLES,
-                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Manifest:
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES,
+                 source: SourceSpec | None = None) -> Manifest:
     """Export `system` into `out_dir` (graphs first, manifest.json last) and return the
     validated manifest.
 
     source_checkpoint: the checkpoint folder the weights came from (its hash goes into the
     manifest, its metadata's tuned roll thresholds into `encoder.rolls`); None marks a random
-    initialisation (`seed` recorded if given).
+    initialisation (`seed` recorded if given). `source`, when given, is written as it is (weights
+    converted from other files: export/importing.py).
     example_samples: waveform length used to trace the encoder (the axis stays dynamic).
     """
     if opset < MIN_OPSET:
@@ -306,7 +308,7 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-fp32-") as tmp:
             export_model(system, tmp, "fp32", source_checkpoint, opset, seed=seed,
                          metadata=metadata, example_samples=example_samples,
-                         external_data_bytes=external_data_bytes)
+                         external_data_bytes=external_data_bytes, source=source)
             return convert_model(tmp, out, precision, external_data_bytes)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -334,13 +336,13 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
             cross_kv=export(_cross_plan(decoder), f"{stage}_cross_kv.onnx"),
             step=export(_step_plan(decoder), f"{stage}_step.onnx")))
 
-    if source_checkpoint is not None:
+    if source is None and source_checkpoint is not None:
         from pianolm.export.checkpoint import checkpoint_hash
 
         source = SourceSpec(checkpoint=str(source_checkpoint),
                             sha256=checkpoint_hash(source_checkpoint), seed=seed,
                             metadata=_jsonable(metadata or {}))
-    else:
+    elif source is None:
         source = SourceSpec(random_init=True, seed=seed, metadata=_jsonable(metadata or {}))
     manifest = Manifest(precision="fp32", opset=opset, sample_rate=16000,
                         segment_samples=SEGMENT_SAMPLES, encoder=encoder, stages=tuple(stages),

@@ -499,35 +499,28 @@ def write_notes_json(notes: Iterable[Note], path: str | os.PathLike,
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def read_notes_json(path: str | os.PathLike) -> list[Note]:
-    """Read notes written by write_notes_json (also accepts a bare list of note objects)."""
+def _json_rows(path: str | os.PathLike, key: str, make: Callable[[dict], object]) -> list:
+    """The rows under `key` of a notes JSON (a bare list holds notes only), each made into an
+    object; a one-line MidiError naming the file otherwise."""
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8") as f:
             doc = json.load(f)
-        rows = doc["notes"] if isinstance(doc, dict) else doc
-        notes = [Note(float(r["onset"]), float(r["offset"]), int(r["pitch"]),
-                      int(r.get("velocity", 64))) for r in rows]
+        rows = doc.get(key, []) if isinstance(doc, dict) else doc if key == "notes" else []
+        return [make(r) for r in rows]
     except FileNotFoundError:
         raise MidiError(f"{name}: file not found") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise MidiError(f"{name}: not a pianolm note list ({one_line(e)})") \
-            from None
-    return sort_notes(notes)
+        raise MidiError(f"{name}: not a pianolm note list ({one_line(e)})") from None
+
+
+def read_notes_json(path: str | os.PathLike) -> list[Note]:
+    """Read notes written by write_notes_json (also accepts a bare list of note objects)."""
+    return sort_notes(_json_rows(path, "notes", lambda r: Note(
+        float(r["onset"]), float(r["offset"]), int(r["pitch"]), int(r.get("velocity", 64)))))
 
 
 def read_pedals_json(path: str | os.PathLike) -> list[Pedal]:
     """Read the sustain-pedal intervals written by write_notes_json as sorted (down, up) pairs
     in seconds; [] when the file has no "pedals" key (or is a bare list of notes)."""
-    name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as f:
-            doc = json.load(f)
-        rows = doc.get("pedals", []) if isinstance(doc, dict) else []
-        pedals = [(float(r["onset"]), float(r["offset"])) for r in rows]
-    except FileNotFoundError:
-        raise MidiError(f"{name}: file not found") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise MidiError(f"{name}: not a pianolm note list ({one_line(e)})") \
-            from None
-    return sorted(pedals)
+    return sorted(_json_rows(path, "pedals", lambda r: (float(r["onset"]), float(r["offset"]))))

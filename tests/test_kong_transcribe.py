@@ -20,6 +20,7 @@ import soundfile as sf
 from pianolm.export.importing import main_import
 from pianolm.runtime.cli import main
 from pianolm.runtime.manifest import load_manifest
+from pianolm.runtime.metrics import count_matched
 from pianolm.runtime.notes import Note, Pedal
 
 # The issue's targets: notes matched within 5 ms, same pitch, velocity within 1 (>= 99 %), pedals
@@ -88,23 +89,6 @@ def _kong_tool(checkpoint: Path, audio: np.ndarray) -> tuple[list[Note], list[Pe
     return notes, pedals
 
 
-def _matched(ours: list[Note], theirs: list[Note]) -> int:
-    """Kong's notes with one of ours at the same pitch, onset and offset within TOLERANCE_S and
-    velocity within 1 (each of ours used once). Kong's NaN times (plateau peaks,
-    runtime/kong_rolls.py) never match."""
-    free = list(ours)
-    hits = 0
-    for n in theirs:
-        for i, m in enumerate(free):
-            if (m.pitch == n.pitch and abs(m.onset - n.onset) <= TOLERANCE_S
-                    and abs(m.offset - n.offset) <= TOLERANCE_S
-                    and abs(m.velocity - n.velocity) <= 1):
-                hits += 1
-                del free[i]
-                break
-    return hits
-
-
 @pytest.mark.parametrize("clip", CLIPS)
 def test_transcribe_gives_kongs_notes_and_pedals(kong_model, devset, clip, tmp_path):
     checkpoint, model = kong_model
@@ -120,7 +104,7 @@ def test_transcribe_gives_kongs_notes_and_pedals(kong_model, devset, clip, tmp_p
     our_pedals = [(p["onset"], p["offset"]) for p in doc["pedals"]]
 
     assert len(theirs) >= 20, "random weights gave Kong's tool too few notes to compare"
-    assert _matched(ours, theirs) >= 0.99 * len(theirs), (len(ours), len(theirs))
+    assert count_matched(ours, theirs, TOLERANCE_S) >= 0.99 * len(theirs), (len(ours), len(theirs))
     assert abs(len(ours) - len(theirs)) <= 0.01 * len(theirs)
     pedal_hits = sum(any(abs(d - pd) <= TOLERANCE_S and abs(u - pu) <= TOLERANCE_S
                          for pd, pu in our_pedals) for d, u in their_pedals)
