@@ -17,8 +17,9 @@ from one encoder run per segment: `RollTap` keeps the rolls of the run the decod
 Models exported before the encoder graph had roll outputs (manifest format 1) are scored on
 the LM notes only, and the result says why. A rolls-only model (`pianolm import kong`) is
 scored on its roll notes alone, read exactly as `pianolm transcribe` reads them (its own
-segmenting and post-processor). Where the model has a pedal and a clip's reference is a MIDI
-file, its pedal intervals are scored too (metrics.score_pedals: pedal onset and onset+offset F1).
+segmenting and post-processor). Where the model has a pedal and a clip has a MIDI reference
+(beside its .tsv, or alone), its pedal intervals are scored too (metrics.score_pedals: pedal
+onset and onset+offset F1).
 
 Torch-free: numpy, onnxruntime and mir_eval (`pip install 'pianolm[eval]'`).
 """
@@ -119,10 +120,15 @@ def read_reference(path: str | os.PathLike) -> list[Note]:
 
 
 def read_reference_pedals(path: str | os.PathLike) -> list[Pedal] | None:
-    """A MIDI reference's sustain-pedal intervals; None for a .tsv (it holds no pedal)."""
-    if Path(path).suffix.lower() == ".tsv":
-        return None
-    return read_midi_with_pedal(path)[1]
+    """A reference's sustain-pedal intervals, from its MIDI file: the reference itself, or
+    the .mid/.midi of the same stem beside a .tsv (which holds notes only); None where there
+    is no MIDI file or it holds no pedal press (the dev set's MIDI files carry their pedal in
+    the notes' extended offsets, not as CC64)."""
+    path = Path(path)
+    for midi in (path, path.with_suffix(".mid"), path.with_suffix(".midi")):
+        if midi.suffix.lower() in (".mid", ".midi") and midi.is_file():
+            return read_midi_with_pedal(midi)[1] or None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +269,7 @@ class EvalResult:
         pedal = self.mean_pedal()
         if pedal is not None:
             scored = sum(c.pedal is not None for c in self.clips)
-            lines.append(f"pedal ({scored} clips with CC64 references): onset F1 "
+            lines.append(f"pedal, {scored} clip(s) with CC64 references: onset F1 "
                          f"{pedal['pedal_onset_f']:.3f}, onset+offset F1 "
                          f"{pedal['pedal_onset_offset_f']:.3f}")
         spec = self.manifest.encoder.rolls

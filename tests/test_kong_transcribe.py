@@ -109,3 +109,31 @@ def test_transcribe_gives_kongs_notes_and_pedals(kong_model, devset, clip, tmp_p
     pedal_hits = sum(any(abs(d - pd) <= TOLERANCE_S and abs(u - pu) <= TOLERANCE_S
                          for pd, pu in our_pedals) for d, u in their_pedals)
     assert pedal_hits >= 0.95 * len(their_pedals) and len(our_pedals) == len(their_pedals)
+
+
+def test_eval_scores_notes_and_pedals_of_a_rolls_only_model(kong_model, devset, tmp_path,
+                                                            capsys):
+    """`pianolm eval` on an imported model: its roll notes (the LM column empty) and, where a
+    clip's MIDI reference has CC64, its pedal presses. The dev set's MIDI files hold no CC64
+    (their pedal is in the extended offsets), so one clip gets a reference with pedal."""
+    import shutil
+
+    from pianolm.runtime.midi import read_notes_tsv, write_midi
+
+    _, model = kong_model
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem in ("dev_04", "dev_05"):
+        shutil.copy(devset / f"{stem}.wav", data)
+    shutil.copy(devset / "dev_04.tsv", data)  # notes only: no pedal scored
+    write_midi(read_notes_tsv(devset / "dev_05.tsv"), data / "dev_05.mid",
+               pedals=[(0.5, 2.0), (2.5, 4.25), (6.0, 9.0)])
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--data", str(data), "--model", str(model), "--threads", "1",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["mean"]["lm"] is None and doc["mean"]["rolls"]["n_pred"] > 0
+    pedal = {c["name"]: c["pedal"] for c in doc["clips"]}
+    assert pedal["dev_04"] is None and pedal["dev_05"]["pedal_n_ref"] == 3
+    assert pedal["dev_05"]["pedal_n_pred"] > 0 and doc["mean_pedal"] == pedal["dev_05"]
+    assert "pedal, 1 clip(s) with CC64 references: onset F1" in capsys.readouterr().out
