@@ -25,11 +25,19 @@ import argparse
 import logging
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pianolm.runtime.manifest import MANIFEST_FILE, RollsSpec, SourceSpec, file_sha256
+from pianolm.runtime.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    RollsSpec,
+    SourceSpec,
+    file_sha256,
+    load_manifest,
+)
 from pianolm.runtime.rolls import RollDecodeConfig
 
 log = logging.getLogger(__name__)
@@ -46,8 +54,8 @@ class ImportFailed(ValueError):
     """A checkpoint that cannot be imported, or an output folder that must not be touched."""
 
 
-def _fresh_folder(out: Path, overwrite: bool) -> None:
-    """Nothing a user has is overwritten unless they say so."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Nothing a user has is overwritten unless they say so, and then only a model folder."""
     if out.exists() and not out.is_dir():
         raise ImportFailed(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -57,17 +65,31 @@ def _fresh_folder(out: Path, overwrite: bool) -> None:
         if not (out / MANIFEST_FILE).is_file():
             raise ImportFailed(f"{out}: not a pianolm model folder (no {MANIFEST_FILE}); "
                                "--overwrite replaces model folders only")
-        shutil.rmtree(out)
+
+
+def _write_folder(out: Path, export: Callable[[Path], Manifest]) -> Manifest:
+    """Export into a fresh folder beside `out`, then put it in `out`'s place: a failed import
+    leaves the model that was there as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-import-"))
+    try:
+        export(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_manifest(out)
 
 
 def import_kong(checkpoint: str | Path, out: str | Path, precision: str = "fp32",
-                overwrite: bool = False):
+                overwrite: bool = False) -> Manifest:
     """Kong's Zenodo-layout checkpoint -> a rolls-only model folder; returns its manifest."""
     from pianolm.export.kong import KongImportError, load_kong_checkpoint
     from pianolm.export.onnx_export import export_rolls_model
 
     out = Path(out)
-    _fresh_folder(out, overwrite)
+    _check_out(out, overwrite)
     try:
         encoder, info = load_kong_checkpoint(checkpoint)
     except KongImportError as e:
@@ -77,8 +99,8 @@ def import_kong(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
                                   "origin": "Kong et al. 2021, High-resolution piano "
                                             "transcription with pedals (note and pedal models)",
                                   **info})
-    return export_rolls_model(encoder, "kong-crnn", out, KONG_ROLLS, source, precision,
-                              segmenting="kong")
+    return _write_folder(out, lambda tmp: export_rolls_model(
+        encoder, "kong-crnn", tmp, KONG_ROLLS, source, precision, segmenting="kong"))
 
 
 # --encoder KIND=PATH: what each kind is read as
@@ -88,7 +110,7 @@ ENCODER_KINDS = {"kong": "Kong's Zenodo-layout file", "crnn": "the authors' fine
 
 def import_authors(stages: dict[str, str | Path], encoder: str, heads: int, out: str | Path,
                    precision: str = "fp32", overwrite: bool = False,
-                   trust_pickle: bool = False):
+                   trust_pickle: bool = False) -> Manifest:
     """The authors' three stage decoders over one encoder -> an LM model folder; returns its
     manifest. `encoder` is KIND=PATH (ENCODER_KINDS)."""
     from pianolm.export.authors import AuthorsImportError, convert_decoder, load_stage_checkpoint
@@ -101,7 +123,7 @@ def import_authors(stages: dict[str, str | Path], encoder: str, heads: int, out:
         raise ImportFailed(f"--encoder {encoder!r}: expected KIND=PATH with KIND one of "
                            f"{', '.join(ENCODER_KINDS)}")
     out = Path(out)
-    _fresh_folder(out, overwrite)
+    _check_out(out, overwrite)
     try:
         kong, _ = load_kong_checkpoint(path)
         converted = {stage: convert_decoder(load_stage_checkpoint(file, trust_pickle), heads,
@@ -119,8 +141,9 @@ def import_authors(stages: dict[str, str | Path], encoder: str, heads: int, out:
                         metadata={"importer": "authors", "encoder_kind": kind,
                                   "files": files,
                                   "sha256": {k: file_sha256(f) for k, f in files.items()}})
-    return export_model(system.eval(), out, precision, metadata={
-        "rolls": KONG_ROLLS.thresholds.to_dict()}, source=source)
+    return _write_folder(out, lambda tmp: export_model(
+        system.eval(), tmp, precision, metadata={"rolls": KONG_ROLLS.thresholds.to_dict()},
+        source=source))
 
 
 def main_import(argv: Sequence[str] | None = None) -> int:

@@ -59,6 +59,18 @@ def test_import_never_overwrites_what_it_was_not_told_to(kong_model, tmp_path, c
     assert "not a pianolm model folder" in capsys.readouterr().err
     assert (kept / "notes.txt").read_text() == "mine"
 
+    # a model folder given with --overwrite stays as it was when the import fails
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(kong_model[1], old)
+    before = (old / "manifest.json").read_bytes()
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    assert main_import(["kong", str(bad), "--out", str(old), "--overwrite"]) == 2
+    assert (old / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "mine", "old"]
+
 
 def test_import_of_a_bad_file_is_one_line(tmp_path, capsys):
     bad = tmp_path / "model.pth"
