@@ -169,8 +169,7 @@ def main_import(argv: Sequence[str] | None = None) -> int:
                          "all three stages read (one per stage is not supported yet): "
                          + "; ".join(f"{k}: {v}" for k, v in ENCODER_KINDS.items()))
     authors.add_argument("--heads", type=int, required=True, help="attention heads per layer "
-                         "(their configs: 16, or 8 for the HPPNet onset stage); the shapes "
-                         "cannot tell")
+                         "(their CRNN configs: 16); the shapes cannot tell")
     authors.add_argument("--out", required=True, help="the model folder to write")
     authors.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     authors.add_argument("--overwrite", action="store_true",

@@ -55,12 +55,16 @@ DERIVED = {"past_plus_chunk": ("past", "chunk")}  # key_mask / present length = 
 
 def default_profile(manifest: Manifest) -> Profile:
     """Batch 1..32 (opt 8); chunks 1..4 (prefill is 2, velocity/offset steps 3); past 0 up to
-    the RoPE table (max_seq_len - 4); frames and samples fixed to one 10 s segment."""
-    max_seq = min(s.decoder.max_seq_len for s in manifest.stages)
+    the RoPE table (max_seq_len - 4); frames and samples fixed to one 10 s segment. A rolls-only
+    model (no stages) has no chunk or past axis."""
     frames = manifest.encoder.frames_per_segment
     samples = manifest.segment_samples
-    return {"batch": (1, 8, 32), "chunk": (1, 1, 4), "past": (0, 256, max_seq - 4),
-            "frames": (frames, frames, frames), "samples": (samples, samples, samples)}
+    decoder: Profile = {}
+    if manifest.stages:
+        max_seq = min(s.decoder.max_seq_len for s in manifest.stages)
+        decoder = {"chunk": (1, 1, 4), "past": (0, 256, max_seq - 4)}
+    return {"batch": (1, 8, 32), **decoder, "frames": (frames, frames, frames),
+            "samples": (samples, samples, samples)}
 
 
 def _dim(profile: Profile, name: str) -> tuple[int, int, int]:
@@ -142,7 +146,7 @@ def write_trtexec_commands(model_dir: str | Path, profile: Profile | None = None
         trt.append("# --fp16 on an fp32 export: TensorRT 10 only (11 removed it; export with "
                    "--precision fp16 instead)")
     poly = list(head)
-    max_pos = min(s.decoder.max_seq_len for s in manifest.stages) - 1
+    max_pos = min((s.decoder.max_seq_len for s in manifest.stages), default=1) - 1
     for graph in manifest.graphs().values():
         shapes = input_shapes(graph.inputs, profile)
         trt.append(_command([

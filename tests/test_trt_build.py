@@ -130,8 +130,22 @@ class _Fake:
         self.module = mod
 
 
-def _fake_trt(monkeypatch, folder: Path, version: str = "10.13.0", has_fp16: bool = True):
-    manifest = synthetic_model(folder)
+def test_scripts_and_profile_of_a_rolls_only_model(tmp_path):
+    """`pianolm import kong` folders hold the encoder alone: no chunk or past axis, one engine."""
+    from tests.test_export_manifest import KONG
+
+    folder = tmp_path / "model"
+    manifest = synthetic_model(folder, stages=(), rolls=KONG, segmenting="kong")
+    profile = default_profile(manifest)
+    assert sorted(profile) == ["batch", "frames", "samples"]
+    trtexec, polygraphy = write_trtexec_commands(folder, profile)
+    assert trtexec.read_text().count("trtexec --onnx=encoder.onnx") == 1
+    assert polygraphy.read_text().count("polygraphy run") == 1
+
+
+def _fake_trt(monkeypatch, folder: Path, version: str = "10.13.0", has_fp16: bool = True,
+              **model):
+    manifest = synthetic_model(folder, **model)
     inputs = {g.file: [t.name for t in g.inputs] for g in manifest.graphs().values()}
     fake = _Fake(version, inputs, has_fp16)
     monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
@@ -152,6 +166,13 @@ def test_build_engines_with_a_fake_tensorrt(tmp_path, monkeypatch):
     assert ("set_shape", "key_mask", (1, 1), (8, 257), (32, 2048)) in fake.calls
     meta = (tmp_path / "model" / "tensorrt.json").read_text()
     assert '"strongly_typed": true' in meta and '"onset.step": "onset_step.engine"' in meta
+
+
+def test_build_engines_of_a_rolls_only_model(tmp_path, monkeypatch):
+    from tests.test_export_manifest import KONG
+
+    _fake_trt(monkeypatch, tmp_path / "model", stages=(), rolls=KONG, segmenting="kong")
+    assert sorted(build_engines(tmp_path / "model")) == ["encoder"]
 
 
 def test_build_engines_fp16_flag_only_on_tensorrt_10(tmp_path, monkeypatch):
