@@ -31,7 +31,7 @@ import numpy as np
 from pianolm.runtime.audio import load_audio
 from pianolm.runtime.metrics import count_matched, score_notes
 from pianolm.runtime.notes import Note, Pedal
-from pianolm.runtime.provenance import RUNTIME_DISTS, provenance
+from pianolm.runtime.provenance import RUNTIME_DISTS, write_report
 from pianolm.runtime.transcriber import Transcriber
 
 AUDIO = (".wav", ".flac", ".mp3", ".ogg")
@@ -131,10 +131,7 @@ def main() -> None:
                             for key in ("onset_f", "onset_offset_f",
                                         "onset_offset_velocity_f")},
     }
-    report = {"benchmark": "kong_speed", **provenance((*RUNTIME_DISTS, *PEER_DISTS)),
-              "result": result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, "kong_speed", result, (*RUNTIME_DISTS, *PEER_DISTS))
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps(result, indent=1))
 

@@ -25,7 +25,7 @@ from pianolm.engines import DEFAULT_MODEL_DIR
 from pianolm.runtime.audio import load_audio, normalise_peak, segment_audio
 from pianolm.runtime.decode import RowSpec, Speculation, decode_batch
 from pianolm.runtime.ort_backend import OrtBackend
-from pianolm.runtime.provenance import provenance
+from pianolm.runtime.provenance import write_report
 from pianolm.runtime.speculative import SpeculativeStats
 
 AUDIO = (".wav", ".flac", ".mp3", ".ogg")
@@ -112,9 +112,7 @@ def main() -> None:
                        for name, s in stats.items()}}
     result["speedup"] = round(result["plain"]["decode_s"]["median"]
                               / result["speculative"]["decode_s"]["median"], 3)
-    report = {"benchmark": "speculative_devset", **provenance(), "result": result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, "speculative_devset", result)
     print(json.dumps(result, indent=1))
 
 

@@ -101,6 +101,23 @@ def count_matched(pred: Sequence[Note], ref: Sequence[Note], seconds: float = 0.
     return hits
 
 
+def _onset_offset(ref_intervals: np.ndarray, ref_pitches: np.ndarray,
+                  est_intervals: np.ndarray, est_pitches: np.ndarray, prefix: str,
+                  onset_tolerance: float, offset_ratio: float, offset_min_tolerance: float
+                  ) -> dict[str, float]:
+    """`{prefix}onset_{p,r,f}` and `{prefix}onset_offset_{p,r,f}` (mir_eval.transcription)."""
+    import mir_eval.transcription
+
+    out = {}
+    for name, ratio in (("onset", None), ("onset_offset", offset_ratio)):
+        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
+            ref_intervals, ref_pitches, est_intervals, est_pitches,
+            onset_tolerance=onset_tolerance, offset_ratio=ratio,
+            offset_min_tolerance=offset_min_tolerance)
+        out.update({f"{prefix}{name}_p": p, f"{prefix}{name}_r": r, f"{prefix}{name}_f": f})
+    return out
+
+
 def evaluate(notes_pred: Sequence[Note], notes_ref: Sequence[Note],
              onset_tolerance: float = ONSET_TOLERANCE, offset_ratio: float = OFFSET_RATIO,
              offset_min_tolerance: float = OFFSET_MIN_TOLERANCE) -> dict[str, float]:
@@ -122,13 +139,8 @@ def evaluate(notes_pred: Sequence[Note], notes_ref: Sequence[Note],
     ei, ep, ev = _arrays(pred)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mir_eval warns about e.g. constant velocities
-        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
-            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=None)
-        out.update(onset_p=p, onset_r=r, onset_f=f)
-        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
-            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=offset_ratio,
-            offset_min_tolerance=offset_min_tolerance)
-        out.update(onset_offset_p=p, onset_offset_r=r, onset_offset_f=f)
+        out.update(_onset_offset(ri, rp, ei, ep, "", onset_tolerance, offset_ratio,
+                                 offset_min_tolerance))
         p, r, f, _ = mir_eval.transcription_velocity.precision_recall_f1_overlap(
             ri, rp, rv, ei, ep, ev, onset_tolerance=onset_tolerance, offset_ratio=offset_ratio,
             offset_min_tolerance=offset_min_tolerance)
@@ -151,7 +163,6 @@ def score_pedals(pred: Sequence[Pedal], ref: Sequence[Pedal],
     evaluate(): both lists empty -> every score 1.0; exactly one empty -> 0.0.
     """
     require_mir_eval()
-    import mir_eval.transcription
 
     pred, ref = list(pred), list(ref)
     out: dict[str, float] = {"pedal_n_pred": float(len(pred)), "pedal_n_ref": float(len(ref))}
@@ -167,13 +178,8 @@ def score_pedals(pred: Sequence[Pedal], ref: Sequence[Pedal],
     ei, ep = arrays(pred)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
-            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=None)
-        out.update(pedal_onset_p=p, pedal_onset_r=r, pedal_onset_f=f)
-        p, r, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
-            ri, rp, ei, ep, onset_tolerance=onset_tolerance, offset_ratio=offset_ratio,
-            offset_min_tolerance=offset_min_tolerance)
-        out.update(pedal_onset_offset_p=p, pedal_onset_offset_r=r, pedal_onset_offset_f=f)
+        out.update(_onset_offset(ri, rp, ei, ep, "pedal_", onset_tolerance, offset_ratio,
+                                 offset_min_tolerance))
     return {k: float(v) for k, v in out.items()}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -72,3 +73,12 @@ def provenance(dists: Sequence[str] = RUNTIME_DISTS) -> dict:
     """The header of a benchmark's JSON: its command line, machine, versions and commit."""
     return {"command": " ".join(["python", *sys.argv]), "machine": machine(),
             "versions": package_versions(dists), "git": git_info()}
+
+
+def write_report(path: str | Path, benchmark: str, result: dict,
+                 dists: Sequence[str] = RUNTIME_DISTS) -> None:
+    """A benchmark's JSON in benchmarks/results/: its name, `provenance(dists)`, the result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": benchmark, **provenance(dists), "result": result}
+    path.write_text(json.dumps(report, indent=1) + "\n")

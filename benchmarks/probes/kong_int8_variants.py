@@ -28,7 +28,7 @@ from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 from pianolm.export.importing import import_kong
 from pianolm.export.kong import random_kong_state, save_kong_checkpoint
 from pianolm.export.precision import logger_at
-from pianolm.runtime.provenance import provenance
+from pianolm.runtime.provenance import write_report
 
 
 def variants(fp32: Path, folder: Path) -> dict[str, Path]:
@@ -78,9 +78,7 @@ def main() -> None:
     result = {"threads": args.threads, "windows": 3, "repeats": args.repeats,
               "median_s": median,
               "vs_fp32": {n: round(m / median["fp32"], 2) for n, m in median.items()}}
-    report = {"benchmark": "kong_int8_variants", **provenance(), "result": result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, "kong_int8_variants", result)
     print(json.dumps(result, indent=1))
 
 
