@@ -127,7 +127,8 @@ def import_authors(stages: dict[str, str | Path], encoder: str, heads: int, out:
     try:
         kong, _ = load_kong_checkpoint(path)
         converted = {stage: convert_decoder(load_stage_checkpoint(file, trust_pickle), heads,
-                                            "crnn") for stage, file in stages.items()}
+                                            "crnn", source=str(file))
+                     for stage, file in stages.items()}
     except (KongImportError, AuthorsImportError) as e:
         raise ImportFailed(str(e)) from None
     system = TranscriptionSystem(SystemConfig(encoder="crnn", decoder={

@@ -72,7 +72,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .notes import Note, Pedal, sort_notes
-from .rolls import RollDecodeConfig
+from .rolls import RollDecodeConfig, note_rolls
 from .vocab import MIN_PITCH, NUM_PITCHES
 
 ONSET_NEIGHBOUR = 2  # frames either side that must be monotonic around an onset peak
@@ -158,14 +158,7 @@ def kong_notes(rolls: Mapping[str, np.ndarray], frames_per_second: float,
     """Rolls {onset, offset, frame, velocity: [T, 88] in 0..1} -> Kong's notes (seconds from
     `start`, frame i at start + i / fps), sorted by runtime.notes.sort_notes."""
     cfg = config or RollDecodeConfig()
-    onset = np.asarray(rolls["onset"], np.float32)
-    offset = np.asarray(rolls["offset"], np.float32)
-    frame = np.asarray(rolls["frame"], np.float32)
-    velocity = np.asarray(rolls["velocity"], np.float32)
-    if onset.ndim != 2 or onset.shape[1] != NUM_PITCHES or any(
-            r.shape != onset.shape for r in (offset, frame, velocity)):
-        raise ValueError(f"rolls must all be [T, {NUM_PITCHES}], got "
-                         f"{[r.shape for r in (onset, offset, frame, velocity)]}")
+    onset, offset, frame, velocity = note_rolls(rolls)
     t = onset.shape[0]
     fps = float(frames_per_second)
     on = kong_peaks(onset, cfg.onset_threshold, ONSET_NEIGHBOUR)

@@ -110,19 +110,22 @@ def _first_after(sorted_idx: np.ndarray, i: int) -> int | None:
     return int(sorted_idx[j]) if j < len(sorted_idx) else None
 
 
+def note_rolls(rolls: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The onset, offset, frame and velocity rolls as float32 [T, 88], checked (ValueError)."""
+    out = tuple(np.asarray(rolls[k], np.float32) for k in ROLL_KEYS)
+    if out[0].ndim != 2 or out[0].shape[1] != NUM_PITCHES or any(
+            r.shape != out[0].shape for r in out[1:]):
+        raise ValueError(f"rolls must all be [T, {NUM_PITCHES}], got {[r.shape for r in out]}")
+    return out
+
+
 def decode_rolls(rolls: Mapping[str, np.ndarray], frames_per_second: float,
                  config: RollDecodeConfig | None = None, start: float = 0.0) -> list[Note]:
     """Rolls {onset, offset, frame, velocity: [T, 88] in 0..1} -> notes (seconds from `start`,
     frame i at start + i / fps), sorted by (onset, pitch)."""
     cfg = config or RollDecodeConfig()
-    onset = np.asarray(rolls["onset"], np.float32)
-    offset = np.asarray(rolls["offset"], np.float32)
-    frame = np.asarray(rolls["frame"], np.float32)
-    velocity = np.asarray(rolls["velocity"], np.float32)
-    n, keys = onset.shape
-    if keys != NUM_PITCHES or any(r.shape != onset.shape for r in (offset, frame, velocity)):
-        raise ValueError(f"rolls must all be [T, {NUM_PITCHES}], got "
-                         f"{[np.shape(rolls[k]) for k in ROLL_KEYS]}")
+    onset, offset, frame, velocity = note_rolls(rolls)
+    n = onset.shape[0]
     fps = float(frames_per_second)
     max_len = None if cfg.max_note_seconds is None else max(int(cfg.max_note_seconds * fps), 1)
     on_peaks = find_peaks(onset, cfg.onset_threshold, cfg.peak_radius)

@@ -389,6 +389,13 @@ def test_import_authors_exports_graphs_that_give_the_converted_logits(kong_model
     assert main(["transcribe", str(audio), "--model", str(out), "--decoder", "lm"]) == 0
     assert (tmp_path / "a.mid").is_file()
 
+    # a stage trained on another encoder: one line naming its file
+    torch.save(authors_state(352), files["offset"])
+    assert main_import(["authors", *args, "--encoder", f"kong={checkpoint}", "--heads", "4",
+                        "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(files["offset"]) in err and "352-d" in err
+
     # a pickled stage file is refused in one line unless trusted
     torch.save(PickledModule(tmp_path / "marker"), files["offset"])
     assert main_import(["authors", *args, "--encoder", f"kong={checkpoint}", "--heads", "4",
