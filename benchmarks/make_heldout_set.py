@@ -23,7 +23,7 @@ from pianolm.export.data.augment import CONDITIONS
 from pianolm.export.data.dataset import read_pedal_tsv, render_dataset
 from pianolm.export.data.render import INSTRUMENTS
 from pianolm.runtime.midi import read_notes_tsv, write_notes_tsv
-from pianolm.runtime.tokens import extend_by_pedal
+from pianolm.runtime.sustain import extend_by_pedal
 
 
 def main() -> None:

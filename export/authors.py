@@ -317,3 +317,40 @@ def _state_dict(path: Path, obj: Any) -> dict[str, Tensor]:
     if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Their HPPNet encoder (hppnet/nets.py, WX-Wei/HPPNet's `hpp_sp` with model_size 128)
+
+# Their module names -> pianolm's (export/hppnet.py): the onset and frame subnets are
+# subnets 0 and 1, the harmonic convolutions a list, a head's BiLSTM and linear one level up.
+_HPPNET_RENAMES = ((r"^subnet_onset\.", "subnets.0."), (r"^subnet_frame\.", "subnets.1."),
+                   (r"\.conv_3\.conv_([1-8])\.", lambda m: f".conv_3.convs.{int(m[1]) - 1}."),
+                   (r"\.head\.lstm\.rnn\.", ".lstm."), (r"\.head\.linear\.", ".linear."))
+
+
+def hppnet_key(theirs: str) -> str:
+    """Their HPPNet state-dict key -> pianolm's HPPNet key."""
+    for pattern, replacement in _HPPNET_RENAMES:
+        theirs = re.sub(pattern, replacement, theirs)
+    return theirs
+
+
+def load_hppnet_encoder(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
+    """Their HPPNet encoder -> pianolm's `hppnet` encoder with its weights, in eval mode.
+
+    Reads a state dict (their `step=N_encoder.pth`) or, with `trust_pickle`, a pickled module
+    (`hpp-10secondsInput-120000.pt`, whose unpickling needs their `hppnet` package). Their
+    nnAudio CQT is a module global, not in the state dict: pianolm's own front-end computes
+    it (docs/import.md says how closely). Raises AuthorsImportError naming the file.
+    """
+    from .hppnet import HPPNet
+
+    state = {hppnet_key(k): v for k, v in load_stage_checkpoint(path, trust_pickle).items()}
+    model = HPPNet()
+    problems = _key_problems(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    if problems:
+        raise AuthorsImportError(f"{path}: not their HPPNet (sp, model_size 128) state dict "
+                                 f"(keys as pianolm names them): {problems}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()

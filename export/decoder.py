@@ -47,6 +47,7 @@ KV = tuple[Tensor, Tensor]  # one layer's cache: (K, V)
 
 CROSS_POSITIONS = ("token", "time")
 TIME_HEADS = ("lm", "pointer")
+CARRIED = ("after", "separate")  # where the offset stage decodes carried notes
 # look-ahead prior (docs/decoder.md): frames more than this many ticks before the query's tick
 # are masked, and head h's score falls by slope_h per 100 ticks ahead (initial slopes, cycled
 # over the heads; learnable per layer and head)
@@ -85,6 +86,13 @@ class DecoderConfig:
     look_ahead: bool = False  # time only
     time_head: str = "lm"  # "lm" | "pointer" (time only)
     ticks_per_frame: int = 2  # 10 ms ticks per encoder frame: hppnet (50 fps) 2, crnn 1
+    # The decoder reads embeddings[..., enc_offset : enc_offset + enc_dim]: stages that read
+    # different encoders share one concatenated embedding (export/stage_encoders.py)
+    enc_offset: int = 0
+    # Offset stage: the notes carried from the previous segment come after the segment's own
+    # in one sequence ("after") or in a sequence of their own ("separate", the authors'
+    # layout); a decoding choice the manifest carries (runtime/decode.py)
+    carried: str = "after"
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -100,6 +108,10 @@ class DecoderConfig:
             raise ValueError("look_ahead and time_head='pointer' need cross_positions='time'")
         if self.ticks_per_frame < 1:
             raise ValueError(f"ticks_per_frame must be >= 1, got {self.ticks_per_frame}")
+        if self.enc_offset < 0:
+            raise ValueError(f"enc_offset must be >= 0, got {self.enc_offset}")
+        if self.carried not in CARRIED:
+            raise ValueError(f"carried {self.carried!r}: choose from {list(CARRIED)}")
         if self.time_aligned and self.max_seq_len <= vocab.SEGMENT_TICKS:
             raise ValueError(f"cross_positions='time' rotates by tick: max_seq_len (the RoPE "
                              f"table) must exceed {vocab.SEGMENT_TICKS}")
@@ -441,7 +453,11 @@ class Decoder(nn.Module):
         return Rope(cos, sin, qcos, qsin, ahead)
 
     def audio_memory(self, audio_emb: Tensor) -> Tensor:
-        """[B, T, enc_dim] -> [B, T, d]: projected embeddings plus projected absolute PE."""
+        """[B, T, >= enc_offset + enc_dim] -> [B, T, d]: this decoder's part of the embeddings,
+        projected, plus the projected absolute PE."""
+        lo, width = self.cfg.enc_offset, self.cfg.enc_dim
+        if audio_emb.shape[-1] != width or lo:  # traced as a constant slice
+            audio_emb = audio_emb[..., lo:lo + width]
         t = audio_emb.shape[1]
         return self.audio_proj(audio_emb) + self.audio_pe_proj(self.audio_pe[:t])[None]
 

@@ -28,7 +28,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pianolm.runtime.manifest import (
     MANIFEST_FILE,
@@ -39,6 +41,9 @@ from pianolm.runtime.manifest import (
     load_manifest,
 )
 from pianolm.runtime.rolls import RollDecodeConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -105,46 +110,130 @@ def import_kong(checkpoint: str | Path, out: str | Path, precision: str = "fp32"
 
 # --encoder KIND=PATH: what each kind is read as
 ENCODER_KINDS = {"kong": "Kong's Zenodo-layout file", "crnn": "the authors' fine-tuned CRNN "
-                 "(Note_pedal.state_dict(), step=N_encoder.pth)"}
+                 "(Note_pedal.state_dict(), step=N_encoder.pth)",
+                 "hppnet": "the authors' HPPNet (its state dict, step=N_encoder.pth; a pickled "
+                 "module with --trust-pickle)",
+                 "pianolm": "a pianolm model folder's fp32 encoder graph (crnn or hppnet)"}
 
 
-def import_authors(stages: dict[str, str | Path], encoder: str, heads: int, out: str | Path,
-                   precision: str = "fp32", overwrite: bool = False,
-                   trust_pickle: bool = False) -> Manifest:
-    """The authors' three stage decoders over one encoder -> an LM model folder; returns its
-    manifest. `encoder` is KIND=PATH (ENCODER_KINDS)."""
-    from pianolm.export.authors import AuthorsImportError, convert_decoder, load_stage_checkpoint
-    from pianolm.export.kong import KongImportError, load_kong_checkpoint
-    from pianolm.export.onnx_export import export_model
-    from pianolm.export.system import SystemConfig, TranscriptionSystem
+def _load_encoder(kind: str, path: Path, trust_pickle: bool) -> nn.Module:
+    """One encoder file of ENCODER_KINDS -> the pianolm encoder module holding its weights."""
+    from pianolm.export.authors import load_hppnet_encoder
+    from pianolm.export.kong import load_kong_checkpoint
 
+    if kind == "hppnet":
+        return load_hppnet_encoder(path, trust_pickle)
+    return load_kong_checkpoint(path)[0].note  # reads the Zenodo layout and a flat Note_pedal
+
+
+def _folder_encoder(path: Path) -> nn.Module:
+    from pianolm.export.folder_encoder import FolderEncoder
+    from pianolm.runtime.manifest import ManifestError
+
+    try:
+        return FolderEncoder(path)
+    except ManifestError as e:
+        raise ImportFailed(str(e)) from None
+
+
+def _family(kind: str, encoder: nn.Module) -> str:
+    """The authors' encoder family their decoders were trained over: the embedding layout the
+    converter maps their input columns from (export/authors.py)."""
+    if kind != "pianolm":
+        return "hppnet" if kind == "hppnet" else "crnn"
+    name = encoder.spec.name
+    if name.startswith("hppnet"):
+        return "hppnet"
+    if name in ("crnn", "kong-crnn"):
+        return "crnn"
+    raise ImportFailed(f"{encoder.manifest.folder}: its encoder {name!r} is neither a CRNN nor "
+                       "an HPPNet, the encoders the authors' decoders read")
+
+
+def _file_sha256(path: Path) -> str:
+    """A file's sha256; a model folder's is its manifest's (which holds every graph's)."""
+    return file_sha256(path / MANIFEST_FILE if path.is_dir() else path)
+
+
+def _encoder_kind(encoder: str) -> tuple[str, Path]:
+    """--encoder KIND=PATH -> (KIND, PATH), checked."""
     kind, _, path = encoder.partition("=")
     if kind not in ENCODER_KINDS or not path:
         raise ImportFailed(f"--encoder {encoder!r}: expected KIND=PATH with KIND one of "
                            f"{', '.join(ENCODER_KINDS)}")
+    return kind, Path(path)
+
+
+def _stage_encoders(encoder: str, stage_encoders: dict[str, str | Path],
+                    trust_pickle: bool) -> nn.Module:
+    """--encoder KIND=PATH and --STAGE-encoder PATH (the same kind) -> the system's encoder
+    module: one encoder when every stage reads the same file, else StageEncoders running each
+    distinct file once (files with the same bytes are one encoder). The rolls are --encoder's."""
+    from pianolm.export.stage_encoders import StageEncoders
+
+    kind, path = _encoder_kind(encoder)
+    if kind == "pianolm":
+        if stage_encoders:
+            raise ImportFailed("--onset/velocity/offset-encoder take encoder files; an encoder "
+                               "from a model folder (pianolm=) serves every stage")
+        return _folder_encoder(path)
+    files = {"encoder": path, **{s: Path(f) for s, f in stage_encoders.items()}}
+    by_hash: dict[str, str] = {}  # sha256 -> the name of the first file with those bytes
+    names = {who: by_hash.setdefault(file_sha256(file), who) for who, file in files.items()}
+    loaded = {name: _load_encoder(kind, files[name], trust_pickle)
+              for name in dict.fromkeys(names.values())}
+    reads = {stage: names.get(stage, "encoder") for stage in ("onset", "velocity", "offset")}
+    if len(loaded) == 1:
+        return loaded["encoder"]
+    return StageEncoders(loaded, reads, rolls_from="encoder")
+
+
+def import_authors(stages: dict[str, str | Path], encoder: str, heads: int, out: str | Path,
+                   precision: str = "fp32", overwrite: bool = False,
+                   trust_pickle: bool = False,
+                   stage_encoders: dict[str, str | Path] | None = None,
+                   carried: str = "separate") -> Manifest:
+    """The authors' three stage decoders -> an LM model folder; returns its manifest.
+    `encoder` is KIND=PATH (ENCODER_KINDS): the encoder of the rolls and of every stage not in
+    `stage_encoders` ({stage: PATH}, the encoder their training fine-tuned with that stage).
+    `carried`: the offset stage's layout, "separate" as their inference decodes it."""
+    from pianolm.export.authors import AuthorsImportError, convert_decoder, load_stage_checkpoint
+    from pianolm.export.kong import KongImportError
+    from pianolm.export.onnx_export import export_model
+    from pianolm.export.system import SystemConfig, TranscriptionSystem
+
+    stage_encoders = dict(stage_encoders or {})
+    kind, _ = _encoder_kind(encoder)
     out = Path(out)
     _check_out(out, overwrite)
     try:
-        kong, _ = load_kong_checkpoint(path)
+        system_encoder = _stage_encoders(encoder, stage_encoders, trust_pickle)
+        family = _family(kind, system_encoder)
         converted = {stage: convert_decoder(load_stage_checkpoint(file, trust_pickle), heads,
-                                            "crnn", source=str(file))
+                                            family, source=str(file))
                      for stage, file in stages.items()}
     except (KongImportError, AuthorsImportError) as e:
         raise ImportFailed(str(e)) from None
-    system = TranscriptionSystem(SystemConfig(encoder="crnn", decoder={
-        stage: cfg for stage, (cfg, _) in converted.items()}), encoder=kong.note,
-        decoder_device="meta")
+    parts = getattr(system_encoder, "stage_parts", {})
+    configs = {stage: replace(cfg, enc_offset=parts.get(stage, (0,))[0],
+                              carried=carried if stage == "offset" else "after")
+               for stage, (cfg, _) in converted.items()}
+    system = TranscriptionSystem(SystemConfig(encoder=family, decoder=configs),
+                                 encoder=system_encoder, decoder_device="meta")
     for stage, (_, state) in converted.items():
         system.decoders[stage].load_state_dict(state, strict=True, assign=True)
         system.decoders[stage].reset_buffers()
-    files = {"encoder": str(path), **{stage: str(file) for stage, file in stages.items()}}
+    files = {"encoder": str(encoder.partition("=")[2]),
+             **{f"{stage}_encoder": str(file) for stage, file in stage_encoders.items()},
+             **{stage: str(file) for stage, file in stages.items()}}
     source = SourceSpec(checkpoint=str(stages["onset"]), sha256=file_sha256(stages["onset"]),
-                        metadata={"importer": "authors", "encoder_kind": kind,
-                                  "files": files,
-                                  "sha256": {k: file_sha256(f) for k, f in files.items()}})
-    return _write_folder(out, lambda tmp: export_model(
-        system.eval(), tmp, precision, metadata={"rolls": KONG_ROLLS.thresholds.to_dict()},
-        source=source))
+                        metadata={"importer": "authors", "encoder_kind": kind, "files": files,
+                                  "sha256": {k: _file_sha256(Path(f))
+                                             for k, f in files.items()}})
+    # Kong's CRNN keeps Kong's roll thresholds; HPPNet's rolls take runtime/rolls.py's defaults
+    rolls = {"rolls": KONG_ROLLS.thresholds.to_dict()} if family == "crnn" else None
+    return _write_folder(out, lambda tmp: export_model(system.eval(), tmp, precision,
+                                                       metadata=rolls, source=source))
 
 
 def main_import(argv: Sequence[str] | None = None) -> int:
@@ -167,11 +256,19 @@ def main_import(argv: Sequence[str] | None = None) -> int:
     for stage in ("onset", "velocity", "offset"):
         authors.add_argument(f"--{stage}", required=True, help=f"the {stage} stage's step=N.pth")
     authors.add_argument("--encoder", required=True, metavar="KIND=PATH", help="the encoder "
-                         "all three stages read (one per stage is not supported yet): "
+                         "of the rolls and of every stage without its own: "
                          + "; ".join(f"{k}: {v}" for k, v in ENCODER_KINDS.items()))
+    for stage in ("onset", "velocity", "offset"):
+        authors.add_argument(f"--{stage}-encoder", metavar="PATH", help=f"the encoder their "
+                             f"training fine-tuned with the {stage} stage (its "
+                             f"step=N_encoder.pth)")
     authors.add_argument("--heads", type=int, required=True, help="attention heads per layer "
                          "(their CRNN configs: 16); the shapes cannot tell")
     authors.add_argument("--out", required=True, help="the model folder to write")
+    authors.add_argument("--carried", choices=("separate", "after"), default="separate",
+                         help="the offset stage's carried notes: in a sequence of their own, as "
+                              "their inference script decodes them (default), or after the "
+                              "segment's own notes as pianolm's decoders do")
     authors.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     authors.add_argument("--overwrite", action="store_true",
                          help="replace a model folder that exists")
@@ -189,11 +286,17 @@ def main_import(argv: Sequence[str] | None = None) -> int:
             what = "rolls-only: notes and pedals by Kong's post-processor"
         else:
             stages = {s: getattr(args, s) for s in ("onset", "velocity", "offset")}
-            for file in (*stages.values(), args.encoder.partition("=")[2]):
-                if file and not Path(file).is_file():
+            encoders = {s: getattr(args, f"{s}_encoder") for s in stages
+                        if getattr(args, f"{s}_encoder")}
+            for file in (*stages.values(), *encoders.values()):
+                if not Path(file).is_file():
                     raise ImportFailed(f"{file}: no such file")
+            kind, path = args.encoder.partition("=")[::2]
+            if path and not (Path(path).is_dir() if kind == "pianolm" else Path(path).is_file()):
+                raise ImportFailed(f"{path}: no such {'folder' if kind == 'pianolm' else 'file'}")
             manifest = import_authors(stages, args.encoder, args.heads, args.out,
-                                      args.precision, args.overwrite, args.trust_pickle)
+                                      args.precision, args.overwrite, args.trust_pickle,
+                                      encoders, args.carried)
             what = f"stages {', '.join(manifest.stage_names)}"
     except (ImportFailed, OSError, ValueError) as e:
         print(f"pianolm import: error: {e}", file=sys.stderr)

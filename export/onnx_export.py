@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from pianolm.export.decoder import CROSS_POSITIONS, KV, TIME_HEADS, CrossCache, Decoder
 from pianolm.export.encoders import EncoderGraph
+from pianolm.export.folder_encoder import FolderEncoder
 from pianolm.export.precision import EXTERNAL_DATA_BYTES, convert_model, graph_spec
 from pianolm.export.system import SEGMENT_SAMPLES, TranscriptionSystem
 from pianolm.runtime import vocab
@@ -166,9 +167,10 @@ def _cache_axes(names: Sequence[str], length: str) -> dict[str, dict[int, str]]:
     return {name: {0: "batch", cache_length_axis(name): length} for name in names}
 
 
-def _cross_plan(decoder: Decoder) -> _Plan:
+def _cross_plan(decoder: Decoder, embed_dim: int) -> _Plan:
+    """embed_dim: the encoder's whole width (the decoder reads its part, enc_offset)."""
     g = torch.Generator().manual_seed(0)
-    emb = torch.randn(EX_BATCH, EX_FRAMES, decoder.cfg.enc_dim, generator=g)
+    emb = torch.randn(EX_BATCH, EX_FRAMES, embed_dim, generator=g)
     io = cross_kv_io(decoder.cfg.n_layers, decoder.pointer is not None)
     return _Plan(CrossKVGraph(decoder), (emb,), io,
                  {"embeddings": {0: "batch", 1: "frames"}, **_cache_axes(io[1], "frames")})
@@ -261,7 +263,8 @@ def _encoder_config(encoder: nn.Module) -> dict[str, Any]:
     cfg = getattr(encoder, "config", None)
     out: dict[str, Any] = {"class": f"{type(encoder).__module__}.{type(encoder).__qualname__}"}
     if cfg is not None:
-        out.update(_jsonable(cfg) if dataclasses.is_dataclass(cfg) else {"repr": repr(cfg)})
+        plain = dataclasses.is_dataclass(cfg) or isinstance(cfg, dict)
+        out.update(_jsonable(cfg) if plain else {"repr": repr(cfg)})
     return out
 
 
@@ -323,9 +326,12 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
         log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
         return graph_spec(out / name, "fp32")
 
-    encoder = _encoder_spec(enc, system.config.encoder, roll_thresholds(source_checkpoint,
-                                                                         metadata),
-                            export(_encoder_plan(enc, example_samples), "encoder.onnx"))
+    if isinstance(enc, FolderEncoder):  # exists only as a graph: copied as it is
+        encoder = enc.copy_into(out)
+    else:
+        encoder = _encoder_spec(enc, system.config.encoder,
+                                roll_thresholds(source_checkpoint, metadata),
+                                export(_encoder_plan(enc, example_samples), "encoder.onnx"))
     stages = []
     for stage, decoder in system.decoders.items():
         cfg = decoder.cfg
@@ -333,7 +339,7 @@ def export_model(system: TranscriptionSystem, out_dir: str | Path, precision: st
             name=stage, task_token=vocab.TASK_TOKEN[stage],
             decoder=DecoderSpec(**{f.name: getattr(cfg, f.name)
                                    for f in dataclasses.fields(DecoderSpec)}),
-            cross_kv=export(_cross_plan(decoder), f"{stage}_cross_kv.onnx"),
+            cross_kv=export(_cross_plan(decoder, int(enc.embed_dim)), f"{stage}_cross_kv.onnx"),
             step=export(_step_plan(decoder), f"{stage}_step.onnx")))
 
     if source is None and source_checkpoint is not None:
@@ -360,7 +366,8 @@ def _encoder_spec(encoder: nn.Module, name: str, rolls: RollsSpec, graph: GraphS
                        frames_per_second=float(encoder.frames_per_second),
                        frames_per_segment=int(encoder.frames_per_segment),
                        config=_encoder_config(encoder), graph=graph,
-                       rolls=replace(rolls, pedal=pedal))
+                       rolls=replace(rolls, pedal=pedal),
+                       parts=tuple(getattr(encoder, "part_widths", ())))
 
 
 def export_rolls_model(encoder: nn.Module, name: str, out_dir: str | Path, rolls: RollsSpec,

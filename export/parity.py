@@ -80,7 +80,7 @@ def graph_parity(system: TranscriptionSystem, model_dir: str | Path, batch: int,
          {"waveform": (0.1 * rng.normal(size=(batch, samples))).astype(np.float32)})]
     for s in manifest.stages:
         dec = system.decoders[s.name]
-        emb = rng.normal(size=(batch, frames, s.decoder.enc_dim)).astype(np.float32)
+        emb = rng.normal(size=(batch, frames, manifest.encoder.embed_dim)).astype(np.float32)
         jobs.append((f"{s.name}.cross_kv", s.cross_kv, CrossKVGraph(dec), {"embeddings": emb}))
         jobs.append((f"{s.name}.step", s.step, DecoderStepGraph(dec),
                      random_step_inputs(s.decoder, batch, chunk, past, frames, rng)))

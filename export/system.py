@@ -40,9 +40,12 @@ class SystemConfig:
     def stages(self) -> tuple[str, ...]:
         return vocab.STAGES if self.hierarchical else ("flat",)
 
-    def decoder_configs(self, enc_dim: int, frames_per_segment: int,
-                        frames_per_second: float) -> dict[str, DecoderConfig]:
-        """Resolve `decoder` into one checked DecoderConfig per stage."""
+    def decoder_configs(self, enc_dim: int, frames_per_segment: int, frames_per_second: float,
+                        parts: Mapping[str, tuple[int, int]] | None = None
+                        ) -> dict[str, DecoderConfig]:
+        """Resolve `decoder` into one checked DecoderConfig per stage. parts: where each
+        stage's embeddings lie, (offset, width), when the encoder concatenates several
+        (export/stage_encoders.py); otherwise every stage reads the whole."""
         ticks_per_frame = round(vocab.TICKS_PER_SECOND / frames_per_second)
         if isinstance(self.decoder, str):
             options = {"ticks_per_frame": ticks_per_frame, **self.decoder_options}
@@ -57,9 +60,11 @@ class SystemConfig:
                                  f"the system has {list(self.stages)}")
             cfgs = {s: cfgs[s] for s in self.stages}
         for stage, c in cfgs.items():
-            if c.enc_dim != enc_dim:
-                raise ValueError(f"{stage} decoder expects enc_dim {c.enc_dim}, "
-                                 f"encoder {self.encoder!r} gives {enc_dim}")
+            offset, width = (parts or {}).get(stage, (0, enc_dim))
+            if (c.enc_offset, c.enc_dim) != (offset, width):
+                raise ValueError(f"{stage} decoder expects enc_dim {c.enc_dim} at offset "
+                                 f"{c.enc_offset}, encoder {self.encoder!r} gives {width} at "
+                                 f"{offset}")
             if c.max_frames < frames_per_segment:
                 raise ValueError(f"{stage} decoder max_frames {c.max_frames} < the encoder's "
                                  f"{frames_per_segment} frames per segment")
@@ -82,7 +87,7 @@ class TranscriptionSystem(nn.Module):
         self.encoder.eval()
         self.decoder_configs = config.decoder_configs(
             int(self.encoder.embed_dim), int(self.encoder.frames_per_segment),
-            float(self.encoder.frames_per_second))
+            float(self.encoder.frames_per_second), getattr(self.encoder, "stage_parts", None))
         ctx = torch.device(decoder_device) if decoder_device is not None else nullcontext()
         with ctx:
             self.decoders = nn.ModuleDict(

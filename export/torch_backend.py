@@ -135,8 +135,8 @@ class TorchBackend:
             raise ValueError(f"stage {stage!r} not in this model's stages {list(self.stages)}")
         emb = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(self.device)
         decoder = self.system.decoders[stage]
-        if emb.ndim != 3 or emb.shape[2] != decoder.cfg.enc_dim:
-            raise ValueError(f"embeddings must be [B, T, {decoder.cfg.enc_dim}], got "
-                             f"{tuple(emb.shape)}")
+        width = int(self.system.encoder.embed_dim)  # the decoder reads its own part of it
+        if emb.ndim != 3 or emb.shape[2] != width:
+            raise ValueError(f"embeddings must be [B, T, {width}], got {tuple(emb.shape)}")
         session_cls = CachedSession if self.use_cache else UncachedSession
         return session_cls(decoder, emb)

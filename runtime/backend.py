@@ -211,6 +211,7 @@ def check_embeddings(manifest: Manifest, stage: str, embeddings: np.ndarray
                          f"{list(manifest.stage_names)}")
     spec = manifest.stage(stage)
     emb = np.asarray(embeddings)
-    if emb.ndim != 3 or emb.shape[2] != spec.decoder.enc_dim:
-        raise ValueError(f"embeddings must be [B, T, {spec.decoder.enc_dim}], got {emb.shape}")
+    width = manifest.encoder.embed_dim  # every stage takes the whole; its graph reads its part
+    if emb.ndim != 3 or emb.shape[2] != width:
+        raise ValueError(f"embeddings must be [B, T, {width}], got {emb.shape}")
     return spec, emb.astype(spec.cross_kv.input("embeddings").dtype, copy=False)

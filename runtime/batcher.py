@@ -94,12 +94,14 @@ class SegmentBatcher:
 
     # ---- the request side (any thread)
 
-    def submit(self, source: Source, name: str | None = None) -> Job:
+    def submit(self, source: Source, name: str | None = None, sustain: str | None = None
+               ) -> Job:
         """Admit one source. Its header is read here, in the caller's thread: AudioError for
-        audio that cannot be opened; QueueFull when max_jobs are in flight or stopping."""
+        audio that cannot be opened; QueueFull when max_jobs are in flight or stopping.
+        sustain: its note offsets (Transcriber.open); SustainError before anything is read."""
         with self._cond:
             self._admissible()
-        state, rows = self.transcriber.open(source)
+        state, rows = self.transcriber.open(source, sustain)
         job = Job(name or state.name, state, rows)
         with self._cond:
             self._admissible()

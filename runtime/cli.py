@@ -109,6 +109,32 @@ def _decode_options(parser: argparse.ArgumentParser) -> None:
                              "that pays; README \"Speculative decoding\")")
 
 
+def _sustain_option(parser: argparse.ArgumentParser) -> None:
+    # sustain.OFFSETS, spelled out: building the parser imports nothing (fast --help)
+    parser.add_argument("--sustain", choices=["sounding", "key"], default="sounding",
+                        help="note offsets: sounding (default; held by the sustain pedal "
+                             "until it goes up or the key is struck again: the convention of "
+                             "the published F1s) or key (the key release, for writing scores; "
+                             "only from a model whose notes end at key releases, manifest "
+                             "encoder.rolls.offsets; docs/import.md)")
+
+
+def _check_sustain(model: str | None, decoder: str | None, sustain: str) -> None:
+    """Refuse, in one line and before any audio is read, a --sustain the model's notes
+    cannot give (runtime/sustain.py). Every model's notes can be given "sounding"."""
+    if sustain == "sounding":
+        return
+    from .manifest import ManifestError, load_manifest
+    from .sustain import SustainError, check_sustain, offsets_of
+    from .transcriber import default_model_dir
+
+    try:
+        manifest = load_manifest(model or default_model_dir())
+        check_sustain(offsets_of(manifest, decoder), sustain)
+    except (ManifestError, SustainError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+
+
 def _concurrent(schedule: str) -> bool | None:
     return {"auto": None, "concurrent": True, "sequential": False}[schedule]
 
@@ -146,6 +172,7 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
 
     if args.batch < 1 or (args.threads is not None and args.threads < 1):
         raise UserError("--batch and --threads must be positive integers")
+    _check_sustain(args.model, args.decoder, args.sustain)
     failures: list[str] = []
     # one input, or --fail-fast: its failure is the run's one error line (exit 2)
     stop_at_failure = args.fail_fast or len(args.audio) == 1
@@ -177,7 +204,8 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
         transcriber = Transcriber(args.model, backend=args.backend, batch=args.batch,
                                   threads=args.threads, decoder=args.decoder,
                                   concurrent=_concurrent(args.schedule),
-                                  speculative=_speculative(args.speculative))
+                                  speculative=_speculative(args.speculative),
+                                  sustain=args.sustain)
         from tqdm import tqdm
 
         total = sum(infos[k].num_segments for k in todo)
@@ -219,6 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .manifest import ManifestError
     from .metrics import MetricsUnavailable
     from .midi import MidiError
+    from .sustain import SustainError
 
     if args.batch < 1 or (args.threads is not None and args.threads < 1):
         raise UserError("--batch and --threads must be positive integers")
@@ -232,12 +261,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                     batch=args.batch, threads=args.threads,
                                     concurrent=_concurrent(args.schedule),
                                     speculative=_speculative(args.speculative),
-                                    max_clips=args.max_clips, progress=bar.update)
+                                    max_clips=args.max_clips, progress=bar.update,
+                                    sustain=args.sustain)
         print(result.format())
         if args.json:
             write_json(result, args.json)
     except (AudioError, BackendUnavailable, EvalError, ManifestError, MetricsUnavailable,
-            MidiError, OSError) as e:
+            MidiError, OSError, SustainError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
 
 
@@ -281,6 +311,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_corpus(args: argparse.Namespace) -> None:
     if min(args.actors, args.batch, args.threads_per_actor) < 1:
         raise UserError("--actors, --batch and --threads-per-actor must be positive integers")
+    _check_sustain(args.model, args.decoder, args.sustain)  # before OUT is made
     try:
         import ray  # noqa: F401  (the scale extra)
 
@@ -292,7 +323,7 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
     config = CorpusConfig(out_dir=args.output, model=args.model, backend=args.backend,
                           batch=args.batch, threads=args.threads_per_actor,
-                          decoder=args.decoder, notes=args.notes)
+                          decoder=args.decoder, notes=args.notes, sustain=args.sustain)
     bar = tqdm(unit="file", disable=not sys.stderr.isatty(), desc="transcribing")
     hours = [0.0]
 
@@ -388,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=int, default=1, help="segments decoded together, across "
                     "files (throughput mode)")
     _decode_options(tr)
+    _sustain_option(tr)
     tr.add_argument("--notes", choices=["tsv", "json"], help="also write the notes as a table")
     tr.add_argument("--report-json", help="write the latency report to this JSON file")
     tr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -408,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write every figure (per clip, means, report) to this file")
     ev.add_argument("--batch", type=int, default=1, help="segments decoded together")
     _decode_options(ev)
+    _sustain_option(ev)
     ev.add_argument("--max-clips", type=int, help="score only the first N clips (by name)")
     ev.set_defaults(func=cmd_eval)
 
@@ -444,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--backend", default="cpu", choices=["cpu", "cuda"],
                     help="cpu, or cuda (one GPU per actor)")
     _decoder_option(co)
+    _sustain_option(co)
     co.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
     co.add_argument("--actors", type=int, default=1, help="transcription actors (model copies)")
     co.add_argument("--batch", type=int, default=4, help="segments per decoder batch in an "

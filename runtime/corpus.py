@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import MANIFEST_FILE, model_sha256
+from .sustain import SOUNDING
 
 RESULTS = "results.parquet"
 COLUMNS = ("path", "status", "error", "audio_s", "notes", "wall_s", "actor", "model_sha256")
@@ -50,6 +51,7 @@ class CorpusConfig:
     threads: int = 1  # CPU threads per actor (ONNX Runtime intra-op)
     decoder: str | None = None
     notes: str | None = None  # also write the notes table: tsv | json
+    sustain: str = SOUNDING  # note offsets (runtime/sustain.py OFFSETS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +174,8 @@ class TranscribeActor:
         self.sha = sha
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.transcriber = Transcriber(config.model, backend=config.backend, batch=config.batch,
-                                       threads=config.threads, decoder=config.decoder)
+                                       threads=config.threads, decoder=config.decoder,
+                                       sustain=config.sustain)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from .transcriber import Failure

@@ -415,6 +415,67 @@ def decode_offsets(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec]
             k = next_window(np.array([kept for _, kept in verified]), max_draft)
 
 
+def decode_offsets_separate(backend: Backend, embeddings: np.ndarray, rows: list[RowSpec],
+                            notes: list[list[tuple[int, int]]],
+                            stats: SpeculativeStats | None = None
+                            ) -> tuple[list[list[int]], list[list[OpenNote]]]:
+    """The authors' offset-stage layout (DecoderSpec.carried "separate"), greedy: a segment's
+    carried notes are decoded in a sequence of their own, `sos task_offset` then `note_sustain
+    pitch off` per note, beside the sequence of its own notes, as their inference script does.
+
+    Session rows 0..B-1 are the own-note sequences, B..2B-1 the carried ones (the same
+    embeddings). A carried sequence holds the previous segment's own sustaining notes in their
+    decoding order (onset, pitch), then the notes that segment carried on (which their script
+    drops). It is fed once the previous segment has decided everything, so its order never
+    depends on the batch. Returns what decode_offsets returns.
+    """
+    stats = SpeculativeStats() if stats is None else stats
+    batch = len(rows)
+    session, _ = start_stage(backend, "offset", np.concatenate([embeddings, embeddings]))
+    stats.calls += 1
+    first_onset = [{p: t for t, p in reversed(n)} for n in notes]
+    successor = {spec.prev: r for r, spec in enumerate(rows) if spec.prev is not None}
+    queues: list[list[Pending]] = [
+        [Pending(V.time_token(t), p, t, lim, spec.segment)
+         for (t, p), lim in zip(own, next_onset_of_same_key(own))]
+        for spec, own in zip(rows, notes)]
+    queues += [_carried_entries(spec.carry_in, first_onset[r]) for r, spec in enumerate(rows)]
+    waiting = [spec.prev is not None for spec in rows]  # its carried notes are not known yet
+    decided: list[list[tuple[Pending, int]]] = [[] for _ in range(2 * batch)]
+    prev = np.full(2 * batch, V.PAD)
+    while True:
+        for r in range(batch):  # a finished segment passes its sustaining notes on, once
+            if r in successor and not queues[r] and not queues[batch + r] and not waiting[r]:
+                nxt = successor.pop(r)
+                sustaining = [OpenNote(-head.owner, head.pitch)
+                              for head, off in decided[r] + decided[batch + r]
+                              if off == V.NOTE_SUSTAIN]
+                queues[batch + nxt] += _carried_entries(sustaining, first_onset[nxt])
+                waiting[nxt] = False
+        fed = np.array([bool(q) for q in queues])
+        if not fed.any():
+            break
+        session.retire(~fed & ~np.array([False] * batch + waiting))
+        verified = verify_notes(session, prev, [[_known(q[0])] if q else [] for q in queues],
+                                [[V.PAD]] * (2 * batch), stats)
+        for r, (predicted, kept) in enumerate(verified):
+            if kept:
+                decided[r].append((queues[r].pop(0), predicted[0]))
+                prev[r] = predicted[0]
+    out: list[list[int]] = []
+    carry_out: list[list[OpenNote]] = []
+    for r in range(batch):
+        own, carried = decided[r], decided[batch + r]
+        # Written in pianolm's order (own, then carried in carried-block order), which is how
+        # the stitcher matches carried notes to the notes left open.
+        carried = sorted(carried, key=lambda d: OpenNote(-d[0].owner, d[0].pitch))
+        out.append([t for head, off in own + carried
+                    for t in (head.on_token, V.pitch_token(head.pitch), off)])
+        carry_out.append([OpenNote(-head.owner, head.pitch)  # the order a carried row feeds
+                          for head, off in own + decided[batch + r] if off == V.NOTE_SUSTAIN])
+    return out, carry_out
+
+
 def _known(head: Pending) -> Known:
     allowed = offset_mask(np.array([head.on_tick]), np.array([head.limit_tick]))[0]
     return Known(head.on_token, V.pitch_token(head.pitch), allowed)
@@ -535,7 +596,8 @@ def speculation_for(manifest: Manifest | None, wanted: bool | None, backend: str
 def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
                  max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool = True,
                  speculation: Drafter | None = None,
-                 stats: dict[str, SpeculativeStats] | None = None) -> list[SegmentTokens]:
+                 stats: dict[str, SpeculativeStats] | None = None,
+                 carried: str = "after") -> list[SegmentTokens]:
     """Decode one batch of segments [B, segment_samples] through all stages.
 
     The velocity and offset stages need only the onset stage's notes, not each other: with
@@ -543,7 +605,8 @@ def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
     runs), so the critical path is the onset stage plus the longer of the two. With
     `speculation` (Speculation: the same encoder run's rolls), every stage verifies drafts
     (runtime/speculative.py): the same tokens in fewer decoder calls. `stats` (stage -> counts)
-    gains each stage's calls, tokens and draft tokens accepted.
+    gains each stage's calls, tokens and draft tokens accepted. `carried`: the offset stage's
+    layout (manifest DecoderSpec.carried; "separate" decodes greedily, without drafts).
     """
     if speculation is None:
         embeddings, drafts = backend.encode(audio), None
@@ -560,8 +623,10 @@ def decode_batch(backend: Backend, audio: np.ndarray, rows: list[RowSpec],
             log.warning("segment %d reached the limit of %d notes", spec.segment, max_notes)
     velocity_stage = partial(decode_velocities, backend, embeddings, notes, drafts,
                              counts["velocity"])
-    offset_stage = partial(decode_offsets, backend, embeddings, rows, notes, drafts,
-                           counts["offset"])
+    offset_stage = (partial(decode_offsets, backend, embeddings, rows, notes, drafts,
+                            counts["offset"]) if carried == "after" else
+                    partial(decode_offsets_separate, backend, embeddings, rows, notes,
+                            counts["offset"]))
     if concurrent:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(velocity_stage)

@@ -7,7 +7,9 @@
 A data folder holds audio files (wav, flac, ogg, ...), each with a reference of the same stem:
 `<stem>.tsv` (onset, offset, pitch, velocity as runtime/midi.py reads it; offsets already
 pedal-extended), else `<stem>.mid` / `.midi` (read with the sustain pedal extending offsets).
-The dev set (`../shared/devset`) is such a folder.
+The dev set (`../shared/devset`) is such a folder. That is `sustain="sounding"`, the default;
+with "key" (runtime/sustain.py, for a model whose notes end at key releases) a clip's MIDI file
+is read as played and the notes are scored unextended. The choice is recorded beside the F1s.
 
 Two transcriptions of every clip are scored (runtime/metrics.py: onset F1 at 50 ms, onset+offset
 F1 at ratio 0.2, onset+offset+velocity F1, with P/R): the language model's notes, and the
@@ -54,6 +56,7 @@ from .midi import atomic_write, read_midi, read_midi_with_pedal, read_notes_tsv
 from .notes import Note, Pedal
 from .report import Report
 from .rolls import ROLL_KEYS, decode_rolls, join_segments
+from .sustain import KEY, SOUNDING, check_sustain, offsets_of
 from .transcriber import (
     Transcriber,
     default_model_dir,
@@ -65,6 +68,7 @@ from .transcriber import (
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
 REFERENCE_SUFFIXES = (".tsv", ".mid", ".midi")  # in order of preference
 KINDS = ("lm", "rolls")  # the two transcriptions scored: LM notes, roll-decoded notes
+SUSTAIN_WORDS = {SOUNDING: "held by the sustain pedal", KEY: "key releases"}
 
 
 class EvalError(ValueError):
@@ -111,9 +115,17 @@ def find_clips(folder: str | os.PathLike) -> list[Clip]:
     return list(clips.values())
 
 
-def read_reference(path: str | os.PathLike) -> list[Note]:
-    """Reference notes: a .tsv as written (pedal-extended already), a MIDI file with its
-    sustain pedal extending the offsets (docs/model.md, "Reference offsets")."""
+def read_reference(path: str | os.PathLike, sustain: str = SOUNDING) -> list[Note]:
+    """Reference notes with the offsets `sustain` names (runtime/sustain.py). "sounding": a
+    .tsv as written (pedal-extended already), a MIDI file with its sustain pedal extending the
+    offsets (docs/model.md, "Reference offsets"). "key": the key releases, which only a MIDI
+    file holds (the reference itself or the .mid/.midi beside a .tsv), read as played."""
+    if sustain == KEY:
+        midi = _midi_beside(Path(path))
+        if midi is None:
+            raise EvalError(f"{path}: holds pedal-extended offsets; --sustain key needs a MIDI "
+                            f"reference (.mid/.midi of the same stem) with the key releases")
+        return read_midi(midi, extend_pedal=False)
     if Path(path).suffix.lower() == ".tsv":
         return read_notes_tsv(path)
     return read_midi(path, extend_pedal=True)
@@ -124,10 +136,15 @@ def read_reference_pedals(path: str | os.PathLike) -> list[Pedal] | None:
     the .mid/.midi of the same stem beside a .tsv (which holds notes only); None where there
     is no MIDI file or it holds no pedal press (the dev set's MIDI files carry their pedal in
     the notes' extended offsets, not as CC64)."""
-    path = Path(path)
+    midi = _midi_beside(Path(path))
+    return (read_midi_with_pedal(midi)[1] or None) if midi is not None else None
+
+
+def _midi_beside(path: Path) -> Path | None:
+    """The reference's MIDI file: itself, else the .mid/.midi of its stem beside it."""
     for midi in (path, path.with_suffix(".mid"), path.with_suffix(".midi")):
         if midi.suffix.lower() in (".mid", ".midi") and midi.is_file():
-            return read_midi_with_pedal(midi)[1] or None
+            return midi
     return None
 
 
@@ -204,6 +221,8 @@ class EvalResult:
     clips: list[ClipResult]
     rolls_reason: str | None  # why roll notes were not scored (None: they were)
     report: Report | None
+    # the note offsets scored, notes and references alike (runtime/sustain.py OFFSETS)
+    sustain: str = SOUNDING
 
     def mean(self, kind: str) -> dict[str, float] | None:
         """Mean scores over the clips for "lm" or "rolls" (None if not scored)."""
@@ -231,7 +250,8 @@ class EvalResult:
             "data": self.data,
             "metrics": {"onset_tolerance_s": ONSET_TOLERANCE, "offset_ratio": OFFSET_RATIO,
                         "offset_min_tolerance_s": OFFSET_MIN_TOLERANCE,
-                        "velocity": "mir_eval.transcription_velocity"},
+                        "velocity": "mir_eval.transcription_velocity",
+                        "sustain": self.sustain},
             "rolls": self.rolls_info(),
             "clips": [asdict(c) for c in self.clips],
             "mean": {kind: self.mean(kind) for kind in KINDS},
@@ -266,6 +286,8 @@ class EvalResult:
         means = [self.mean(k) for k in KINDS]
         label = f"mean ({len(self.clips)})"
         lines.append(row(label, n_ref(means), means))
+        lines.append(f"note offsets: {SUSTAIN_WORDS[self.sustain]} (--sustain {self.sustain}), "
+                     f"in the notes and the references alike")
         pedal = self.mean_pedal()
         if pedal is not None:
             scored = sum(c.pedal is not None for c in self.clips)
@@ -299,6 +321,9 @@ def _rolls_reason(manifest: Manifest, backend: object) -> str | None:
                 "manifest); re-export it with `pianolm export` to measure roll decoding")
     if not callable(getattr(backend, "encode_with_rolls", None)):
         return f"backend {type(backend).__name__} cannot return the encoder's rolls"
+    if manifest.encoder.rolls.offsets != SOUNDING:  # the LM's notes are sounding
+        return ("the roll notes end at key releases (encoder.rolls.offsets), and beside the "
+                "LM's sounding notes no pedal is read to extend them: use --decoder rolls")
     return None
 
 
@@ -306,30 +331,34 @@ def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None 
                    backend: str = "cpu", batch: int = 1, threads: int | None = None,
                    max_clips: int | None = None, concurrent: bool | None = None,
                    progress: Callable[[int], None] | None = None,
-                   speculative: bool | None = None) -> EvalResult:
+                   speculative: bool | None = None, sustain: str = SOUNDING) -> EvalResult:
     """Transcribe every clip of `data` with the model (None: the shipped default) and score
-    its LM notes and, when the model has them, its roll-decoded notes.
+    its LM notes and, when the model has them, its roll-decoded notes, with the note offsets
+    `sustain` names (runtime/sustain.py), references alike.
 
-    Inputs are checked before any model runs: the folder, every clip's audio header and
-    reference, mir_eval. `progress(n)` after each batch of n segments.
+    Inputs are checked before any model runs: the folder, mir_eval, the sustain choice against
+    the model (SustainError, before any audio is read), every clip's audio header and
+    reference. `progress(n)` after each batch of n segments.
     """
     if max_clips is not None and max_clips < 1:
         raise EvalError(f"--max-clips must be a positive integer, got {max_clips}")
     clips = find_clips(data)[:max_clips]
-    infos: list[AudioInfo] = [probe_audio(c.audio) for c in clips]
-    references = [read_reference(c.reference) for c in clips]
     require_mir_eval()
-
     folder = Path(model_dir) if model_dir is not None else default_model_dir()
     manifest = load_manifest(folder)
+    # eval reads a rolls-only model's roll notes, any other model's LM notes (and rolls beside)
+    check_sustain(offsets_of(manifest, "rolls" if manifest.rolls_only else "lm"), sustain)
+    infos: list[AudioInfo] = [probe_audio(c.audio) for c in clips]
+    references = [read_reference(c.reference, sustain) for c in clips]
+
     raw = open_backend(backend, folder, threads)
     if manifest.rolls_only:
         return _evaluate_rolls_only(clips, infos, references, folder, manifest, raw, backend,
-                                    batch, threads, data, progress)
+                                    batch, threads, data, progress, sustain)
     reason = _rolls_reason(manifest, raw)
     tap = RollTap(raw, backend, keep_rolls=reason is None)
     transcriber = Transcriber(backend=tap, batch=batch, threads=threads, concurrent=concurrent,
-                              decoder="lm", speculative=speculative)
+                              decoder="lm", speculative=speculative, sustain=sustain)
 
     fps = manifest.encoder.frames_per_second
     align = segment_align(raw)  # the Transcriber cuts the segments the tap sees so
@@ -356,15 +385,16 @@ def evaluate_model(data: str | os.PathLike, model_dir: str | os.PathLike | None 
     return EvalResult(model=str(folder), manifest=manifest,
                       manifest_sha256=file_sha256(folder / MANIFEST_FILE), backend=backend,
                       batch=batch, threads=threads, data=str(data), clips=results,
-                      rolls_reason=reason, report=transcriber.report)
+                      rolls_reason=reason, report=transcriber.report, sustain=sustain)
 
 
 def _evaluate_rolls_only(clips: list[Clip], infos: list[AudioInfo], references: list[list[Note]],
                          folder: Path, manifest: Manifest, raw: RollBackend, backend: str,
                          batch: int, threads: int | None, data: str | os.PathLike,
-                         progress: Callable[[int], None] | None) -> EvalResult:
+                         progress: Callable[[int], None] | None, sustain: str) -> EvalResult:
     """A model without stages: its notes (and pedals) are its roll decoder's, as transcribed."""
-    transcriber = Transcriber(backend=raw, batch=batch, threads=threads, decoder="rolls")
+    transcriber = Transcriber(backend=raw, batch=batch, threads=threads, decoder="rolls",
+                              sustain=sustain)
     transcribed = list(transcriber.transcribe_many([c.audio for c in clips], progress=progress))
     results = []
     for clip, info, ref, result in zip(clips, infos, references, transcribed):
@@ -378,4 +408,4 @@ def _evaluate_rolls_only(clips: list[Clip], infos: list[AudioInfo], references: 
     return EvalResult(model=str(folder), manifest=manifest,
                       manifest_sha256=file_sha256(folder / MANIFEST_FILE), backend=backend,
                       batch=batch, threads=threads, data=str(data), clips=results,
-                      rolls_reason=None, report=transcriber.report)
+                      rolls_reason=None, report=transcriber.report, sustain=sustain)

@@ -35,6 +35,7 @@ from .graphs import (
     step_io,
 )
 from .rolls import PEDAL_KEYS, ROLL_KEYS, ROLL_METHODS, RollDecodeConfig
+from .sustain import KEY, OFFSETS, SOUNDING
 
 FORMAT = "pianolm-model"
 # 2: the encoder graph may also output the four piano rolls, described by `encoder.rolls`.
@@ -54,7 +55,11 @@ FORMAT = "pianolm-model"
 #    Kong et al.'s CRNN); optional `audio.segmenting` ("kong": 10 s windows at a 5 s hop, the
 #    middle halves kept); `encoder.rolls.pedal` (three sustain-pedal rolls after the four);
 #    `encoder.rolls.thresholds.method` and the pedal thresholds (runtime/rolls.py).
-FORMAT_VERSION = 7
+# 8: optional `decoder.enc_offset`: a stage reads embeddings[..., enc_offset : enc_offset +
+#    enc_dim]. A model whose stages read different encoders (the authors' fine-tune one per
+#    stage) has an encoder graph that runs each once and concatenates their embeddings, whose
+#    widths `encoder.parts` lists. Optional `decoder.carried` ("after" | "separate").
+FORMAT_VERSION = 8
 FIRST_EVERY_POSITION_VERSION = 6
 MIN_FORMAT_VERSION = 3
 DECODERS = ("lm", "rolls")  # how notes are read: the stage decoders, or the encoder's rolls
@@ -80,7 +85,8 @@ _DECODER_FLOAT_FIELDS = ("rope_base", "norm_eps")
 # format 5, optional: name -> (allowed values, default: the authors' layout)
 _DECODER_OPTIONS: dict[str, tuple[tuple[Any, ...], Any]] = {
     "cross_positions": (("token", "time"), "token"), "look_ahead": ((False, True), False),
-    "time_head": (("lm", "pointer"), "lm")}
+    "time_head": (("lm", "pointer"), "lm"),
+    "carried": (("after", "separate"), "after")}  # format 8
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -147,6 +153,10 @@ class DecoderSpec:
     look_ahead: bool = False
     time_head: str = "lm"  # "lm" | "pointer"
     ticks_per_frame: int = 2  # 10 ms ticks per encoder frame
+    enc_offset: int = 0  # the stage reads embeddings[..., enc_offset : enc_offset + enc_dim]
+    # offset stage: carried notes after the segment's own notes, in one sequence ("after",
+    # pianolm's), or in a sequence of their own ("separate", the authors'; runtime/decode.py)
+    carried: str = "after"
 
     @property
     def head_dim(self) -> int:
@@ -215,6 +225,9 @@ class RollsSpec:
     thresholds_from: str  # where the thresholds came from, for the reader
     # the graph also outputs PEDAL_KEYS, each float32 [batch, frames, 1] (format 7)
     pedal: bool = False
+    # what the notes read from these rolls take as an offset (runtime/sustain.py OFFSETS):
+    # "sounding" (held by the pedal; what the model was trained on) or "key" (the key release)
+    offsets: str = SOUNDING
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -223,7 +236,10 @@ class RollsSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"outputs": list(self.outputs), **ROLL_LAYOUT,
                 "thresholds": self.thresholds.to_dict(), "tuned": self.tuned,
-                "thresholds_from": self.thresholds_from}
+                "thresholds_from": self.thresholds_from,
+                # the default is left out, as audio.segmenting's: folders written before the
+                # field stay byte for byte what they were, readable by runtimes of their format
+                **({"offsets": self.offsets} if self.offsets != SOUNDING else {})}
 
 
 @dataclass(frozen=True)
@@ -235,6 +251,15 @@ class EncoderSpec:
     config: dict[str, Any]  # the encoder's config, front-end parameters included (informative)
     graph: GraphSpec
     rolls: RollsSpec | None = None  # None: the graph outputs embeddings only (format 1)
+    # The widths of the encoders whose embeddings the graph concatenates, in order (format 8;
+    # export/stage_encoders.py); () is one encoder. A stage reads exactly one part.
+    parts: tuple[int, ...] = ()
+
+    @property
+    def part_slices(self) -> tuple[tuple[int, int], ...]:
+        """(offset, width) of each part: what a stage's (enc_offset, enc_dim) may be."""
+        widths = self.parts or (self.embed_dim,)
+        return tuple((sum(widths[:i]), w) for i, w in enumerate(widths))
 
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "embed_dim": self.embed_dim,
@@ -243,6 +268,8 @@ class EncoderSpec:
                "graph": self.graph.to_dict()}
         if self.rolls is not None:
             out["rolls"] = self.rolls.to_dict()
+        if self.parts:
+            out["parts"] = list(self.parts)
         return out
 
 
@@ -464,7 +491,7 @@ def _decoder(f: _Fields, raw: Any, where: str) -> DecoderSpec:
     if not isinstance(raw, dict):
         raise f.fail(where, f"must be an object, got {raw!r}")
     f.only(raw, {*_DECODER_INT_FIELDS, *_DECODER_FLOAT_FIELDS, *_DECODER_OPTIONS,
-                 "ticks_per_frame"}, where)
+                 "ticks_per_frame", "enc_offset"}, where)
     ints = {k: f.positive(raw, k, where) for k in _DECODER_INT_FIELDS}
     floats = {k: float(f.get(raw, k, (int, float), where)) for k in _DECODER_FLOAT_FIELDS}
     options = {}
@@ -475,6 +502,10 @@ def _decoder(f: _Fields, raw: Any, where: str) -> DecoderSpec:
         options[key] = default if value is None else value
     if "ticks_per_frame" in raw:
         options["ticks_per_frame"] = f.positive(raw, "ticks_per_frame", where)
+    if "enc_offset" in raw:
+        options["enc_offset"] = f.get(raw, "enc_offset", int, where)
+        if options["enc_offset"] < 0:
+            raise f.fail(f"{where}.enc_offset", f"must be >= 0, got {options['enc_offset']}")
     spec = DecoderSpec(**ints, **floats, **options)
     if (spec.look_ahead or spec.pointer) and not spec.time_aligned:
         raise f.fail(f"{where}.cross_positions", "must be 'time' for look_ahead or a pointer "
@@ -488,7 +519,7 @@ def _decoder(f: _Fields, raw: Any, where: str) -> DecoderSpec:
     return spec
 
 
-def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
+def _stage(f: _Fields, raw: Any, where: str, folder: Path, parts: tuple[tuple[int, int], ...],
            frames: int, fps: float, version: int) -> StageSpec:
     if not isinstance(raw, dict):
         raise f.fail(where, f"must be an object, got {raw!r}")
@@ -501,9 +532,9 @@ def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
         raise f.fail(f"{where}.task_token", f"is {task}; stage {name!r} uses "
                      f"{vocab.TASK_TOKEN[name]}")
     dec = _decoder(f, f.get(raw, "decoder", dict, where), f"{where}.decoder")
-    if dec.enc_dim != embed_dim:
-        raise f.fail(f"{where}.decoder.enc_dim", f"is {dec.enc_dim}; the encoder gives "
-                     f"{embed_dim}")
+    if (dec.enc_offset, dec.enc_dim) not in parts:
+        raise f.fail(f"{where}.decoder.enc_dim", f"is {dec.enc_dim} at offset {dec.enc_offset}; "
+                     f"the encoder gives {' or '.join(f'{w} at {o}' for o, w in parts)}")
     if dec.max_frames < frames:
         raise f.fail(f"{where}.decoder.max_frames", f"is {dec.max_frames} < the encoder's "
                      f"{frames} frames per segment")
@@ -517,7 +548,8 @@ def _stage(f: _Fields, raw: Any, where: str, folder: Path, embed_dim: int,
     fixed = {name: {1: 1 if name == POINTER_KEY else dec.n_heads,
                     2 if cache_length_axis(name) == 3 else 3: dec.head_dim}
              for name in dec.past_names + dec.present_names + dec.cross_names}
-    _expect_shape(f, cross, f"{where}.cross_kv", {"embeddings": {2: embed_dim}, **fixed})
+    whole = sum(w for _, w in parts)  # every stage's cross-KV graph takes all the parts
+    _expect_shape(f, cross, f"{where}.cross_kv", {"embeddings": {2: whole}, **fixed})
     rank = 3 if version >= FIRST_EVERY_POSITION_VERSION else 2  # [batch, (chunk,) vocab]
     if len(step.output("logits").shape) != rank:
         raise f.fail(f"{where}.step.outputs.logits.shape", f"is "
@@ -535,9 +567,17 @@ def _rolls(f: _Fields, enc: dict[str, Any]) -> RollsSpec | None:
         return None
     where = "encoder.rolls"
     f.only(raw, {"outputs", "min_pitch", "num_pitches", "velocity_scale", "thresholds", "tuned",
-                 "thresholds_from"}, where)
+                 "thresholds_from", "offsets"}, where)
     outputs = f.get(raw, "outputs", list, where)
     with_pedal = [*ROLL_KEYS, *PEDAL_KEYS]
+    # absent in folders written before it: their models were all trained on sounding offsets
+    offsets = f.get(raw, "offsets", str, where, optional=True)
+    offsets = SOUNDING if offsets is None else offsets
+    if offsets not in OFFSETS:
+        raise f.fail(f"{where}.offsets", f"is {offsets!r}; known: {list(OFFSETS)}")
+    if offsets == KEY and outputs != with_pedal:
+        raise f.fail(f"{where}.offsets", "is 'key', but the encoder graph has no pedal outputs "
+                     "(key releases cannot be turned into sounding notes without the pedal)")
     if outputs not in (list(ROLL_KEYS), with_pedal):
         raise f.fail(f"{where}.outputs", f"is {outputs}; this runtime decodes "
                      f"{list(ROLL_KEYS)} or {with_pedal}")
@@ -566,7 +606,8 @@ def _rolls(f: _Fields, enc: dict[str, Any]) -> RollsSpec | None:
         raise f.fail(f"{where}.thresholds.method", f"is {values['method']!r}; known: "
                      f"{list(ROLL_METHODS)}")
     return RollsSpec(RollDecodeConfig.from_dict(values), f.get(raw, "tuned", bool, where),
-                     f.get(raw, "thresholds_from", str, where), pedal=outputs == with_pedal)
+                     f.get(raw, "thresholds_from", str, where), pedal=outputs == with_pedal,
+                     offsets=offsets)
 
 
 def load_manifest(folder: str | Path) -> Manifest:
@@ -657,8 +698,13 @@ def _vocab(f: _Fields, vocab_raw: dict[str, Any]) -> dict[str, Any]:
 
 def _encoder(f: _Fields, enc: dict[str, Any], folder: Path) -> EncoderSpec:
     f.only(enc, {"name", "embed_dim", "frames_per_second", "frames_per_segment", "config",
-                 "graph", "rolls"}, "encoder")
+                 "graph", "rolls", "parts"}, "encoder")
     embed_dim = f.positive(enc, "embed_dim", "encoder")
+    parts = tuple(f.get(enc, "parts", list, "encoder", optional=True) or ())
+    if parts and (not all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                          for w in parts) or sum(parts) != embed_dim):
+        raise f.fail("encoder.parts", f"is {list(parts)}; positive widths summing to "
+                     f"embed_dim {embed_dim}")
     frames = f.positive(enc, "frames_per_segment", "encoder")
     fps = f.get(enc, "frames_per_second", (int, float), "encoder")
     if fps <= 0:
@@ -674,12 +720,12 @@ def _encoder(f: _Fields, enc: dict[str, Any], folder: Path) -> EncoderSpec:
                                               **{k: roll_axes for k in ROLL_KEYS},
                                               **{k: pedal_axes for k in PEDAL_KEYS}})
     return EncoderSpec(f.get(enc, "name", str, "encoder"), embed_dim, float(fps), frames,
-                       f.get(enc, "config", dict, "encoder"), graph, rolls)
+                       f.get(enc, "config", dict, "encoder"), graph, rolls, parts)
 
 
 def _stages(f: _Fields, stages_raw: list[Any], folder: Path, encoder: EncoderSpec,
             version: int) -> tuple[StageSpec, ...]:
-    stages = tuple(_stage(f, s, f"stages[{i}]", folder, encoder.embed_dim,
+    stages = tuple(_stage(f, s, f"stages[{i}]", folder, encoder.part_slices,
                           encoder.frames_per_segment, encoder.frames_per_second, version)
                    for i, s in enumerate(stages_raw))
     names = tuple(s.name for s in stages)

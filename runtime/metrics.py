@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from .notes import Note, Pedal
-from .tokens import extend_by_pedal
+from .sustain import extend_by_pedal
 
 ONSET_TOLERANCE = 0.05
 OFFSET_RATIO = 0.2

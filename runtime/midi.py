@@ -39,7 +39,7 @@ sounding at the end of the file end at the file's last event. Sustain pedal: CC6
 down, < 64 up, on any channel (one piano, one pedal); a pedal still down at the end is released
 at the file's last event. With `extend_pedal=True`, offsets are extended by the pedal (a key
 released while the pedal is down sounds until the pedal is released or the key is struck
-again), using `pianolm.runtime.tokens.extend_by_pedal`, the single implementation of that rule.
+again), using runtime/sustain.py `extend_by_pedal`, the single implementation of that rule.
 
 Note lists (TSV, JSON), all written atomically, notes sorted by (onset, pitch), times rounded
 to 1 us. Pedal intervals, when given, are validated as for MIDI, sorted, and merged where they
@@ -68,6 +68,7 @@ import numpy as np
 
 from .errors import one_line
 from .notes import Note, Pedal, sort_notes, sorted_notes
+from .sustain import extend_by_pedal
 
 DEFAULT_TEMPO_BPM = 120.0
 DEFAULT_TICKS_PER_BEAT = 480
@@ -358,8 +359,6 @@ def read_midi(path: str | os.PathLike, extend_pedal: bool = False) -> list[Note]
     """
     notes, pedal = read_midi_with_pedal(path)
     if extend_pedal and pedal:
-        from pianolm.runtime.tokens import extend_by_pedal  # lazy: one implementation
-
         notes = sorted_notes(extend_by_pedal(notes, pedal))
     return notes
 

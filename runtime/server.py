@@ -1,12 +1,14 @@
 """`pianolm serve`: an HTTP transcription server (FastAPI + uvicorn, the `serve` extra).
 
-    POST /v1/transcribe[?format=midi|json|tsv]   body: the audio file, or a multipart `file`
+    POST /v1/transcribe[?format=midi|json|tsv][&sustain=sounding|key]
+                    body: the audio file, or a multipart `file`
     GET  /healthz   the process answers           GET /readyz   model loaded, batcher running
     GET  /metrics   Prometheus text format
 
 Every request's segments go through one SegmentBatcher (runtime/batcher.py), so concurrent
 requests share decoder batches; the notes are those `pianolm transcribe` writes for the same
-file, model and decoder. Errors are JSON `{"error": "<one line>"}`: 400 bad audio, 415 a format
+file, model, decoder and --sustain (runtime/sustain.py; default sounding). Errors are JSON
+`{"error": "<one line>"}`: 400 bad audio or a sustain the model cannot give, 415 a format
 nobody reads, 413 a body over the limit (checked as it arrives, before any decoding), 503 a full
 queue (with Retry-After), 500 a decode failure of that request alone. README "Serve".
 """
@@ -42,6 +44,7 @@ from .batcher import BatchRecord, DecodeFailed, QueueFull, SegmentBatcher
 from .errors import one_line
 from .manifest import model_sha256
 from .midi import write_midi, write_notes_tsv
+from .sustain import SustainError, check_sustain
 from .transcriber import Transcriber, Transcription
 
 FORMATS = {"midi": "audio/midi", "json": "application/json",
@@ -147,6 +150,12 @@ def create_app(transcriber: Transcriber, config: ServeConfig = ServeConfig()) ->
         fmt = request.query_params.get("format", "midi")
         if fmt not in FORMATS:
             return error(400, f"format={fmt}: choose one of {', '.join(FORMATS)}")
+        sustain = request.query_params.get("sustain")  # None: the transcriber's, sounding
+        if sustain is not None:
+            try:  # before the body is read: a choice this model cannot give costs nothing
+                check_sustain(transcriber.offsets, sustain)
+            except SustainError as e:
+                return error(400, str(e))
         limit = int(config.max_body_mb * 1e6)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -164,7 +173,8 @@ def create_app(transcriber: Transcriber, config: ServeConfig = ServeConfig()) ->
                                   "form with a `file` field")
             name = "request body" if audio.name == RAW_BODY else audio.name
             try:
-                job = await asyncio.to_thread(state["batcher"].submit, str(audio), name)
+                job = await asyncio.to_thread(state["batcher"].submit, str(audio), name,
+                                              sustain)
             except QueueFull as e:
                 return error(503, f"busy: {e}", {"Retry-After": str(RETRY_AFTER_S)})
             except AudioError as e:

@@ -3,8 +3,8 @@
 Top to bottom: the tick grid (`TickNote`, `quantize`, `to_notes`), segmentation
 (`SegmentNotes`, `segment_notes`), encoders (`encode_onset`, ..., `encode`), decoders that
 never raise (`decode_onset`, ..., `decode`), stitching decoded segments back into one note list
-(`SegmentResult`, `stitch`, `carried_into`), and the sustain-pedal extension of offsets
-(`extend_by_pedal`).
+(`SegmentResult`, `stitch`, `carried_into`). The sustain-pedal extension of offsets is
+runtime/sustain.py's `extend_by_pedal`.
 
 Standard library only: the runtime never imports torch.
 """
@@ -12,7 +12,7 @@ Standard library only: the runtime never imports torch.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -569,43 +569,3 @@ def carried_into(segments: Sequence[SegmentResult]) -> list[int]:
     """Stitcher.carried() after `segments`."""
     stitcher = Stitcher.over(segments)
     return stitcher.carried()
-
-
-# ---------------------------------------------------------------------------------------------
-# Sustain pedal
-
-
-def extend_by_pedal(notes: Iterable[Note], pedal: Iterable[tuple[float, float]]) -> list[Note]:
-    """Extend offsets by the sustain pedal (reference offsets, docs/model.md).
-
-    `pedal` holds (down, up) times in seconds; overlapping intervals are merged. A note released
-    while the pedal is down (down <= offset < up) is held until the pedal goes up or its key is
-    struck again, whichever comes first; offsets never get shorter. Order is kept.
-    """
-    notes = list(notes)
-    intervals: list[list[float]] = []
-    for down, up in sorted((d, u) for d, u in pedal if u > d):
-        if intervals and down < intervals[-1][1]:
-            intervals[-1][1] = max(intervals[-1][1], up)
-        else:
-            intervals.append([down, up])
-    downs = [down for down, _ in intervals]
-    onsets: dict[int, list[float]] = {}
-    for note in notes:
-        onsets.setdefault(note.pitch, []).append(note.onset)
-    for times in onsets.values():
-        times.sort()
-
-    out = []
-    for note in notes:
-        i = bisect_right(downs, note.offset) - 1
-        if i < 0 or note.offset >= intervals[i][1]:
-            out.append(note)
-            continue
-        held = intervals[i][1]
-        later = onsets[note.pitch]
-        j = bisect_right(later, note.onset)
-        if j < len(later):
-            held = min(held, later[j])
-        out.append(replace(note, offset=max(note.offset, held)))
-    return out

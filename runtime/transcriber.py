@@ -58,6 +58,7 @@ from .midi import write_midi, write_notes_json, write_notes_tsv
 from .notes import Note, Pedal
 from .report import Report, Tally, TimedBackend, Timings
 from .rolls import PEDAL_KEYS, ROLL_KEYS, RollStream, kept_frames
+from .sustain import SOUNDING, check_sustain, convert_offsets, offsets_of
 
 Source = str | os.PathLike | tuple[np.ndarray, int]
 BACKENDS = ("cpu", "cuda", "tensorrt")
@@ -140,6 +141,7 @@ class InputState:
     pedals: list[Pedal] = field(default_factory=list)
     segmenting: str = "pianolm"  # the manifest's audio.segmenting
     samples_read: list[int] = field(default_factory=list)  # audio.stream_segments(lengths=)
+    sustain: str | None = None  # the offsets this input asked for; None: the Transcriber's
     result: Transcription | None = None
     error: str | None = None
 
@@ -233,12 +235,15 @@ class Transcriber:
         the manifest's thresholds: runtime/rolls.py); None = the manifest's `default_decoder`.
     speculative: the LM stages verify drafts from the rolls (runtime/speculative.py): the same
         notes in fewer decoder calls; None = where that pays (decode.speculative_by_default).
+    sustain: the note offsets wanted (runtime/sustain.py): "sounding" (held by the pedal) or
+        "key" (the key release); SustainError where the model's notes cannot give them.
     """
 
     def __init__(self, model_dir: str | os.PathLike | None = None,
                  backend: str | Backend = "cpu", batch: int = 1, threads: int | None = None,
                  max_notes: int = DEFAULT_MAX_NOTES, concurrent: bool | None = None,
-                 decoder: str | None = None, speculative: bool | None = None) -> None:
+                 decoder: str | None = None, speculative: bool | None = None,
+                 sustain: str = SOUNDING) -> None:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         if isinstance(backend, str):
@@ -256,6 +261,10 @@ class Transcriber:
             raise ValueError(f"unknown decoder {self.decoder!r}: choose one of "
                              f"{', '.join(DECODERS)}")
         self.rolls: RollsSpec | None = manifest.encoder.rolls if manifest else None
+        # the offset convention of the notes this decoder reads from the model
+        self.offsets = offsets_of(manifest, self.decoder) if manifest else SOUNDING
+        check_sustain(self.offsets, sustain)
+        self.sustain = sustain
         self.input_peak = input_peak_of(self.backend)
         if self.decoder == "rolls" and self.rolls is None:
             raise ManifestError("decoder 'rolls' needs a model whose encoder graph outputs "
@@ -275,6 +284,9 @@ class Transcriber:
                            if concurrent is None else concurrent)
         self.speculation = (speculation_for(manifest, speculative, self.backend_name)
                             if self.decoder == "lm" else None)
+        # the offset stage's layout (the authors' decoders read carried notes apart)
+        self.carried = ("after" if manifest is None or "offset" not in manifest.stage_names
+                        else manifest.stage("offset").decoder.carried)
         self._local = threading.local()  # each thread's latest report
 
     def transcribe(self, source: Source) -> Transcription:
@@ -313,11 +325,16 @@ class Transcriber:
                 progress(len(batch))
         self._local.report = self._report(timings, tally, t0, first_note)
 
-    def open(self, source: Source) -> tuple[InputState, Iterator[Row]]:
+    def open(self, source: Source, sustain: str | None = None
+             ) -> tuple[InputState, Iterator[Row]]:
         """Open one source (its header is read now: AudioError if unreadable) and the rows of
-        its segments in order, read lazily (a server's batcher interleaves several)."""
+        its segments in order, read lazily (a server's batcher interleaves several). sustain:
+        this input's note offsets (None: the Transcriber's); SustainError before any reading."""
+        if sustain is not None:
+            check_sustain(self.offsets, sustain)
         align = segment_align(self.backend)
         item, segments = _open_source(source, self.input_peak, align, self.segmenting)
+        item.sustain = sustain
         return item, _rows(item, segments, align)
 
     def decode_rows(self, batch: list[Row], timed: TimedBackend, tally: Tally | None = None
@@ -328,7 +345,11 @@ class Transcriber:
         changes only on success."""
         tally = Tally() if tally is None else tally
         decode = self._roll_batch if self.decoder == "rolls" else self._lm_batch
-        finished = decode(batch, timed, tally)
+        # an input's notes are final here, for transcribe_many and the server's batcher alike:
+        # the one place they are given the offsets the input asked for
+        finished = [(item, convert_offsets(notes, item.pedals, self.offsets,
+                                           item.sustain or self.sustain))
+                    for item, notes in decode(batch, timed, tally)]
         for item, notes in finished:
             tally.files += 1
             tally.audio_s += item.duration_s
@@ -348,7 +369,7 @@ class Transcriber:
         audio = np.stack([seg for _, _, seg in batch])
         t_batch = time.perf_counter()
         decoded = decode_batch(timed, audio, rows, self.max_notes, self.concurrent,
-                               self.speculation, tally.stages)
+                               self.speculation, tally.stages, self.carried)
         encode_s = timed.timings.encoder[-1][1]
         tally.decode_s += time.perf_counter() - t_batch - encode_s
         finished = []

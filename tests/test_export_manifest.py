@@ -204,6 +204,9 @@ def test_flat_model_is_valid(tmp_path: Path):
      "missing"),
     (lambda r: r["stages"][2]["decoder"].update(enc_dim=7), "stages[2].decoder.enc_dim",
      "encoder gives"),
+    (lambda r: r["encoder"].update(parts=[1, 2]), "encoder.parts", "summing to embed_dim"),
+    (lambda r: r["stages"][1]["decoder"].update(enc_offset=-1), "stages[1].decoder.enc_offset",
+     ">= 0"),
     (lambda r: r["stages"][0]["decoder"].update(vocab_size=99), "stages[0].decoder.vocab_size",
      "vocabulary"),
     (lambda r: r["stages"][1]["step"]["inputs"][2].pop("dtype"),
@@ -274,7 +277,7 @@ def with_rolls(tmp_path: Path) -> Path:
 
 def test_rolls_round_trip(with_rolls: Path):
     m = load_manifest(with_rolls)
-    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 7
+    assert m.encoder.rolls == TUNED and m.format_version == FORMAT_VERSION == 8
     assert [t.name for t in m.encoder.graph.outputs] == ["embeddings", *ROLL_KEYS]
     raw = json.loads((with_rolls / MANIFEST_FILE).read_text())["encoder"]["rolls"]
     assert raw["outputs"] == list(ROLL_KEYS) and raw["thresholds"]["onset_threshold"] == 0.4

@@ -246,7 +246,8 @@ def test_external_data(exported, tmp_path):
     """Graphs over 2 GB keep their weights in `<file>.data`: forced here with a 0-byte limit
     (the torch export path and the fp16 conversion path), then loaded and run."""
     decoder = exported.hier.decoders["onset"]
-    _export(_cross_plan(decoder), tmp_path / "cross.onnx", 18, external_data_bytes=0)
+    _export(_cross_plan(decoder, decoder.cfg.enc_dim), tmp_path / "cross.onnx", 18,
+            external_data_bytes=0)
     assert (tmp_path / "cross.onnx.data").stat().st_size > 1e5
     assert (tmp_path / "cross.onnx").stat().st_size < 1e5
     emb = np.random.default_rng(0).normal(size=(2, 51, 24)).astype(np.float32)

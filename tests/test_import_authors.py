@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -373,6 +375,7 @@ def test_import_authors_exports_graphs_that_give_the_converted_logits(kong_model
     m = load_manifest(out)
     assert m.stage_names == vocab.STAGES and m.default_decoder == "lm"
     assert all(s.decoder.n_heads == 4 and s.decoder.enc_dim == 1536 for s in m.stages)
+    assert [s.decoder.carried for s in m.stages] == ["after", "after", "separate"]
     assert m.source.metadata["importer"] == "authors"
 
     configs = {s: convert_decoder(states[s], 4, "crnn") for s in vocab.STAGES}
@@ -403,3 +406,155 @@ def test_import_authors_exports_graphs_that_give_the_converted_logits(kong_model
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--trust-pickle" in err and not (tmp_path / "other" / "manifest.json").exists()
     assert not (tmp_path / "marker").exists()
+
+
+def test_import_authors_with_an_encoder_per_stage(kong_model, tmp_path) -> None:
+    """Their training fine-tunes a copy of the encoder with each stage: a stage given its own
+    encoder file reads that encoder's embeddings (one encoder graph runs each distinct file once
+    and concatenates; the stage's cross-KV graph reads its part), the rolls stay --encoder's,
+    and a stage file given with the same bytes as --encoder costs no second pass."""
+    pytest.importorskip("onnxscript")
+    import numpy as np
+    import onnxruntime as ort
+
+    from pianolm.export.importing import main_import
+    from pianolm.export.kong import load_kong_checkpoint, random_kong_state
+    from pianolm.runtime.manifest import load_manifest
+
+    checkpoint = kong_model[0]
+    files = {stage: tmp_path / f"step=1_{stage}.pth" for stage in vocab.STAGES}
+    states = {stage: authors_state(1536, seed=k) for k, stage in enumerate(vocab.STAGES)}
+    for stage, path in files.items():
+        torch.save(states[stage], path)
+    tuned = tmp_path / "step=1_encoder.pth"  # Note_pedal.state_dict(), as their scripts save it
+    torch.save({f"{part}.{k}": v for part, sd in random_kong_state(seed=5).items()
+                for k, v in sd.items()}, tuned)
+    same = tmp_path / "copy_of_kong.pth"
+    same.write_bytes(checkpoint.read_bytes())
+    out = tmp_path / "model"
+    args = [a for stage, path in files.items() for a in (f"--{stage}", str(path))]
+    assert main_import(["authors", *args, "--encoder", f"kong={checkpoint}",
+                        "--velocity-encoder", str(tuned), "--offset-encoder", str(same),
+                        "--heads", "4", "--out", str(out)]) == 0
+    m = load_manifest(out)
+    assert m.encoder.parts == (1536, 1536)  # two distinct encoders, not three
+    assert [(s.name, s.decoder.enc_offset, s.decoder.enc_dim) for s in m.stages] == [
+        ("onset", 0, 1536), ("velocity", 1536, 1536), ("offset", 0, 1536)]
+
+    rng = np.random.default_rng(0)
+    wave = (0.1 * rng.normal(size=(1, 32000))).astype(np.float32)
+    encoder = ort.InferenceSession(str(m.path(m.encoder.graph)))
+    emb, onset_roll = encoder.run(["embeddings", "onset"], {"waveform": wave})
+    with torch.inference_mode():
+        base = load_kong_checkpoint(checkpoint)[0].note(torch.from_numpy(wave))
+        own = load_kong_checkpoint(tuned)[0].note.embed(torch.from_numpy(wave))
+    np.testing.assert_allclose(onset_roll, base.rolls["onset"].numpy(), atol=1e-4)
+    for stage, reads in (("velocity", own), ("offset", base.embedding)):
+        decoder = converted(states[stage], 4, "crnn")
+        cross = ort.InferenceSession(str(m.path(m.stage(stage).cross_kv)))
+        got = cross.run(["cross.0.key"], {"embeddings": emb})[0]
+        with torch.inference_mode():
+            want = decoder.cross_kv(reads).layers[0][0].numpy()
+        assert relative_error(torch.from_numpy(got), torch.from_numpy(want)) < 1e-3, stage
+
+    import soundfile as sf
+
+    from pianolm.runtime.cli import main  # the runtime feeds the whole width to every stage
+
+    sf.write(tmp_path / "a.wav", wave[0], 16000)
+    assert main(["transcribe", str(tmp_path / "a.wav"), "--model", str(out)]) == 0
+    assert (tmp_path / "a.mid").is_file()
+
+
+def their_hppnet_key(ours: str) -> str:
+    """pianolm's HPPNet key -> theirs (hppnet/nets.py: SubNet.trunk / heads[name].head, the
+    harmonic convolutions conv_1..conv_8, a head's BiLSTM `lstm.rnn`)."""
+    ours = ours.replace("subnets.0.", "subnet_onset.").replace("subnets.1.", "subnet_frame.")
+    ours = re.sub(r"conv_3\.convs\.(\d)\.", lambda m: f"conv_3.conv_{int(m[1]) + 1}.", ours)
+    return re.sub(r"heads\.(\w+)\.(lstm|linear)\.",
+                  lambda m: f"heads.{m[1]}.head.{m[2]}{'.rnn' if m[2] == 'lstm' else ''}.", ours)
+
+
+def test_import_authors_over_their_hppnet(tmp_path, capsys) -> None:
+    """`--encoder hppnet=`: their HPPNet state dict (their key names) loads into pianolm's
+    hppnet encoder, and the folder's graphs give the converted modules' outputs."""
+    pytest.importorskip("onnxscript")
+    from pianolm.export.hppnet import HPPNet
+    from pianolm.export.importing import main_import
+    from pianolm.export.parity import graph_parity
+    from pianolm.export.system import SystemConfig, TranscriptionSystem
+
+    torch.manual_seed(3)
+    hpp = HPPNet().eval()
+    encoder_file = tmp_path / "step=1_encoder.pth"
+    torch.save({their_hppnet_key(k): v for k, v in hpp.state_dict().items()}, encoder_file)
+    files = {stage: tmp_path / f"step=1_{stage}.pth" for stage in vocab.STAGES}
+    states = {stage: authors_state(352, seed=k) for k, stage in enumerate(vocab.STAGES)}
+    for stage, path in files.items():
+        torch.save(states[stage], path)
+    args = [a for stage, path in files.items() for a in (f"--{stage}", str(path))]
+    out = tmp_path / "model"
+    assert main_import(["authors", *args, "--encoder", f"hppnet={encoder_file}", "--heads", "4",
+                        "--out", str(out)]) == 0
+
+    configs = {s: convert_decoder(states[s], 4, "hppnet") for s in vocab.STAGES}
+    system = TranscriptionSystem(SystemConfig(encoder="hppnet", decoder={
+        s: replace(cfg, carried="separate" if s == "offset" else "after")
+        for s, (cfg, _) in configs.items()}), encoder=hpp)
+    for s, (_, state) in configs.items():
+        system.decoders[s].load_state_dict(state)
+    for p in graph_parity(system.eval(), out, batch=1, samples=32000):
+        assert p.max_rel < 1e-3, str(p)
+
+    # a key of another model: one line naming the file and the key
+    torch.save({**torch.load(encoder_file), "subnet_onset.extra.weight": torch.zeros(1)},
+               encoder_file)
+    assert main_import(["authors", *args, "--encoder", f"hppnet={encoder_file}", "--heads", "4",
+                        "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(encoder_file) in err and "1 unexpected: subnets.0.extra.weight" in err
+
+
+def test_import_authors_over_a_pianolm_folder(tmp_path, capsys) -> None:
+    """`--encoder pianolm=DIR`: the folder's fp32 encoder graph is copied as it is (its rolls'
+    thresholds and input peak with it), and the stages' graphs give the converted modules'."""
+    pytest.importorskip("onnxscript")
+    import numpy as np
+    import soundfile as sf
+
+    from pianolm.export.folder_encoder import FolderEncoder
+    from pianolm.export.importing import main_import
+    from pianolm.export.parity import graph_parity
+    from pianolm.export.system import SystemConfig, TranscriptionSystem
+    from pianolm.runtime.cli import main
+    from pianolm.runtime.manifest import load_manifest
+
+    shipped = Path(__file__).resolve().parents[1] / "engines" / "default"
+    files = {stage: tmp_path / f"step=1_{stage}.pth" for stage in vocab.STAGES}
+    states = {stage: authors_state(352, seed=k) for k, stage in enumerate(vocab.STAGES)}
+    for stage, path in files.items():
+        torch.save(states[stage], path)
+    args = [a for stage, path in files.items() for a in (f"--{stage}", str(path))]
+    out = tmp_path / "model"
+    assert main_import(["authors", *args, "--encoder", f"pianolm={shipped}", "--heads", "4",
+                        "--out", str(out)]) == 0
+    m, source = load_manifest(out), load_manifest(shipped)
+    assert (out / "encoder.onnx").read_bytes() == (shipped / "encoder.onnx").read_bytes()
+    assert m.encoder.rolls == source.encoder.rolls and m.input_peak == source.input_peak
+
+    configs = {s: convert_decoder(states[s], 4, "hppnet") for s in vocab.STAGES}
+    system = TranscriptionSystem(SystemConfig(encoder="hppnet", decoder={
+        s: replace(cfg, carried="separate" if s == "offset" else "after")
+        for s, (cfg, _) in configs.items()}), encoder=FolderEncoder(shipped))
+    for s, (_, state) in configs.items():
+        system.decoders[s].load_state_dict(state)
+    for p in graph_parity(system.eval(), out, batch=1, samples=32000):
+        assert p.max_rel < 1e-3, str(p)
+    sf.write(tmp_path / "a.wav", np.zeros(24000, dtype=np.float32), 16000)
+    assert main(["transcribe", str(tmp_path / "a.wav"), "--model", str(out)]) == 0
+
+    # a folder serves every stage: a per-stage encoder file beside it is one line
+    assert main_import(["authors", *args, "--encoder", f"pianolm={shipped}", "--onset-encoder",
+                        str(files["onset"]), "--heads", "4", "--out",
+                        str(tmp_path / "other")]) == 2
+    assert "serves every stage" in capsys.readouterr().err

@@ -26,7 +26,6 @@ from pianolm.runtime.tokens import (
     encode_offset,
     encode_onset,
     encode_velocity,
-    extend_by_pedal,
     quantize,
     segment_notes,
     stitch,
@@ -472,41 +471,6 @@ def test_quantize_inverts_to_notes(notes: list[TickNote]) -> None:
         return (n.onset_tick, n.pitch, n.offset_tick, n.velocity)
 
     assert quantize(to_notes(notes)) == sorted(notes, key=key)
-
-
-# ---------------------------------------------------------------------------------------------
-# sustain pedal
-
-
-def test_pedal_holds_note_until_release() -> None:
-    assert extend_by_pedal([Note(0.0, 1.0, 60)], [(0.5, 2.0)]) == [Note(0.0, 2.0, 60)]
-    assert extend_by_pedal([Note(0.0, 1.0, 60)], [(1.0, 2.0)]) == [Note(0.0, 2.0, 60)]
-
-
-def test_pedal_hold_cut_by_restrike() -> None:
-    notes = [Note(0.0, 1.0, 60), Note(1.5, 1.8, 60), Note(1.2, 1.3, 62)]
-    assert extend_by_pedal(notes, [(0.5, 3.0)]) == [
-        Note(0.0, 1.5, 60),  # held until the key is struck again
-        Note(1.5, 3.0, 60),
-        Note(1.2, 3.0, 62),  # other keys do not cut it
-    ]
-
-
-def test_pedal_up_before_release_or_down_after() -> None:
-    note = Note(0.0, 1.0, 60)
-    assert extend_by_pedal([note], [(0.2, 0.8)]) == [note]
-    assert extend_by_pedal([note], [(0.2, 1.0)]) == [note]  # released as the pedal goes up
-    assert extend_by_pedal([note], [(1.2, 2.0)]) == [note]
-    assert extend_by_pedal([note], []) == [note]
-    assert extend_by_pedal([note], [(2.0, 0.5)]) == [note]  # empty interval ignored
-
-
-def test_pedal_intervals_merge_and_never_shorten() -> None:
-    assert extend_by_pedal([Note(0.0, 1.0, 60)], [(1.5, 3.0), (0.5, 2.0)]) == [
-        Note(0.0, 3.0, 60)]
-    overlapping = [Note(0.0, 2.0, 60), Note(1.0, 1.5, 60)]  # re-struck before its release
-    assert extend_by_pedal(overlapping, [(1.2, 4.0)]) == [Note(0.0, 2.0, 60),
-                                                          Note(1.0, 4.0, 60)]
 
 
 # ---------------------------------------------------------------------------------------------

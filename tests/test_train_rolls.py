@@ -10,7 +10,7 @@ from pianolm.export.train.evaluate import evaluate
 from pianolm.export.train.targets import TargetConfig, roll_targets
 from pianolm.runtime.notes import Note
 from pianolm.runtime.rolls import RollDecodeConfig, decode_rolls, find_peaks, join_segments
-from pianolm.runtime.tokens import extend_by_pedal
+from pianolm.runtime.sustain import extend_by_pedal
 
 
 def _grid_notes(seed: int, seconds: float = 28.0, n: int = 200) -> list[Note]:

@@ -5,7 +5,7 @@ import pytest
 
 from pianolm.export.train.targets import TargetConfig, roll_targets
 from pianolm.runtime.notes import Note
-from pianolm.runtime.tokens import extend_by_pedal
+from pianolm.runtime.sustain import extend_by_pedal
 
 KEY = 60 - 21
 

@@ -15,6 +15,8 @@ Modules, one concern each:
   summary.py   headline ratios next to the issue's targets
   plots.py     PNGs beside the JSON (matplotlib: the `bench` extra)
   runner.py    the whole run -> one JSON report
+  folder.py    `pianolm bench --model DIR`: a given model folder (rolls-only imports included),
+               its encoder, roll / LM decoding and whole transcription timed on the dev set
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from collections.abc import Sequence
 def main_bench(argv: Sequence[str] | None = None) -> int:
     """`pianolm bench`: parse options, run, write the JSON (and plots); 0 on success."""
     import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--model" or a.startswith("--model=") for a in args):
+        from .folder import main_folder_bench  # a given folder: no preset models are built
+
+        return main_folder_bench(args)
 
     from .config import parse_config
     from .runner import run_bench

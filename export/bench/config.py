@@ -140,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "decode (PyTorch, no KV cache), PyTorch with a KV cache, ONNX Runtime fp32 "
                     "and int8 (CUDA / TensorRT where available); hierarchical and flattened; "
                     "per stage and end to end. Decoders are teacher-forced with the dev set's "
-                    "reference notes, so random weights cost what trained ones do.")
+                    "reference notes, so random weights cost what trained ones do.",
+        epilog="A given model folder instead (rolls-only imports included): pianolm bench "
+               "--model DIR [--backend ...] [--threads N] [--devset PATH] [--repeats N] "
+               "[--out JSON]; its options: pianolm bench --model DIR --help")
     ap.add_argument("--presets", nargs="+", choices=sorted(PRESETS),
                     help=f"decoder presets (default {' '.join(DEFAULTS['presets'])})")
     ap.add_argument("--encoders", nargs="+", choices=ENCODERS, default=["hppnet"])

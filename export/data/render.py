@@ -332,7 +332,7 @@ def _render_timidity(notes: Sequence[Note], pedal: Sequence[Pedal], duration: fl
 def _render_tinysoundfont(notes: Sequence[Note], pedal: Sequence[Pedal], duration: float,
                           sf2: Path, program: int) -> np.ndarray:
     """tinysoundfont has no sustain pedal: note offs are delayed by the pedal instead."""
-    from pianolm.runtime.tokens import extend_by_pedal
+    from pianolm.runtime.sustain import extend_by_pedal
 
     synth = _tsf_synth(str(sf2), program)
     synth.notes_off()

@@ -30,11 +30,11 @@ from torch import Tensor
 from pianolm.runtime import vocab as V
 from pianolm.runtime.grammar import REPEAT_TICKS
 from pianolm.runtime.notes import Note
+from pianolm.runtime.sustain import extend_by_pedal
 from pianolm.runtime.tokens import (
     SegmentNotes,
     TickNote,
     encode,
-    extend_by_pedal,
     quantize,
     segment_notes,
 )
