@@ -12,8 +12,9 @@ gives what Kong's tool gives, with pianolm's backends, batching, server and corp
 
 authors: the stage decoders the paper's authors' training code saves (`EncDecPos` state dicts,
 LiDCC/Improving-piano-transcription-by-LLM-based-decoder), converted exactly (export/authors.py),
-over Kong's CRNN as the encoder (their CRNN systems' encoder): a folder with LM stages, which
-`pianolm transcribe --decoder lm` decodes.
+over their encoder (Kong's CRNN or their HPPNet, fine-tuned once per stage or shared; or a
+pianolm folder's encoder graph): a folder with LM stages, which `pianolm transcribe` decodes,
+the offset stage in their layout (carried notes in a sequence of their own).
 
 The weights are converted from the files the user gives and never redistributed: the Zenodo
 record states no licence, and the authors' repository none at all (docs/import.md).
