@@ -43,6 +43,9 @@ from torch import Tensor, nn
 
 from pianolm.runtime import vocab
 
+from .roll_prior import STAGES as PRIOR_STAGES
+from .roll_prior import RollPrior, features
+
 KV = tuple[Tensor, Tensor]  # one layer's cache: (K, V)
 
 CROSS_POSITIONS = ("token", "time")
@@ -93,6 +96,10 @@ class DecoderConfig:
     # in one sequence ("after") or in a sequence of their own ("separate", the authors'
     # layout); a decoding choice the manifest carries (runtime/decode.py)
     carried: str = "after"
+    # The stage whose roll evidence is added to its logits (export/roll_prior.py): "onset",
+    # "velocity" or "offset"; "none" for no prior. Needs "time" positions, a pointer time head
+    # and embeddings that are the four rolls (4 x 88)
+    roll_prior: str = "none"
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -112,6 +119,14 @@ class DecoderConfig:
             raise ValueError(f"enc_offset must be >= 0, got {self.enc_offset}")
         if self.carried not in CARRIED:
             raise ValueError(f"carried {self.carried!r}: choose from {list(CARRIED)}")
+        if self.roll_prior not in ("none", *PRIOR_STAGES):
+            raise ValueError(f"roll_prior {self.roll_prior!r}: choose from "
+                             f"{['none', *PRIOR_STAGES]}")
+        if self.roll_prior != "none" and (self.time_head != "pointer"
+                                          or self.enc_dim != 4 * vocab.NUM_PITCHES):
+            raise ValueError("roll_prior needs cross_positions='time', time_head='pointer' and "
+                             f"embeddings that are the four rolls ({4 * vocab.NUM_PITCHES}-d), "
+                             f"not {self.enc_dim}-d")
         if self.time_aligned and self.max_seq_len <= vocab.SEGMENT_TICKS:
             raise ValueError(f"cross_positions='time' rotates by tick: max_seq_len (the RoPE "
                              f"table) must exceed {vocab.SEGMENT_TICKS}")
@@ -377,16 +392,20 @@ class CrossCache:
 
     layers: list[KV]
     pointer: Tensor | None = None
+    rolls: Tensor | None = None  # a roll prior's evidence [B, 1, 4 x 88, T]
 
     def tensors(self) -> tuple[Tensor, ...]:
         """Flat, in the graphs' order (manifest.DecoderSpec.cross_names)."""
         flat = tuple(t for kv in self.layers for t in kv)
-        return flat if self.pointer is None else (*flat, self.pointer)
+        return (*flat, *(t for t in (self.pointer, self.rolls) if t is not None))
 
     @classmethod
-    def from_tensors(cls, flat: Sequence[Tensor], n_layers: int) -> CrossCache:
-        layers = [(flat[i], flat[i + 1]) for i in range(0, 2 * n_layers, 2)]
-        return cls(layers, flat[2 * n_layers] if len(flat) > 2 * n_layers else None)
+    def from_tensors(cls, flat: Sequence[Tensor], cfg: DecoderConfig) -> CrossCache:
+        n = 2 * cfg.n_layers
+        layers = [(flat[i], flat[i + 1]) for i in range(0, n, 2)]
+        rest = list(flat[n:])
+        pointer = rest.pop(0) if cfg.time_head == "pointer" else None
+        return cls(layers, pointer, rest.pop(0) if cfg.roll_prior != "none" else None)
 
 
 class Decoder(nn.Module):
@@ -400,6 +419,8 @@ class Decoder(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
         self.pointer = PointerTimeHead(cfg) if cfg.time_head == "pointer" else None
+        self.prior = (RollPrior(cfg.roll_prior, cfg.ticks_per_frame)
+                      if cfg.roll_prior != "none" else None)
         # Tables are derived, not learned: non-persistent, so checkpoints hold weights only.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -413,6 +434,8 @@ class Decoder(nn.Module):
             for name, p in self.named_parameters():
                 if name.endswith(("attn.wo.weight", "cross.wo.weight", ".w2.weight")):
                     nn.init.normal_(p, mean=0.0, std=std)
+            if self.prior is not None:
+                self._start_from_the_rolls()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -420,6 +443,18 @@ class Decoder(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    def _start_from_the_rolls(self) -> None:
+        """A roll prior's stage starts as the roll decoder: the LM's own scores of the slots the
+        prior decides (the head rows, the pointer's query) start at zero, so its untrained
+        noise cannot tip them; training grows them from there."""
+        slots = {"onset": [vocab.EOS, *range(vocab.PITCH_BASE, vocab.VELOCITY_BASE)],
+                 "velocity": list(range(vocab.VELOCITY_BASE, vocab.VOCAB_SIZE)),
+                 "offset": [vocab.NOTE_SUSTAIN]}[self.cfg.roll_prior]
+        with torch.no_grad():
+            self.head.weight[slots] = 0.0
+            if self.pointer is not None and self.cfg.roll_prior != "velocity":
+                self.pointer.q.weight.zero_()
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the RoPE and audio-PE tables, e.g. after loading weights into a model
@@ -455,11 +490,16 @@ class Decoder(nn.Module):
     def audio_memory(self, audio_emb: Tensor) -> Tensor:
         """[B, T, >= enc_offset + enc_dim] -> [B, T, d]: this decoder's part of the embeddings,
         projected, plus the projected absolute PE."""
+        audio_emb = self._own_part(audio_emb)
+        t = audio_emb.shape[1]
+        return self.audio_proj(audio_emb) + self.audio_pe_proj(self.audio_pe[:t])[None]
+
+    def _own_part(self, audio_emb: Tensor) -> Tensor:
+        """embeddings[..., enc_offset : enc_offset + enc_dim]: what this decoder reads."""
         lo, width = self.cfg.enc_offset, self.cfg.enc_dim
         if audio_emb.shape[-1] != width or lo:  # traced as a constant slice
             audio_emb = audio_emb[..., lo:lo + width]
-        t = audio_emb.shape[1]
-        return self.audio_proj(audio_emb) + self.audio_pe_proj(self.audio_pe[:t])[None]
+        return audio_emb
 
     def cross_kv(self, audio_emb: Tensor) -> CrossCache:
         """[B, T, enc_dim] -> per layer (K^T [B, H, Dh, T], V [B, H, T, Dh]) and, with a
@@ -471,16 +511,22 @@ class Decoder(nn.Module):
             rope = (self.rope_cos[ticks][None, None], self.rope_sin[ticks][None, None])
         layers = [blk.cross.kv(mem, rope) for blk in self.blocks]
         pointer = None if self.pointer is None else self.pointer.keys(mem, rope)  # rope: time
-        return CrossCache(layers, pointer)
+        rolls = None if self.prior is None else features(self._own_part(audio_emb))
+        return CrossCache(layers, pointer, rolls)
 
-    def _logits(self, h: Tensor, rope: Rope, cross: CrossCache) -> Tensor:
-        """h [B, n, d] final normed states -> [B, n, V]; a pointer head writes the time slots."""
+    def _logits(self, h: Tensor, rope: Rope, cross: CrossCache, tokens: Tensor,
+                query_ticks: Tensor | None) -> Tensor:
+        """h [B, n] final normed states -> [B, n, V]; a pointer head writes the time slots, a
+        roll prior adds its terms (it reads each position's token and query tick)."""
         if self.pointer is None or cross.pointer is None:
             return self.head(h)
         w = self.head.weight  # the time rows go unused (kept so every stage has one layout)
         times = self.pointer(h, rope.query_cos, rope.query_sin, cross.pointer)
-        return torch.cat([F.linear(h, w[:vocab.TIME_BASE]), times.to(h.dtype),
-                          F.linear(h, w[vocab.PITCH_BASE:])], dim=-1)
+        logits = torch.cat([F.linear(h, w[:vocab.TIME_BASE]), times.to(h.dtype),
+                            F.linear(h, w[vocab.PITCH_BASE:])], dim=-1)
+        if self.prior is None or cross.rolls is None or query_ticks is None:
+            return logits
+        return logits + self.prior(tokens, query_ticks, cross.rolls, self.pointer.tick_frame)
 
     # -- training / full-prefix pass --------------------------------------------------------
 
@@ -502,7 +548,7 @@ class Decoder(nn.Module):
         x = self.tok_emb(tokens)
         for blk, (cross_k, cross_v) in zip(self.blocks, cross.layers):
             x, _, _ = blk(x, rope, mask, None, None, cross_k, cross_v)
-        return self._logits(self.norm(x), rope, cross)
+        return self._logits(self.norm(x), rope, cross, tokens, query_ticks)
 
     # -- incremental, export-friendly -------------------------------------------------------
 
@@ -525,7 +571,7 @@ class Decoder(nn.Module):
         for blk, (past_k, past_v), (cross_k, cross_v) in zip(self.blocks, past, cross.layers):
             x, k, v = blk(x, rope, mask, past_k, past_v, cross_k, cross_v)
             present.append((k, v))
-        return self._logits(self.norm(x), rope, cross), present
+        return self._logits(self.norm(x), rope, cross, tokens, query_ticks), present
 
     def empty_cache(self, batch: int) -> list[KV]:
         """Per layer a past K and V of length 0, [B, H, 0, Dh] each."""

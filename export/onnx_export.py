@@ -137,7 +137,7 @@ class DecoderStepGraph(nn.Module):
         n = 2 * cfg.n_layers
         logits, present = self.decoder.step(
             tokens, positions, key_mask, _pairs(caches[:n]),
-            CrossCache.from_tensors(caches[n:], cfg.n_layers), ticks)
+            CrossCache.from_tensors(caches[n:], cfg), ticks)
         return (logits, *_flat(present))
 
 
@@ -171,7 +171,8 @@ def _cross_plan(decoder: Decoder, embed_dim: int) -> _Plan:
     """embed_dim: the encoder's whole width (the decoder reads its part, enc_offset)."""
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(EX_BATCH, EX_FRAMES, embed_dim, generator=g)
-    io = cross_kv_io(decoder.cfg.n_layers, decoder.pointer is not None)
+    io = cross_kv_io(decoder.cfg.n_layers, decoder.pointer is not None,
+                     decoder.prior is not None)
     return _Plan(CrossKVGraph(decoder), (emb,), io,
                  {"embeddings": {0: "batch", 1: "frames"}, **_cache_axes(io[1], "frames")})
 
@@ -180,8 +181,9 @@ def _step_plan(decoder: Decoder) -> _Plan:
     c = decoder.cfg
     g = torch.Generator().manual_seed(0)
     b, n, p, t = EX_BATCH, EX_CHUNK, EX_PAST, EX_FRAMES
-    pointer = decoder.pointer is not None
-    past, cross = kv_names("past_key_values", c.n_layers), cross_names(c.n_layers, pointer)
+    pointer, rolls = decoder.pointer is not None, decoder.prior is not None
+    past = kv_names("past_key_values", c.n_layers)
+    cross = cross_names(c.n_layers, pointer, rolls)
     caches = [torch.randn(cache_shape(name, b, c.n_heads, c.head_dim, length), generator=g)
               for names, length in ((past, p), (cross, t)) for name in names]
     ticks = (torch.randint(0, t * c.ticks_per_frame, (b, n), generator=g),) if c.time_aligned \
@@ -189,7 +191,8 @@ def _step_plan(decoder: Decoder) -> _Plan:
     example = (torch.randint(0, c.vocab_size, (b, n), generator=g),
                torch.arange(p, p + n).expand(b, n).contiguous(),
                torch.ones(b, p + n, dtype=torch.bool), *ticks, *caches)
-    return _Plan(DecoderStepGraph(decoder), example, step_io(c.n_layers, c.time_aligned, pointer), {
+    io = step_io(c.n_layers, c.time_aligned, pointer, rolls)
+    return _Plan(DecoderStepGraph(decoder), example, io, {
         "tokens": {0: "batch", 1: "chunk"}, "positions": {0: "batch", 1: "chunk"},
         "query_ticks": {0: "batch", 1: "chunk"},
         "key_mask": {0: "batch", 1: "past_plus_chunk"}, "logits": {0: "batch", 1: "chunk"},
@@ -438,6 +441,9 @@ def main_export(argv: Sequence[str] | None = None) -> int:
                     "look-ahead prior (time positions)")
     ap.add_argument("--time-head", choices=TIME_HEADS, default="lm",
                     help="with --random-init: 'pointer' time head (time positions)")
+    ap.add_argument("--roll-prior", action="store_true", help="with --random-init: each "
+                    "stage's roll prior (time positions, a pointer head, an hppnet encoder; "
+                    "docs/decoder.md)")
     ap.add_argument("--out", required=True, help="output folder, e.g. engines/NAME")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--opset", type=int, default=OPSET)
@@ -469,7 +475,7 @@ def main_export(argv: Sequence[str] | None = None) -> int:
                                     args.opset)
         else:
             options = {"cross_positions": args.cross_positions, "look_ahead": args.look_ahead,
-                       "time_head": args.time_head}
+                       "time_head": args.time_head, "roll_prior": args.roll_prior}
             system = _build_random(args.preset, args.encoder, args.flattened, args.seed, options)
             manifest = export_model(system, args.out, args.precision, None, args.opset,
                                     seed=args.seed, metadata={"preset": args.preset})

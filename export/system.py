@@ -33,7 +33,8 @@ class SystemConfig:
     # a preset name, one DecoderConfig for every stage, or {stage: DecoderConfig}
     decoder: str | DecoderConfig | Mapping[str, DecoderConfig] = "small"
     hierarchical: bool = True  # False: the flattened baseline, one "flat" decoder
-    # DecoderConfig fields for a preset, e.g. {"cross_positions": "time", "look_ahead": True}
+    # DecoderConfig fields for a preset, e.g. {"cross_positions": "time", "look_ahead": True};
+    # "roll_prior": True gives each stage its own (stage_options)
     decoder_options: Mapping[str, object] = field(default_factory=dict)
 
     @property
@@ -49,7 +50,7 @@ class SystemConfig:
         ticks_per_frame = round(vocab.TICKS_PER_SECOND / frames_per_second)
         if isinstance(self.decoder, str):
             options = {"ticks_per_frame": ticks_per_frame, **self.decoder_options}
-            cfgs = {s: DecoderConfig.from_preset(self.decoder, enc_dim, **options)
+            cfgs = {s: DecoderConfig.from_preset(self.decoder, enc_dim, **stage_options(options, s))
                     for s in self.stages}
         elif isinstance(self.decoder, DecoderConfig):
             cfgs = {s: self.decoder for s in self.stages}
@@ -72,6 +73,16 @@ class SystemConfig:
                 raise ValueError(f"{stage} decoder ticks_per_frame {c.ticks_per_frame} does not "
                                  f"fit the encoder's {frames_per_second:g} frames/s")
         return cfgs
+
+
+def stage_options(options: Mapping[str, object], stage: str) -> dict[str, object]:
+    """Decoder options for one stage: `roll_prior: True` becomes the stage's own prior."""
+    out = dict(options)
+    if out.get("roll_prior") is True:
+        out["roll_prior"] = stage
+    elif out.get("roll_prior") is False:
+        out["roll_prior"] = "none"
+    return out
 
 
 class TranscriptionSystem(nn.Module):

@@ -26,7 +26,9 @@ from .graphs import (
     ENCODER_PEDAL_IO,
     ENCODER_ROLLS_IO,
     POINTER_KEY,
+    ROLL_FEATURES,
     ROLL_LAYOUT,
+    ROLL_PRIOR,
     cache_length_axis,
     cross_kv_io,
     cross_names,
@@ -58,7 +60,9 @@ FORMAT = "pianolm-model"
 # 8: optional `decoder.enc_offset`: a stage reads embeddings[..., enc_offset : enc_offset +
 #    enc_dim]. A model whose stages read different encoders (the authors' fine-tune one per
 #    stage) has an encoder graph that runs each once and concatenates their embeddings, whose
-#    widths `encoder.parts` lists. Optional `decoder.carried` ("after" | "separate").
+#    widths `encoder.parts` lists. Optional `decoder.carried` ("after" | "separate") and
+#    `decoder.roll_prior` (the stage's roll evidence added to its logits: the cross-KV graph
+#    also gives `cross.rolls`, which the step graph takes).
 FORMAT_VERSION = 8
 FIRST_EVERY_POSITION_VERSION = 6
 MIN_FORMAT_VERSION = 3
@@ -86,7 +90,8 @@ _DECODER_FLOAT_FIELDS = ("rope_base", "norm_eps")
 _DECODER_OPTIONS: dict[str, tuple[tuple[Any, ...], Any]] = {
     "cross_positions": (("token", "time"), "token"), "look_ahead": ((False, True), False),
     "time_head": (("lm", "pointer"), "lm"),
-    "carried": (("after", "separate"), "after")}  # format 8
+    "carried": (("after", "separate"), "after"),  # format 8
+    "roll_prior": (("none", "onset", "velocity", "offset"), "none")}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -157,6 +162,8 @@ class DecoderSpec:
     # offset stage: carried notes after the segment's own notes, in one sequence ("after",
     # pianolm's), or in a sequence of their own ("separate", the authors'; runtime/decode.py)
     carried: str = "after"
+    # the stage whose roll evidence enters its logits ("none": no roll prior; docs/decoder.md)
+    roll_prior: str = "none"
 
     @property
     def head_dim(self) -> int:
@@ -184,8 +191,12 @@ class DecoderSpec:
         return kv_names("present", self.n_layers)
 
     @property
+    def has_roll_prior(self) -> bool:
+        return self.roll_prior != "none"
+
+    @property
     def cross_names(self) -> tuple[str, ...]:
-        return cross_names(self.n_layers, self.pointer)
+        return cross_names(self.n_layers, self.pointer, self.has_roll_prior)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -507,6 +518,8 @@ def _decoder(f: _Fields, raw: Any, where: str) -> DecoderSpec:
         if options["enc_offset"] < 0:
             raise f.fail(f"{where}.enc_offset", f"must be >= 0, got {options['enc_offset']}")
     spec = DecoderSpec(**ints, **floats, **options)
+    if spec.has_roll_prior and not spec.pointer:
+        raise f.fail(f"{where}.roll_prior", "needs cross_positions 'time' and a pointer time_head")
     if (spec.look_ahead or spec.pointer) and not spec.time_aligned:
         raise f.fail(f"{where}.cross_positions", "must be 'time' for look_ahead or a pointer "
                      "time_head")
@@ -542,12 +555,16 @@ def _stage(f: _Fields, raw: Any, where: str, folder: Path, parts: tuple[tuple[in
         raise f.fail(f"{where}.decoder.ticks_per_frame", f"is {dec.ticks_per_frame}; the "
                      f"encoder's {fps:g} frames/s need {vocab.TICKS_PER_SECOND / fps:g}")
     cross = _graph(f, f.get(raw, "cross_kv", dict, where), f"{where}.cross_kv",
-                   cross_kv_io(dec.n_layers, dec.pointer), folder)
+                   cross_kv_io(dec.n_layers, dec.pointer, dec.has_roll_prior), folder)
     step = _graph(f, f.get(raw, "step", dict, where), f"{where}.step",
-                  step_io(dec.n_layers, dec.time_aligned, dec.pointer), folder)
+                  step_io(dec.n_layers, dec.time_aligned, dec.pointer, dec.has_roll_prior),
+                  folder)
     fixed = {name: {1: 1 if name == POINTER_KEY else dec.n_heads,
                     2 if cache_length_axis(name) == 3 else 3: dec.head_dim}
-             for name in dec.past_names + dec.present_names + dec.cross_names}
+             for name in dec.past_names + dec.present_names + dec.cross_names
+             if name != ROLL_PRIOR}
+    if dec.has_roll_prior:
+        fixed[ROLL_PRIOR] = {1: 1, 2: ROLL_FEATURES}
     whole = sum(w for _, w in parts)  # every stage's cross-KV graph takes all the parts
     _expect_shape(f, cross, f"{where}.cross_kv", {"embeddings": {2: whole}, **fixed})
     rank = 3 if version >= FIRST_EVERY_POSITION_VERSION else 2  # [batch, (chunk,) vocab]

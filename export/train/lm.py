@@ -126,6 +126,9 @@ class LMTrainConfig:
     cross_positions: str = "token"
     look_ahead: bool = False
     time_head: str = "lm"
+    # The stage's logits start from the encoder's rolls (export/roll_prior.py): "time"
+    # positions, a pointer time head and a rolls encoder (hppnet) required
+    roll_prior: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in ALL_STAGES:
@@ -316,13 +319,14 @@ def load_decoder(folder: str | os.PathLike, best: bool = True
     return decoder.eval(), meta
 
 
-ALIGNMENT_FIELDS = ("cross_positions", "look_ahead", "time_head")
+ALIGNMENT_FIELDS = ("cross_positions", "look_ahead", "time_head", "roll_prior")
 
 
 def load_init_decoder(decoder: Decoder, run: str, wanted: str) -> None:
     """Copy another run's best weights into `decoder` (--init): any stage, same sizes. The
-    alignment options may differ (e.g. a time-aligned run from the authors' layout): the
-    parameters only one side has (look-ahead slopes, the pointer head) keep their init."""
+    alignment options may differ (e.g. a time-aligned run from the authors' layout, or a roll
+    prior's run from stages without one): the parameters only one side has (look-ahead
+    slopes, the pointer head, the prior's scales) keep their init."""
     init, _ = load_decoder(run)
     if replace(init.cfg, **{k: getattr(decoder.cfg, k) for k in ALIGNMENT_FIELDS}) != decoder.cfg:
         raise ValueError(f"--init {run}: a decoder of another size or embedding width, not "
@@ -355,7 +359,8 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
         cfg.preset, int(index["embed_dim"]),
         max_frames=max(1024, int(index["frames_per_segment"])),
         ticks_per_frame=round(V.TICKS_PER_SECOND / float(index["frames_per_second"])),
-        cross_positions=cfg.cross_positions, look_ahead=cfg.look_ahead, time_head=cfg.time_head)
+        cross_positions=cfg.cross_positions, look_ahead=cfg.look_ahead, time_head=cfg.time_head,
+        roll_prior=cfg.stage if cfg.roll_prior else "none")
     train_items = load_items(cfg.embeddings_dir, cfg.train_split, index)
     val_items = load_items(cfg.embeddings_dir, cfg.val_split, index)
     train_ex, skipped = build_examples(train_items, cfg.stage, cfg.shifts, dcfg.max_seq_len)
@@ -506,6 +511,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="time only: the look-ahead prior in every cross-attention layer")
     p.add_argument("--time-head", choices=list(TIME_HEADS),
                    help="time only: 'pointer' scores time tokens against the frames")
+    p.add_argument("--roll-prior", action="store_true", default=None,
+                   help="the stage's logits start from the encoder's rolls (time positions, "
+                        "a pointer head and a rolls encoder; export/roll_prior.py)")
     p.add_argument("--init", dest="init_from", metavar="RUN",
                    help="start from another run's best weights (same preset and embedding "
                         "width; any stage)")
