@@ -435,7 +435,7 @@ class Decoder(nn.Module):
                 if name.endswith(("attn.wo.weight", "cross.wo.weight", ".w2.weight")):
                     nn.init.normal_(p, mean=0.0, std=std)
             if self.prior is not None:
-                self._start_from_the_rolls()
+                self.start_from_the_rolls()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -444,7 +444,7 @@ class Decoder(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def _start_from_the_rolls(self) -> None:
+    def start_from_the_rolls(self) -> None:
         """A roll prior's stage starts as the roll decoder: the LM's own scores of the slots the
         prior decides (the head rows, the pointer's query) start at zero, so its untrained
         noise cannot tip them; training grows them from there."""

@@ -81,6 +81,7 @@ class RollPrior(nn.Module):
             self.pitch_order = _scalar(20.0)
             self.time_scale = _scalar(1.0)
             self.same_tick = _scalar(1.0)  # a chord's next key at the tick of the one before
+            self.first_tick = _scalar(0.5)  # a frame's onset at its first tick (the drafts')
             self.skip_penalty = _scalar(2.0)
             self.eos_scale = _scalar(1.0)
         elif stage == "velocity":
@@ -92,6 +93,7 @@ class RollPrior(nn.Module):
             self.end_scale = _scalar(1.0)
             self.skip_penalty = _scalar(2.0)
             self.sustain_scale = _scalar(1.0)
+            self.first_tick = _scalar(0.5)
 
     def forward(self, tokens: Tensor, query_ticks: Tensor, evidence: Tensor,
                 tick_frame: Tensor) -> Tensor:
@@ -114,14 +116,18 @@ class RollPrior(nn.Module):
             times, chord, eos = self._next_onsets(ev[:, :KEYS], frame, done_key)
             ticks = torch.arange(tick_frame.shape[0], device=tokens.device)
             same = (ticks[None, None, :] == query_ticks[..., None]).float()
-            times = times[..., slot_frame] + same * chord[..., None]
+            first = (ticks % self.ticks_per_frame == 0).float()  # [ticks]
+            times = times[..., slot_frame] + same * chord[..., None] + self.first_tick * first
             parts["time"] = next_time[..., None] * times
             parts["eos"] = next_time * eos
         elif self.stage == "velocity":
             parts["velocity"] = after_pitch[..., None] * self._velocities(ev, frame, key)
         else:
             times, sustain = self._note_end(ev, frame, key)
-            parts["time"] = after_pitch[..., None] * times[..., slot_frame]
+            ticks = torch.arange(tick_frame.shape[0], device=tokens.device)
+            first = (ticks % self.ticks_per_frame == 0).float()
+            times = times[..., slot_frame] + self.first_tick * first
+            parts["time"] = after_pitch[..., None] * times
             parts["sustain"] = after_pitch * sustain
         return _assemble(parts, tokens.shape, ev.dtype)
 

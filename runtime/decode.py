@@ -41,6 +41,7 @@ from .speculative import (
     FlatDraft,
     RollDraft,
     SpeculativeStats,
+    as_the_prior_reads,
     continuation,
 )
 from .tokens import SegmentResult, Stitcher, clip_to, decode, decode_onset
@@ -586,7 +587,10 @@ def speculation_for(manifest: Manifest | None, wanted: bool | None, backend: str
     elif not all(manifest.stage(s).every_position for s in manifest.stage_names):
         reason = "step graphs with every position's logits (manifest format_version >= 6)"
     if reason is None:
-        return Speculation(manifest.encoder.frames_per_second, manifest.encoder.rolls.thresholds)
+        thresholds = manifest.encoder.rolls.thresholds
+        if any(s.decoder.has_roll_prior for s in manifest.stages):  # drafts in their rule
+            thresholds = as_the_prior_reads(thresholds)
+        return Speculation(manifest.encoder.frames_per_second, thresholds)
     if wanted:
         raise ManifestError(f"speculative decoding needs {reason}; this model has none: "
                             "use --speculative off, or re-export it with this pianolm")

@@ -332,6 +332,8 @@ def load_init_decoder(decoder: Decoder, run: str, wanted: str) -> None:
         raise ValueError(f"--init {run}: a decoder of another size or embedding width, not "
                          f"{wanted}")
     decoder.load_state_dict(init.state_dict(), strict=False)
+    if decoder.prior is not None and init.prior is None:
+        decoder.start_from_the_rolls()  # the prior decides its slots until training says not
 
 
 # ---------------------------------------------------------------------------------------------
