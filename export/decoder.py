@@ -122,11 +122,12 @@ class DecoderConfig:
         if self.roll_prior not in ("none", *PRIOR_STAGES):
             raise ValueError(f"roll_prior {self.roll_prior!r}: choose from "
                              f"{['none', *PRIOR_STAGES]}")
-        if self.roll_prior != "none" and (self.time_head != "pointer"
-                                          or self.enc_dim != 4 * vocab.NUM_PITCHES):
-            raise ValueError("roll_prior needs cross_positions='time', time_head='pointer' and "
-                             f"embeddings that are the four rolls ({4 * vocab.NUM_PITCHES}-d), "
-                             f"not {self.enc_dim}-d")
+        if self.roll_prior != "none" and (
+                not self.time_aligned or self.enc_dim != 4 * vocab.NUM_PITCHES
+                or (self.roll_prior != "velocity" and self.time_head != "pointer")):
+            raise ValueError("roll_prior needs cross_positions='time', embeddings that are the "
+                             f"four rolls ({4 * vocab.NUM_PITCHES}-d, not {self.enc_dim}-d), "
+                             "and for the onset and offset stages time_head='pointer'")
         if self.time_aligned and self.max_seq_len <= vocab.SEGMENT_TICKS:
             raise ValueError(f"cross_positions='time' rotates by tick: max_seq_len (the RoPE "
                              f"table) must exceed {vocab.SEGMENT_TICKS}")
@@ -519,14 +520,15 @@ class Decoder(nn.Module):
         """h [B, n] final normed states -> [B, n, V]; a pointer head writes the time slots, a
         roll prior adds its terms (it reads each position's token and query tick)."""
         if self.pointer is None or cross.pointer is None:
-            return self.head(h)
-        w = self.head.weight  # the time rows go unused (kept so every stage has one layout)
-        times = self.pointer(h, rope.query_cos, rope.query_sin, cross.pointer)
-        logits = torch.cat([F.linear(h, w[:vocab.TIME_BASE]), times.to(h.dtype),
-                            F.linear(h, w[vocab.PITCH_BASE:])], dim=-1)
+            logits = self.head(h)
+        else:
+            w = self.head.weight  # the time rows go unused (one layout for every stage)
+            times = self.pointer(h, rope.query_cos, rope.query_sin, cross.pointer)
+            logits = torch.cat([F.linear(h, w[:vocab.TIME_BASE]), times.to(h.dtype),
+                                F.linear(h, w[vocab.PITCH_BASE:])], dim=-1)
         if self.prior is None or cross.rolls is None or query_ticks is None:
             return logits
-        return logits + self.prior(tokens, query_ticks, cross.rolls, self.pointer.tick_frame)
+        return logits + self.prior(tokens, query_ticks, cross.rolls)
 
     # -- training / full-prefix pass --------------------------------------------------------
 

@@ -95,12 +95,14 @@ class RollPrior(nn.Module):
             self.sustain_scale = _scalar(1.0)
             self.first_tick = _scalar(0.5)
 
-    def forward(self, tokens: Tensor, query_ticks: Tensor, evidence: Tensor,
-                tick_frame: Tensor) -> Tensor:
-        """tokens, query_ticks [B, n]; evidence [B, 1, 4 x 88, T] (`features`); tick_frame
-        [ticks] each time slot's frame -> additive logits [B, n, vocab]."""
+    def forward(self, tokens: Tensor, query_ticks: Tensor, evidence: Tensor) -> Tensor:
+        """tokens, query_ticks [B, n]; evidence [B, 1, 4 x 88, T] (`features`) -> additive
+        logits [B, n, vocab]."""
         ev = evidence[:, 0]  # [B, 352, T]
         frames = ev.shape[-1]
+        ticks = torch.arange(vocab.SEGMENT_TICKS + 1, device=tokens.device)
+        tick_frame = torch.div(ticks, self.ticks_per_frame, rounding_mode="floor")
+        first = (ticks % self.ticks_per_frame == 0).float()  # a frame's first tick
         frame = _within(torch.div(query_ticks, self.ticks_per_frame, rounding_mode="floor"),
                         frames - 1)  # [B, n]
         key = _within(tokens - vocab.PITCH_BASE, KEYS - 1)  # meaningful after a pitch
@@ -114,9 +116,7 @@ class RollPrior(nn.Module):
             # the current note's key: a chord's later keys at this frame are still to come
             done_key = torch.where(after_pitch > 0, key, torch.full_like(key, -1))
             times, chord, eos = self._next_onsets(ev[:, :KEYS], frame, done_key)
-            ticks = torch.arange(tick_frame.shape[0], device=tokens.device)
             same = (ticks[None, None, :] == query_ticks[..., None]).float()
-            first = (ticks % self.ticks_per_frame == 0).float()  # [ticks]
             times = times[..., slot_frame] + same * chord[..., None] + self.first_tick * first
             parts["time"] = next_time[..., None] * times
             parts["eos"] = next_time * eos
@@ -124,8 +124,6 @@ class RollPrior(nn.Module):
             parts["velocity"] = after_pitch[..., None] * self._velocities(ev, frame, key)
         else:
             times, sustain = self._note_end(ev, frame, key)
-            ticks = torch.arange(tick_frame.shape[0], device=tokens.device)
-            first = (ticks % self.ticks_per_frame == 0).float()
             times = times[..., slot_frame] + self.first_tick * first
             parts["time"] = after_pitch[..., None] * times
             parts["sustain"] = after_pitch * sustain

@@ -518,8 +518,10 @@ def _decoder(f: _Fields, raw: Any, where: str) -> DecoderSpec:
         if options["enc_offset"] < 0:
             raise f.fail(f"{where}.enc_offset", f"must be >= 0, got {options['enc_offset']}")
     spec = DecoderSpec(**ints, **floats, **options)
-    if spec.has_roll_prior and not spec.pointer:
-        raise f.fail(f"{where}.roll_prior", "needs cross_positions 'time' and a pointer time_head")
+    if spec.has_roll_prior and not spec.time_aligned or (
+            spec.roll_prior in ("onset", "offset") and not spec.pointer):
+        raise f.fail(f"{where}.roll_prior", "needs cross_positions 'time' (and for the onset "
+                     "and offset stages a pointer time_head)")
     if (spec.look_ahead or spec.pointer) and not spec.time_aligned:
         raise f.fail(f"{where}.cross_positions", "must be 'time' for look_ahead or a pointer "
                      "time_head")

@@ -102,11 +102,12 @@ def test_the_prior_learns_nothing_it_need_not() -> None:
     assert sorted(p for _, p in onsets) != sorted(k + V.MIN_PITCH for _, _, k, _ in PLANTED)
 
 
-@pytest.mark.parametrize("stage", ["onset", "velocity", "offset"])
-def test_cached_steps_equal_the_full_pass(stage: str) -> None:
+@pytest.mark.parametrize("stage,time_head", [("onset", "pointer"), ("velocity", "pointer"),
+                                             ("velocity", "lm"), ("offset", "pointer")])
+def test_cached_steps_equal_the_full_pass(stage: str, time_head: str) -> None:
     """Chunks fed one at a time through step() give forward()'s logits at every position."""
     cfg = DecoderConfig.from_preset("tiny", 4 * KEYS, cross_positions="time", look_ahead=True,
-                                    time_head="pointer", ticks_per_frame=2, roll_prior=stage)
+                                    time_head=time_head, ticks_per_frame=2, roll_prior=stage)
     torch.manual_seed(1)
     decoder = Decoder(cfg).eval()
     emb = planted_rolls()

@@ -38,12 +38,14 @@ done
 step "LM stages with the roll prior, from the shipped stages ($steps steps each)"
 lm=(--embeddings "$emb/mix" --preset mini --batch 8 --warmup-steps 50 --val-every 250
     --val-segments 36 --decode-segments 12 --threads 1 --log-every 50 --save-every 250
-    --cross-positions time --look-ahead --time-head pointer --roll-prior --lr 3e-4)
+    --cross-positions time --look-ahead --roll-prior --lr 3e-4)
 for stage in onset velocity offset; do
   run="$runs/$stage-prior"
+  head=(--time-head pointer)  # as shipped: the velocity stage predicts no time
+  [[ $stage == velocity ]] && head=()
   if [[ -f "$run/state.pt" ]]; then pianolm train lm --out "$run" --resume
   else pianolm train lm --out "$run" --stage "$stage" --steps "$steps" \
-    --init "$record/lm-$stage-time" "${lm[@]}"; fi
+    --init "$record/lm-$stage-time" "${lm[@]}" "${head[@]}"; fi
   mkdir -p "$record/lm-$stage-prior"
   cp "$run/log.jsonl" "$run/decoder.json" "$record/lm-$stage-prior/"
   python - "$run" "$record/lm-$stage-prior" <<'EOF'
