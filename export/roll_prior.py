@@ -94,6 +94,9 @@ class RollPrior(nn.Module):
             self.skip_penalty = _scalar(2.0)
             self.sustain_scale = _scalar(1.0)
             self.first_tick = _scalar(0.5)
+            # the frame roll's logit below which the note has ended (the offset roll's is the
+            # threshold): the two rolls' levels are learned apart
+            self.frame_level = _scalar(0.0)
 
     def forward(self, tokens: Tensor, query_ticks: Tensor, evidence: Tensor) -> Tensor:
         """tokens, query_ticks [B, n]; evidence [B, 1, 4 x 88, T] (`features`) -> additive
@@ -193,7 +196,8 @@ class RollPrior(nn.Module):
         def series(block: int) -> Tensor:  # the key's row of one roll, [B, n, T]
             return torch.gather(ev, 1, (block * KEYS + key)[:, :, None].expand(-1, -1, t))
 
-        ended = torch.maximum(series(1), -series(2))  # an offset peak, or the frame roll low
+        # an offset peak, or the frame roll low
+        ended = torch.maximum(series(1), self.frame_level - series(2))
         frames = torch.arange(t, device=ev.device)
         after = frames[None, None, :] > frame[..., None]
         left = torch.where(after, ended, torch.full_like(ended, -PEAK_PENALTY)).max(dim=-1).values

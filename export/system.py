@@ -141,7 +141,7 @@ def _decoder_groups(decoder: nn.Module) -> dict[str, int]:
             key = "mlp"
         elif "norm" in name:
             key = "norms"
-        elif name.startswith(("head.", "pointer.")):
+        elif name.startswith(("head.", "pointer.", "prior.")):  # the prior's scales: a few
             key = "head"
         else:  # a new parameter nobody classified: count it visibly rather than drop it
             key = "norms"
