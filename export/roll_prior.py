@@ -25,6 +25,8 @@ frame logits, and the velocity roll, as [B, 1, 4 x 88, T] (graphs.ROLL_PRIOR). P
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -56,6 +58,10 @@ def features(rolls: Tensor) -> Tensor:
     peaks = torch.where((on >= before) & (on >= after), on, on - PEAK_PENALTY)
     rest = torch.cat([_logit(offset), _logit(frame), velocity], dim=-1).transpose(1, 2)
     return torch.cat([peaks, rest], dim=1)[:, None]
+
+
+def _float_logit(p: float) -> float:
+    return math.log(p / (1 - p))
 
 
 def _scalar(value: float) -> nn.Parameter:
@@ -94,9 +100,28 @@ class RollPrior(nn.Module):
             self.skip_penalty = _scalar(2.0)
             self.sustain_scale = _scalar(1.0)
             self.first_tick = _scalar(0.5)
-            # the frame roll's logit below which the note has ended (the offset roll's is the
-            # threshold): the two rolls' levels are learned apart
+            # the frame roll has ended a note where frame_level - its logit exceeds the
+            # threshold (the offset roll's level): the two rolls' levels are learned apart
             self.frame_level = _scalar(0.0)
+
+    @torch.no_grad()
+    def calibrate(self, onset_threshold: float, offset_threshold: float,
+                  frame_threshold: float, velocity_curve: tuple[float, ...] = ()) -> None:
+        """Start from the encoder's tuned roll thresholds (runtime/rolls.py RollDecodeConfig, as
+        `pianolm train tune-rolls` stores them), so the stage begins as the tuned roll decoder;
+        a velocity curve is taken by its straight-line fit over the roll's range."""
+        if self.stage == "onset":
+            self.threshold.fill_(_float_logit(onset_threshold))
+        elif self.stage == "offset":
+            self.threshold.fill_(_float_logit(offset_threshold))
+            # the frame roll has ended a note where frame_level - its logit > the threshold
+            self.frame_level.fill_(_float_logit(frame_threshold) + _float_logit(offset_threshold))
+        elif velocity_curve:
+            x = torch.linspace(0, 127, 128, dtype=torch.float64)
+            y = sum(c * x ** (len(velocity_curve) - 1 - i) for i, c in enumerate(velocity_curve))
+            gain = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+            self.velocity_gain.fill_(float(gain) * 127)  # per unit of the roll (0..1)
+            self.velocity_offset.fill_(float(y.mean() - gain * x.mean()))
 
     def forward(self, tokens: Tensor, query_ticks: Tensor, evidence: Tensor) -> Tensor:
         """tokens, query_ticks [B, n]; evidence [B, 1, 4 x 88, T] (`features`) -> additive

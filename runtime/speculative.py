@@ -182,11 +182,10 @@ def _tick(seconds: float) -> int:
 
 def as_the_prior_reads(config: RollDecodeConfig) -> RollDecodeConfig:
     """The rolls read as stages with a roll prior read them at initialisation
-    (export/roll_prior.py): peaks over +-1 frame, every threshold at p = 0.5, whole-frame
-    ticks (the prior prefers a frame's first tick), velocity = the roll x 127. Drafts read so
-    speak the stages' own rule, and a verify accepts what the stages agree with."""
-    return replace(config, method="pianolm", onset_threshold=0.5, offset_threshold=0.5,
-                   frame_threshold=0.5, peak_radius=1, subframe=False, velocity_curve=())
+    (export/roll_prior.py, calibrated from these thresholds): peaks over +-1 frame, whole-frame
+    ticks (the prior prefers a frame's first tick). Drafts read so speak the stages' own rule,
+    and a verify accepts what the stages agree with."""
+    return replace(config, method="pianolm", peak_radius=1, subframe=False)
 
 
 @dataclass

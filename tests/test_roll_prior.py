@@ -161,3 +161,28 @@ def test_exported_graphs_give_the_prior(tmp_path) -> None:
     # drafts that speak the stages' rule are accepted: few decoder calls per note
     calls = sum(s.calls for s in stats.values())
     assert calls <= 1.5 * len(PLANTED) + 6, stats  # + each stage's prompt and last call
+
+
+def test_calibrated_to_the_encoders_thresholds() -> None:
+    """calibrate() starts the prior from the tuned roll thresholds: a frame roll that falls
+    only to 0.3 ends a note at p = 0.5 (the default), not at a tuned frame threshold of 0.2;
+    a velocity curve's straight-line fit becomes the velocity map."""
+    rolls = planted_rolls()
+    frame = rolls[0, :, 2 * KEYS:3 * KEYS]
+    frame[frame < 0.5] = 0.3  # the frame roll never falls below 0.3
+    offset = rolls[0, :, KEYS:2 * KEYS]
+    offset[:] = 0.01  # no offset peaks: only the frame roll can end a note
+
+    def offsets(system: TranscriptionSystem) -> list:
+        (seg,) = decode_batch(TorchBackend(system), np.zeros((1, 160000), np.float32),
+                              [RowSpec(0)], concurrent=False)
+        return [off for _, _, off in decode("offset", seg.tokens["offset"])[0]]
+
+    system = prior_system(rolls)
+    assert None not in offsets(system)[:4]  # ended where the frame roll fell to 0.3
+    system.decoders["offset"].prior.calibrate(0.45, 0.2, 0.2)
+    assert offsets(system) == [None] * len(PLANTED)  # 0.3 > 0.2: still sounding
+    velocity = system.decoders["velocity"].prior
+    velocity.calibrate(0.45, 0.2, 0.2, (0.5, 40.0))  # MIDI velocity = 0.5 x roll x 127 + 40
+    assert velocity.velocity_gain.item() == pytest.approx(63.5)
+    assert velocity.velocity_offset.item() == pytest.approx(40.0)

@@ -64,6 +64,7 @@ from pianolm.runtime.tokens import ALL_STAGES, SegmentNotes, decode
 
 from .common import atomic_write_text, graceful_stop
 from .embeddings import load_embeddings_index, load_items
+from .encoder import roll_config
 from .evaluate import evaluate, mean_scores
 from .examples import (
     EmbeddingStore,
@@ -336,6 +337,18 @@ def load_init_decoder(decoder: Decoder, run: str, wanted: str) -> None:
         decoder.start_from_the_rolls()  # the prior decides its slots until training says not
 
 
+def calibrate_prior(decoder: Decoder, index: dict[str, Any]) -> None:
+    """A new roll-prior stage starts from the tuned thresholds of the encoder whose embeddings
+    it trains on (its encoder.json, as `pianolm train tune-rolls` wrote them), when known."""
+    folder = (index.get("source") or {}).get("encoder_dir")
+    meta_path = Path(folder) / "encoder.json" if folder else None
+    if meta_path is None or not meta_path.is_file():
+        return
+    rolls = roll_config(json.loads(meta_path.read_text()))
+    decoder.prior.calibrate(rolls.onset_threshold, rolls.offset_threshold,
+                            rolls.frame_threshold, rolls.velocity_curve)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 
@@ -390,6 +403,8 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     if saved is None and cfg.init_from:
         load_init_decoder(decoder, cfg.init_from, f"a {cfg.preset} one for "
                           f"{cfg.embeddings_dir}")
+    if saved is None and decoder.prior is not None:
+        calibrate_prior(decoder, index)
     run = Run(cfg, out, decoder, optimizer, rng, best_key="best_loss", best=float("inf"),
               lower_is_better=True)
     run.start(saved, quiet)

@@ -17,22 +17,25 @@ from pathlib import Path
 from pianolm.export.decoder import Decoder
 from pianolm.export.onnx_export import export_model
 from pianolm.export.system import SystemConfig, TranscriptionSystem
-from pianolm.export.train.encoder import load_encoder
+from pianolm.export.train.encoder import load_encoder, roll_config
 from pianolm.export.train.lm import load_decoder
 from pianolm.runtime import vocab
 from pianolm.runtime.manifest import load_manifest, write_manifest
+from pianolm.runtime.rolls import RollDecodeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORD = Path(__file__).resolve().parent / "record"
 
 
-def prior_stage(stage: str) -> Decoder:
-    """The shipped stage's weights in a decoder with the stage's roll prior, as `pianolm train
-    lm --roll-prior --init` starts it."""
+def prior_stage(stage: str, rolls: RollDecodeConfig) -> Decoder:
+    """The shipped stage's weights in a decoder with the stage's roll prior calibrated from the
+    encoder's tuned thresholds, as `pianolm train lm --roll-prior --init` starts it."""
     shipped, _ = load_decoder(RECORD / f"lm-{stage}-time")
     decoder = Decoder(replace(shipped.cfg, roll_prior=stage))
     decoder.load_state_dict(shipped.state_dict(), strict=False)
     decoder.start_from_the_rolls()
+    decoder.prior.calibrate(rolls.onset_threshold, rolls.offset_threshold,
+                            rolls.frame_threshold, rolls.velocity_curve)
     return decoder.eval()
 
 
@@ -41,7 +44,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     encoder, meta = load_encoder(RECORD / "encoder-gen2")
-    stages = {stage: prior_stage(stage) for stage in vocab.STAGES}
+    stages = {stage: prior_stage(stage, roll_config(meta)) for stage in vocab.STAGES}
     system = TranscriptionSystem(SystemConfig(encoder=meta["encoder"], decoder={
         s: d.cfg for s, d in stages.items()}), encoder=encoder)
     for s, d in stages.items():
