@@ -45,19 +45,21 @@ def _logit(p: Tensor) -> Tensor:
 
 def features(rolls: Tensor) -> Tensor:
     """The decoder's embeddings, the four rolls [B, T, 4 x 88] (ROLL_KEYS order: onset, offset,
-    frame, velocity) -> the prior's evidence [B, 1, 4 x 88, T]: onset logits with non-peaks
-    (not the maximum of their frame and its two neighbours) pushed down, offset and frame
-    logits, and the velocity roll."""
+    frame, velocity) -> the prior's evidence [B, 1, 4 x 88, T]: onset and offset logits with
+    non-peaks pushed down, frame logits, and the velocity roll."""
     onset, offset, frame, velocity = rolls.split(KEYS, dim=-1)
-    on = _logit(onset).transpose(1, 2)  # [B, 88, T]
-    # the neighbours in time, an edge's missing one below any logit (max_pool1d would fix T
-    # in the exported graph)
-    edge = torch.full_like(on[..., :1], -2 * PEAK_PENALTY)
-    before = torch.cat([edge, on[..., :-1]], dim=-1)
-    after = torch.cat([on[..., 1:], edge], dim=-1)
-    peaks = torch.where((on >= before) & (on >= after), on, on - PEAK_PENALTY)
-    rest = torch.cat([_logit(offset), _logit(frame), velocity], dim=-1).transpose(1, 2)
-    return torch.cat([peaks, rest], dim=1)[:, None]
+    peaks = [_peaks(_logit(roll).transpose(1, 2)) for roll in (onset, offset)]  # [B, 88, T]
+    rest = torch.cat([_logit(frame), velocity], dim=-1).transpose(1, 2)
+    return torch.cat([*peaks, rest], dim=1)[:, None]
+
+
+def _peaks(logits: Tensor) -> Tensor:
+    """[B, 88, T] logits with every frame that is not a maximum of itself and its two
+    neighbours in time pushed down by PEAK_PENALTY (max_pool1d would fix T in the graph)."""
+    edge = torch.full_like(logits[..., :1], -2 * PEAK_PENALTY)  # an edge's missing neighbour
+    before = torch.cat([edge, logits[..., :-1]], dim=-1)
+    after = torch.cat([logits[..., 1:], edge], dim=-1)
+    return torch.where((logits >= before) & (logits >= after), logits, logits - PEAK_PENALTY)
 
 
 def _float_logit(p: float) -> float:
@@ -100,22 +102,23 @@ class RollPrior(nn.Module):
             self.skip_penalty = _scalar(2.0)
             self.sustain_scale = _scalar(1.0)
             self.first_tick = _scalar(0.5)
-            # the frame roll has ended a note where frame_level - its logit exceeds the
-            # threshold (the offset roll's level): the two rolls' levels are learned apart
+            # A note has ended where the frame roll's logit falls below frame_level, as the
+            # roll decoder ends it; an offset peak counts from offset_level up, which starts
+            # out of reach (the roll decoder uses one only to refine the frame roll's end)
             self.frame_level = _scalar(0.0)
+            self.offset_level = _scalar(2 * PEAK_PENALTY)
 
     @torch.no_grad()
-    def calibrate(self, onset_threshold: float, offset_threshold: float,
-                  frame_threshold: float, velocity_curve: tuple[float, ...] = ()) -> None:
+    def calibrate(self, onset_threshold: float, frame_threshold: float,
+                  velocity_curve: tuple[float, ...] = ()) -> None:
         """Start from the encoder's tuned roll thresholds (runtime/rolls.py RollDecodeConfig, as
-        `pianolm train tune-rolls` stores them), so the stage begins as the tuned roll decoder;
-        a velocity curve is taken by its straight-line fit over the roll's range."""
+        `pianolm train tune-rolls` stores them), so the stage begins as the tuned roll decoder
+        does: onsets from the onset threshold, ends where the frame roll falls below the frame
+        threshold, a velocity curve by its straight-line fit over the roll's range."""
         if self.stage == "onset":
             self.threshold.fill_(_float_logit(onset_threshold))
         elif self.stage == "offset":
-            self.threshold.fill_(_float_logit(offset_threshold))
-            # the frame roll has ended a note where frame_level - its logit > the threshold
-            self.frame_level.fill_(_float_logit(frame_threshold) + _float_logit(offset_threshold))
+            self.frame_level.fill_(_float_logit(frame_threshold))
         elif velocity_curve:
             x = torch.linspace(0, 127, 128, dtype=torch.float64)
             y = sum(c * x ** (len(velocity_curve) - 1 - i) for i, c in enumerate(velocity_curve))
@@ -221,8 +224,8 @@ class RollPrior(nn.Module):
         def series(block: int) -> Tensor:  # the key's row of one roll, [B, n, T]
             return torch.gather(ev, 1, (block * KEYS + key)[:, :, None].expand(-1, -1, t))
 
-        # an offset peak, or the frame roll low
-        ended = torch.maximum(series(1), self.frame_level - series(2))
+        # the frame roll below its level, or an offset peak above its own; confident above 0
+        ended = torch.maximum(series(1) - self.offset_level, self.frame_level - series(2))
         frames = torch.arange(t, device=ev.device)
         after = frames[None, None, :] > frame[..., None]
         left = torch.where(after, ended, torch.full_like(ended, -PEAK_PENALTY)).max(dim=-1).values

@@ -345,8 +345,7 @@ def calibrate_prior(decoder: Decoder, index: dict[str, Any]) -> None:
     if meta_path is None or not meta_path.is_file():
         return
     rolls = roll_config(json.loads(meta_path.read_text()))
-    decoder.prior.calibrate(rolls.onset_threshold, rolls.offset_threshold,
-                            rolls.frame_threshold, rolls.velocity_curve)
+    decoder.prior.calibrate(rolls.onset_threshold, rolls.frame_threshold, rolls.velocity_curve)
 
 
 # ---------------------------------------------------------------------------------------------
