@@ -11,8 +11,8 @@ numpy + soundfile + soxr only (never torch). The model's input convention (docs/
     for first, batch in batch_segments(stream_segments("concert.flac"), batch_size=8):
         ...                                      # same batches; memory bounded by a few segments
 
-There is one conversion path (`_iter_file_16k` for files, `_convert` for arrays, both built on
-`_mix_to_mono`, `_check_finite` and `_To16k`): load_audio is the concatenation of the streamed
+There is one conversion path (`iter_file_16k` for files, `_convert` for arrays, both built on
+`mix_to_mono`, `_check_finite` and `To16k`): load_audio is the concatenation of the streamed
 chunks, so stream_segments(path) yields exactly the rows of segment_audio(load_audio(path)).
 Resampling is always a soxr.ResampleStream ('HQ'); its output does not depend on how the input is
 chunked and equals one-shot soxr.resample sample for sample (tests/test_audio.py measures it).
@@ -145,7 +145,7 @@ def _decode_errors(name: str) -> Iterator[None]:
         raise AudioError(name, "file too large to decode into memory") from None
 
 
-def _mix_to_mono(x: np.ndarray) -> np.ndarray:
+def mix_to_mono(x: np.ndarray) -> np.ndarray:
     """float32 [n, channels] -> float32 [n], the mean of the channels (row by row, so the result
     does not depend on how a file is cut into blocks)."""
     return x[:, 0] if x.shape[1] == 1 else x.mean(axis=1, dtype=np.float32)
@@ -163,7 +163,7 @@ def _check_finite(x: np.ndarray, rate: float, source: str, offset: int = 0) -> N
                                  f"(first at {first / rate:.3f} s)")
 
 
-class _To16k:
+class To16k:
     """Mono float32 at `rate` -> 16 kHz, fed in chunks (identity when rate is 16 kHz).
 
     A soxr.ResampleStream gives the same samples however the input is chunked, so files
@@ -194,7 +194,7 @@ def resampled_length(frames: int, sample_rate: int) -> int:
     return (2 * frames * SAMPLE_RATE + rate) // (2 * rate)
 
 
-def _iter_file_16k(name: str, block_frames: int, warn: bool = True) -> Iterator[np.ndarray]:
+def iter_file_16k(name: str, block_frames: int, warn: bool = True) -> Iterator[np.ndarray]:
     """Decode `name` block by block into float32 mono 16 kHz chunks (each owned by the caller).
 
     Reads at most block_frames frames at a time, so memory is bounded by one block whatever the
@@ -205,14 +205,14 @@ def _iter_file_16k(name: str, block_frames: int, warn: bool = True) -> Iterator[
         f = sf.SoundFile(name)
     with f:
         rate = int(f.samplerate)
-        resampler = _To16k(rate)
+        resampler = To16k(rate)
         read = produced = 0
         while True:
             with _decode_errors(name):
                 block = f.read(block_frames, dtype="float32", always_2d=True)
             if block.shape[0] == 0 or block.shape[1] == 0:
                 break
-            mono = _mix_to_mono(block)
+            mono = mix_to_mono(block)
             del block
             _check_finite(mono, rate, name, offset=read)
             read += mono.shape[0]
@@ -403,7 +403,7 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
     for every user error.
     """
     name = _checked_path(path)
-    chunks = list(_iter_file_16k(name, _READ_BLOCK_FRAMES))
+    chunks = list(iter_file_16k(name, _READ_BLOCK_FRAMES))
     try:
         out = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
     except MemoryError:
@@ -414,7 +414,7 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
 def file_peak(path: str | os.PathLike) -> float:
     """The largest |sample| of load_audio(path), read block by block (a pass over the file)."""
     name = _checked_path(path)
-    return max((float(np.max(np.abs(c))) for c in _iter_file_16k(name, _READ_BLOCK_FRAMES,
+    return max((float(np.max(np.abs(c))) for c in iter_file_16k(name, _READ_BLOCK_FRAMES,
                                                                  warn=False)
                 if len(c)), default=0.0)
 
@@ -442,7 +442,7 @@ def stream_segments(path: str | os.PathLike, block_seconds: float = 10.0,
         raise ValueError(f"block_seconds must be a positive number, got {block_seconds!r}")
     info = probe_audio(path)
     block_frames = max(1, math.ceil(block_seconds * info.sample_rate))
-    chunks = _iter_file_16k(info.path, block_frames)
+    chunks = iter_file_16k(info.path, block_frames)
     if lengths is not None:
         chunks = _counted(chunks, lengths)
     top = file_peak(info.path) if peak is not None else 0.0
@@ -484,9 +484,9 @@ def prepare_audio(samples: np.ndarray, sample_rate: int, *, source: str = "<arra
 
     x = _to_float32(x, source)
     if x.ndim == 2:
-        x = _mix_to_mono(x)
+        x = mix_to_mono(x)
     _check_finite(x, rate, source)
-    resampler = _To16k(rate)
+    resampler = To16k(rate)
     x = resampler.push(x, last=True)
     if x.size == 0:
         raise AudioError(source, "audio is too short to resample (no samples left)")

@@ -240,6 +240,101 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
                         "were written")
 
 
+def _stream_source(args: argparse.Namespace) -> Iterator:
+    """The stream's float32 mono 16 kHz chunks: a file (read as it plays) or stdin's PCM."""
+    from .stream import file_chunks, pcm_chunks
+
+    pcm_flags = [f"--{n}" for n, v in (("rate", args.rate), ("channels", args.channels),
+                                       ("sample-format", args.sample_format)) if v is not None]
+    if args.source == "mic":
+        raise UserError("mic: live microphone input is not built yet; pipe raw PCM to "
+                        "`pianolm stream -` instead")
+    if args.source != "-":
+        if pcm_flags:
+            raise UserError(f"{pcm_flags[0]} describes raw PCM on stdin (SOURCE -); a file's "
+                            "header gives its own")
+        return file_chunks(args.source)
+    rate = 16000 if args.rate is None else args.rate
+    channels = 1 if args.channels is None else args.channels
+    if rate < 1 or channels < 1:
+        raise UserError("--rate and --channels must be positive integers")
+    stdin = sys.stdin.buffer
+    read = getattr(stdin, "read1", stdin.read)  # what has arrived, not a whole block
+    return pcm_chunks(read, rate, channels, args.sample_format or "s16le")
+
+
+def cmd_stream(args: argparse.Namespace) -> None:
+    from .audio import AudioError
+    from .backend import BackendUnavailable
+    from .manifest import ManifestError
+    from .midi import MidiError, write_midi
+    from .notes import Note, Pedal
+    from .stream import Event, StreamTranscriber, paced
+    from .transcriber import default_model_dir, open_backend
+
+    if args.decoder != "rolls":
+        raise UserError("--decoder lm: streaming with the LM stages is not built yet; use "
+                        "--decoder rolls")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be a positive integer")
+    out = Path(args.output) if args.output else None
+    try:
+        if out is not None:
+            if args.source not in ("-", "mic"):
+                _refuse_inputs([args.source], [out])
+            _refuse_overwrite([out], args.overwrite)
+            _check_writable(out)
+        chunks = _stream_source(args)
+        backend = open_backend("cpu", args.model or default_model_dir(), args.threads,
+                               decoder="rolls")
+        st = StreamTranscriber(backend, hop_s=args.hop, lookahead_s=args.lookahead)
+    except (AudioError, BackendUnavailable, ManifestError, OSError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+
+    def arrived(chunks: Iterator) -> Iterator:
+        for chunk in chunks:
+            st.mark_start()  # emitted_at counts from the first sample read
+            yield chunk
+
+    sounding: dict[int | None, Event] = {}  # by pitch; None: the pedal
+    notes: list[Note] = []  # kept for -o only: the whole performance
+    pedals: list[Pedal] = []
+
+    def emit(events: list[Event]) -> None:
+        for event in events:
+            print(json.dumps(event.to_json()), flush=True)
+            if out is None:
+                continue
+            if event.kind.endswith("_on"):
+                sounding[event.pitch] = event
+                continue
+            on = sounding.pop(event.pitch)
+            if event.pitch is None:
+                pedals.append((on.time, event.time))
+            else:
+                notes.append(Note(on.time, event.time, event.pitch, on.velocity or 1))
+
+    source = arrived(chunks)
+    if args.pace == "realtime" and args.source != "-":  # stdin arrives at its own pace
+        source = paced(source)
+    try:
+        try:
+            for chunk in source:
+                emit(st.push(chunk))
+        except KeyboardInterrupt:  # Ctrl-C ends a live stream: flush it as end of input
+            pass
+        emit(st.finish())
+        if st.seconds == 0:
+            raise UserError(f"{args.source}: no audio was read")
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_midi(notes, out, pedals=pedals)
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): main() exits quietly
+    except (AudioError, MidiError, OSError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .audio import AudioError
     from .backend import BackendUnavailable
@@ -428,6 +523,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fail-fast", action="store_true", help="stop at the first input that "
                     "fails (default: go on with the others, exit 1 at the end)")
     tr.set_defaults(func=cmd_transcribe)
+
+    st = sub.add_parser("stream", help="live transcription: note events as JSON lines while "
+                        "the audio plays", description="Transcribe a live stream: an audio "
+                        "file played as live input, or raw PCM on stdin (SOURCE -). One JSON "
+                        "event per line on stdout (README, Live transcription).")
+    st.add_argument("source", metavar="SOURCE", help="an audio file, - (raw PCM on stdin), "
+                    "or mic (not built yet)")
+    st.add_argument("-o", "--output", help="also write the whole performance to this .mid "
+                    "at the end")
+    st.add_argument("--model", help="exported model folder (default: the shipped model)")
+    st.add_argument("--threads", type=int, help="CPU threads for the encoder (default: all "
+                    "cores)")
+    st.add_argument("--decoder", choices=["lm", "rolls"], default="rolls",
+                    help="rolls (default; the LM path is not built yet)")
+    st.add_argument("--format", choices=["jsonl"], default="jsonl", help="event format")
+    st.add_argument("--pace", choices=["realtime", "fast"], default="realtime",
+                    help="a file source: played at the audio clock (realtime, default) or "
+                    "as fast as it transcribes (fast: tests, batch use)")
+    st.add_argument("--hop", type=float, default=2.5, help="seconds between encoder runs "
+                    "(default 2.5): an encoder pass per hop")
+    st.add_argument("--lookahead", type=float, default=2.5, help="seconds of right context "
+                    "a frame waits for (default 2.5); notes come lookahead to lookahead + "
+                    "hop seconds after they sound, plus the encoder's time")
+    st.add_argument("--rate", type=int, help="SOURCE -: sample rate in Hz (default 16000)")
+    st.add_argument("--channels", type=int, help="SOURCE -: interleaved channels (default 1)")
+    st.add_argument("--sample-format", choices=["s16le", "f32le"],
+                    help="SOURCE -: sample format (default s16le)")
+    st.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    st.set_defaults(func=cmd_stream)
 
     ev = sub.add_parser("eval", help="score a model on a folder of clips with references",
                         description="Transcribe every audio file of --data and score it against "

@@ -203,17 +203,29 @@ def _pedal_column(pedal_rolls: Mapping[str, np.ndarray], key: str) -> np.ndarray
     return r
 
 
-def kong_pedals(pedal_rolls: Mapping[str, np.ndarray], frames_per_second: float,
-                config: RollDecodeConfig | None = None, start: float = 0.0) -> list[Pedal]:
-    """Pedal rolls {pedal_onset, pedal_offset, pedal_frame: [T] or [T, 1]} -> Kong's sustain
-    presses (down, up) in seconds from `start`, in time order. pedal_onset is not read."""
+@dataclass(frozen=True)
+class Press:
+    """One sustain press in frames: it begins at `bgn`, ends at `fin` + `shift` and the next
+    may begin after `closed`; fin and closed are None for a press still down at the end."""
+
+    bgn: int
+    fin: int | None = None
+    closed: int | None = None
+    shift: float = 0.0
+
+
+def pedal_presses(pedal_rolls: Mapping[str, np.ndarray], config: RollDecodeConfig | None = None,
+                  after: int = 0) -> Iterator[Press]:
+    """Kong's presses over pedal rolls {pedal_offset, pedal_frame: [T] or [T, 1]}, in order,
+    the first beginning after frame `after`; the last one yielded may be still down (fin
+    None), and then nothing follows. kong_pedals reads them all at once, a live stream a piece
+    at a time (runtime/stream.py)."""
     cfg = config or RollDecodeConfig()
     frame = _pedal_column(pedal_rolls, "pedal_frame")
     offset = _pedal_column(pedal_rolls, "pedal_offset")
     if offset.shape != frame.shape:
         raise ValueError(f"pedal rolls differ in length: {offset.shape} vs {frame.shape}")
     t = frame.shape[0]
-    fps = float(frames_per_second)
     thr = cfg.pedal_frame_threshold
     off = kong_peaks(offset, cfg.pedal_offset_threshold, OFFSET_NEIGHBOUR)
     rises = np.zeros(t, bool)
@@ -222,9 +234,6 @@ def kong_pedals(pedal_rolls: Mapping[str, np.ndarray], frames_per_second: float,
     off_frames = np.flatnonzero(off.mask[:, 0]).tolist()
     below = frame <= thr
     drops = np.flatnonzero(_run_starts(below)).tolist()
-
-    pedals: list[Pedal] = []
-    after = 0  # a press may begin at a frame > after (the frame the last one was closed at)
     while (bgn := _first_after(rise_frames, after)) is not None:
         oo = _first_after(off_frames, bgn)
         fd = _first_below_after(below, drops, bgn)
@@ -234,11 +243,24 @@ def kong_pedals(pedal_rolls: Mapping[str, np.ndarray], frames_per_second: float,
         elif fd is not None and fd + PEDAL_RELEASE_FRAMES <= t - 1:
             fin, closed = fd, fd + PEDAL_RELEASE_FRAMES
         else:
-            break  # still down at the end of the rolls: Kong drops the press
-        down = start + bgn / fps
-        up = start + (fin + float(off.shift[fin, 0])) / fps
-        pedals.append((down, max(up, down)))
+            yield Press(bgn)  # still down at the end of the rolls
+            return
+        yield Press(bgn, fin, closed, float(off.shift[fin, 0]))
         after = closed
+
+
+def kong_pedals(pedal_rolls: Mapping[str, np.ndarray], frames_per_second: float,
+                config: RollDecodeConfig | None = None, start: float = 0.0) -> list[Pedal]:
+    """Pedal rolls {pedal_onset, pedal_offset, pedal_frame: [T] or [T, 1]} -> Kong's sustain
+    presses (down, up) in seconds from `start`, in time order. pedal_onset is not read."""
+    fps = float(frames_per_second)
+    pedals: list[Pedal] = []
+    for press in pedal_presses(pedal_rolls, config):
+        if press.fin is None:
+            break  # still down at the end of the rolls: Kong drops the press
+        down = start + press.bgn / fps
+        up = start + (press.fin + press.shift) / fps
+        pedals.append((down, max(up, down)))
     return pedals
 
 

@@ -227,10 +227,13 @@ class RollStream:
     (carried, as the LM path carries its open notes) until its end event arrives: the key
     struck again, its frame roll gone, or max_note_seconds. Only radius + 1 frames of rolls
     are kept between pushes, so an hour of audio costs no more memory than a minute.
+
+    A live stream (runtime/stream.py) wants each note twice: when its onset is decided and
+    when its end is. With `track_starts`, drain() hands over both since the last drain.
     """
 
     def __init__(self, frames_per_second: float, config: RollDecodeConfig | None = None,
-                 start: float = 0.0) -> None:
+                 start: float = 0.0, track_starts: bool = False) -> None:
         self.cfg = config or RollDecodeConfig()
         self.fps = float(frames_per_second)
         self.start = start
@@ -243,6 +246,8 @@ class RollStream:
         self._done = 0  # frames decided
         self._open: dict[int, _Sounding] = {}
         self._notes: list[Note] = []
+        # notes started since the last drain (offset = onset: the end is not known yet)
+        self._started: list[Note] | None = [] if track_starts else None
 
     def push(self, rolls: Mapping[str, np.ndarray]) -> None:
         pieces = {k: np.asarray(rolls[k], np.float32) for k in ROLL_KEYS}
@@ -260,6 +265,16 @@ class RollStream:
         assert not self._open
         notes, self._notes = self._notes, []
         return sort_notes(notes)
+
+    def drain(self) -> tuple[list[Note], list[Note]]:
+        """(notes started, notes ended) since the last drain, each in (onset, pitch) order; a
+        started note's offset is its onset. Needs track_starts. After finish(), which returns
+        the notes not drained yet, drain() still gives the notes its last frames started."""
+        if self._started is None:
+            raise ValueError("RollStream(track_starts=True) is needed to drain started notes")
+        started, ended = self._started, self._notes
+        self._started, self._notes = [], []
+        return sort_notes(started), sort_notes(ended)
 
     # -- internals: frames [self._done, upto) become decided
 
@@ -323,6 +338,9 @@ class RollStream:
                 t_on = (bgn + self._shift("onset", bgn, k, final)) / self.fps
                 vel = self.cfg.velocity(float(self._buf["velocity"][bgn - self._buf0, k]))
                 note = _Sounding(bgn, t_on, vel)
+                if self._started is not None:
+                    on = self.start + t_on
+                    self._started.append(Note(on, on, int(k) + MIN_PITCH, vel))
             bgn = note.bgn
             if note.first_off_peak is None:
                 oo = _first_after(offs, bgn)

@@ -61,5 +61,5 @@ step "assemble, export, evaluate (LM and rolls, dev set)"
 pianolm train assemble --encoder-dir "$record/encoder-gen2" --onset "$runs/onset-prior" \
   --velocity "$runs/velocity-prior" --offset "$runs/offset-prior" --out "$runs/system-prior"
 pianolm export --checkpoint "$runs/system-prior" --out "$out" --verify
-pianolm eval --data "$devset" --model "$out" --decoder lm --threads 1 \
+pianolm eval --data "$devset" --model "$out" --threads 1 \
   --json "$record/lm-prior-eval-devset.json"
