@@ -102,22 +102,23 @@ class RollPrior(nn.Module):
             self.skip_penalty = _scalar(2.0)
             self.sustain_scale = _scalar(1.0)
             self.first_tick = _scalar(0.5)
-            # A note has ended where the frame roll's logit falls below frame_level, as the
-            # roll decoder ends it; an offset peak counts from offset_level up, which starts
-            # out of reach (the roll decoder uses one only to refine the frame roll's end)
+            # A note has ended at an offset peak above offset_level, or where the frame roll's
+            # logit falls below frame_level (p = 0.5 until calibrated)
             self.frame_level = _scalar(0.0)
-            self.offset_level = _scalar(2 * PEAK_PENALTY)
+            self.offset_level = _scalar(0.0)
 
     @torch.no_grad()
-    def calibrate(self, onset_threshold: float, frame_threshold: float,
-                  velocity_curve: tuple[float, ...] = ()) -> None:
+    def calibrate(self, onset_threshold: float, offset_threshold: float,
+                  frame_threshold: float, velocity_curve: tuple[float, ...] = ()) -> None:
         """Start from the encoder's tuned roll thresholds (runtime/rolls.py RollDecodeConfig, as
-        `pianolm train tune-rolls` stores them), so the stage begins as the tuned roll decoder
-        does: onsets from the onset threshold, ends where the frame roll falls below the frame
-        threshold, a velocity curve by its straight-line fit over the roll's range."""
+        `pianolm train tune-rolls` stores them), as the tuned roll decoder reads the rolls:
+        onsets from the onset threshold, a note's end at an offset peak above its threshold or
+        where the frame roll falls below its own, a velocity curve by its straight-line fit
+        over the roll's range."""
         if self.stage == "onset":
             self.threshold.fill_(_float_logit(onset_threshold))
         elif self.stage == "offset":
+            self.offset_level.fill_(_float_logit(offset_threshold))
             self.frame_level.fill_(_float_logit(frame_threshold))
         elif velocity_curve:
             x = torch.linspace(0, 127, 128, dtype=torch.float64)

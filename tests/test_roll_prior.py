@@ -180,9 +180,9 @@ def test_calibrated_to_the_encoders_thresholds() -> None:
 
     system = prior_system(rolls)
     assert None not in offsets(system)[:4]  # ended where the frame roll fell to 0.3
-    system.decoders["offset"].prior.calibrate(0.45, 0.2)
+    system.decoders["offset"].prior.calibrate(0.45, 0.2, 0.2)
     assert offsets(system) == [None] * len(PLANTED)  # 0.3 > 0.2: still sounding
     velocity = system.decoders["velocity"].prior
-    velocity.calibrate(0.45, 0.2, (0.5, 40.0))  # MIDI velocity = 0.5 x roll x 127 + 40
+    velocity.calibrate(0.45, 0.2, 0.2, (0.5, 40.0))  # MIDI velocity = 0.5 x roll x 127 + 40
     assert velocity.velocity_gain.item() == pytest.approx(63.5)
     assert velocity.velocity_offset.item() == pytest.approx(40.0)

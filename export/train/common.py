@@ -39,8 +39,9 @@ def lr_at(step: int, base_lr: float, total: int, warmup: int, min_ratio: float) 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at `lr`, times the group's own "lr_scale" where it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:

@@ -320,6 +320,8 @@ def load_decoder(folder: str | os.PathLike, best: bool = True
     return decoder.eval(), meta
 
 
+PRIOR_LR_SCALE = 30.0
+
 ALIGNMENT_FIELDS = ("cross_positions", "look_ahead", "time_head", "roll_prior")
 
 
@@ -345,7 +347,8 @@ def calibrate_prior(decoder: Decoder, index: dict[str, Any]) -> None:
     if meta_path is None or not meta_path.is_file():
         return
     rolls = roll_config(json.loads(meta_path.read_text()))
-    decoder.prior.calibrate(rolls.onset_threshold, rolls.frame_threshold, rolls.velocity_curve)
+    decoder.prior.calibrate(rolls.onset_threshold, rolls.offset_threshold,
+                            rolls.frame_threshold, rolls.velocity_curve)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +396,16 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     if cfg.align_time_init and saved is None and not cfg.init_from:
         align_time_embeddings(decoder, float(index["frames_per_second"]))
     # decay matrices and embeddings only, not norm gains or biases (the usual LM recipe)
+    # A roll prior's few scales move PRIOR_LR_SCALE x faster: at the LM's rate a threshold
+    # would move a fraction of a logit in a run
+    prior = {id(p) for p in decoder.prior.parameters()} if decoder.prior is not None else set()
     groups = [{"params": [p for p in decoder.parameters() if p.ndim >= 2],
                "weight_decay": cfg.weight_decay},
-              {"params": [p for p in decoder.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+              {"params": [p for p in decoder.parameters() if p.ndim < 2 and id(p) not in prior],
+               "weight_decay": 0.0}]
+    if prior:
+        groups.append({"params": list(decoder.prior.parameters()), "weight_decay": 0.0,
+                       "lr_scale": PRIOR_LR_SCALE})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(cfg.seed)
     sampler = EpochSampler(len(train_ex), rng)

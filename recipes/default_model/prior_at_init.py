@@ -34,7 +34,8 @@ def prior_stage(stage: str, rolls: RollDecodeConfig) -> Decoder:
     decoder = Decoder(replace(shipped.cfg, roll_prior=stage))
     decoder.load_state_dict(shipped.state_dict(), strict=False)
     decoder.start_from_the_rolls()
-    decoder.prior.calibrate(rolls.onset_threshold, rolls.frame_threshold, rolls.velocity_curve)
+    decoder.prior.calibrate(rolls.onset_threshold, rolls.offset_threshold,
+                            rolls.frame_threshold, rolls.velocity_curve)
     return decoder.eval()
 
 
