@@ -280,10 +280,8 @@ def test_cli_parses_every_subcommand():
 
 def test_roll_prior_trains_its_scales_faster_and_resumes(tmp_path):
     """A roll-prior stage (export/roll_prior.py) trains on rolls-as-embeddings: its few scales
-    sit in their own optimizer group at PRIOR_LR_SCALE x the rate, and a resumed run equals an
-    uninterrupted one."""
-    from pianolm.export.train.lm import PRIOR_LR_SCALE
-
+    sit in their own optimizer group at --prior-lr-scale x the rate, and a resumed run equals
+    an uninterrupted one."""
     root = tmp_path / "emb"
     rng = np.random.default_rng(1)
     entries = [write_item(root, split, f"{split}-000000", NOTES,
@@ -292,7 +290,8 @@ def test_roll_prior_trains_its_scales_faster_and_resumes(tmp_path):
     write_index(root, entries, "stub", embed_dim=352, frames_per_segment=51,
                 frames_per_second=5.0, shifts=(0.0,))
     opts = _opts(log_every=1, shifts=None, warmup_steps=1, val_every=0, decode_segments=0,
-                 cross_positions="time", look_ahead=True, time_head="pointer", roll_prior=True)
+                 cross_positions="time", look_ahead=True, time_head="pointer", roll_prior=True,
+                 prior_lr_scale=30.0)
     a, b = tmp_path / "a", tmp_path / "b"
     train_lm("onset", str(root), a, steps=4, **opts)
     train_lm("onset", str(root), b, steps=4, until_step=2, **opts)
@@ -301,6 +300,6 @@ def test_roll_prior_trains_its_scales_faster_and_resumes(tmp_path):
     sb = torch.load(b / "state.pt", weights_only=False)
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
     groups = sa["optimizer"]["param_groups"]
-    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 1.0, PRIOR_LR_SCALE]
+    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 1.0, 30.0]
     decoder, _ = load_decoder(a, best=False)
     assert decoder.cfg.roll_prior == "onset" and decoder.prior.threshold.item() != 0.0

@@ -130,6 +130,7 @@ class LMTrainConfig:
     # The stage's logits start from the encoder's rolls (export/roll_prior.py): "time"
     # positions, a pointer time head and a rolls encoder (hppnet) required
     roll_prior: bool = False
+    prior_lr_scale: float = 0.0  # the prior's scales learn at this x lr (0: as calibrated)
 
     def __post_init__(self) -> None:
         if self.stage not in ALL_STAGES:
@@ -320,8 +321,6 @@ def load_decoder(folder: str | os.PathLike, best: bool = True
     return decoder.eval(), meta
 
 
-PRIOR_LR_SCALE = 30.0
-
 ALIGNMENT_FIELDS = ("cross_positions", "look_ahead", "time_head", "roll_prior")
 
 
@@ -396,8 +395,9 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     if cfg.align_time_init and saved is None and not cfg.init_from:
         align_time_embeddings(decoder, float(index["frames_per_second"]))
     # decay matrices and embeddings only, not norm gains or biases (the usual LM recipe)
-    # A roll prior's few scales move PRIOR_LR_SCALE x faster: at the LM's rate a threshold
-    # would move a fraction of a logit in a run
+    # A roll prior's few scales have a rate of their own (prior_lr_scale x the LM's): at 30x,
+    # cross-entropy shrank them within 500 steps and the stage fell back towards the LM it
+    # started from (engines/default/MODEL.md), so by default they stay as calibrated
     prior = {id(p) for p in decoder.prior.parameters()} if decoder.prior is not None else set()
     groups = [{"params": [p for p in decoder.parameters() if p.ndim >= 2],
                "weight_decay": cfg.weight_decay},
@@ -405,7 +405,7 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
                "weight_decay": 0.0}]
     if prior:
         groups.append({"params": list(decoder.prior.parameters()), "weight_decay": 0.0,
-                       "lr_scale": PRIOR_LR_SCALE})
+                       "lr_scale": cfg.prior_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(cfg.seed)
     sampler = EpochSampler(len(train_ex), rng)
@@ -540,6 +540,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--roll-prior", action="store_true", default=None,
                    help="the stage's logits start from the encoder's rolls (time positions, "
                         "a pointer head and a rolls encoder; export/roll_prior.py)")
+    p.add_argument("--prior-lr-scale", type=float, help="the roll prior's scales learn at this "
+                   "x --lr (default 0: they stay as calibrated)")
     p.add_argument("--init", dest="init_from", metavar="RUN",
                    help="start from another run's best weights (same preset and embedding "
                         "width; any stage)")
