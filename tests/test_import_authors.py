@@ -347,6 +347,16 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
 # `pianolm import authors`, end to end
 
 
+def stage_files(folder: Path, enc_dim: int) -> tuple[dict, dict, list[str]]:
+    """Three stage files of their layout in `folder` (random weights over an enc_dim-wide
+    encoder): (files, state dicts, the `--onset F --velocity F --offset F` arguments)."""
+    files = {stage: folder / f"step=1_{stage}.pth" for stage in vocab.STAGES}
+    states = {stage: authors_state(enc_dim, seed=k) for k, stage in enumerate(vocab.STAGES)}
+    for stage, path in files.items():
+        torch.save(states[stage], path)
+    return files, states, [a for stage, path in files.items() for a in (f"--{stage}", str(path))]
+
+
 def test_import_authors_exports_graphs_that_give_the_converted_logits(kong_model, tmp_path,
                                                                        capsys) -> None:
     """Three stage files of their layout over Kong's CRNN (random weights, session fixture) ->
@@ -364,12 +374,8 @@ def test_import_authors_exports_graphs_that_give_the_converted_logits(kong_model
     from pianolm.runtime.manifest import load_manifest
 
     checkpoint = kong_model[0]
-    files = {stage: tmp_path / f"step=1_{stage}.pth" for stage in vocab.STAGES}
-    states = {stage: authors_state(1536, seed=k) for k, stage in enumerate(vocab.STAGES)}
-    for stage, path in files.items():
-        torch.save(states[stage], path)
+    files, states, args = stage_files(tmp_path, 1536)
     out = tmp_path / "model"
-    args = [a for stage, path in files.items() for a in (f"--{stage}", str(path))]
     assert main_import(["authors", *args, "--encoder", f"kong={checkpoint}", "--heads", "4",
                         "--out", str(out)]) == 0
     m = load_manifest(out)
@@ -422,17 +428,13 @@ def test_import_authors_with_an_encoder_per_stage(kong_model, tmp_path) -> None:
     from pianolm.runtime.manifest import load_manifest
 
     checkpoint = kong_model[0]
-    files = {stage: tmp_path / f"step=1_{stage}.pth" for stage in vocab.STAGES}
-    states = {stage: authors_state(1536, seed=k) for k, stage in enumerate(vocab.STAGES)}
-    for stage, path in files.items():
-        torch.save(states[stage], path)
+    files, states, args = stage_files(tmp_path, 1536)
     tuned = tmp_path / "step=1_encoder.pth"  # Note_pedal.state_dict(), as their scripts save it
     torch.save({f"{part}.{k}": v for part, sd in random_kong_state(seed=5).items()
                 for k, v in sd.items()}, tuned)
     same = tmp_path / "copy_of_kong.pth"
     same.write_bytes(checkpoint.read_bytes())
     out = tmp_path / "model"
-    args = [a for stage, path in files.items() for a in (f"--{stage}", str(path))]
     assert main_import(["authors", *args, "--encoder", f"kong={checkpoint}",
                         "--velocity-encoder", str(tuned), "--offset-encoder", str(same),
                         "--heads", "4", "--out", str(out)]) == 0
@@ -488,11 +490,7 @@ def test_import_authors_over_their_hppnet(tmp_path, capsys) -> None:
     hpp = HPPNet().eval()
     encoder_file = tmp_path / "step=1_encoder.pth"
     torch.save({their_hppnet_key(k): v for k, v in hpp.state_dict().items()}, encoder_file)
-    files = {stage: tmp_path / f"step=1_{stage}.pth" for stage in vocab.STAGES}
-    states = {stage: authors_state(352, seed=k) for k, stage in enumerate(vocab.STAGES)}
-    for stage, path in files.items():
-        torch.save(states[stage], path)
-    args = [a for stage, path in files.items() for a in (f"--{stage}", str(path))]
+    files, states, args = stage_files(tmp_path, 352)
     out = tmp_path / "model"
     assert main_import(["authors", *args, "--encoder", f"hppnet={encoder_file}", "--heads", "4",
                         "--out", str(out)]) == 0
@@ -530,11 +528,7 @@ def test_import_authors_over_a_pianolm_folder(tmp_path, capsys) -> None:
     from pianolm.runtime.manifest import load_manifest
 
     shipped = Path(__file__).resolve().parents[1] / "engines" / "default"
-    files = {stage: tmp_path / f"step=1_{stage}.pth" for stage in vocab.STAGES}
-    states = {stage: authors_state(352, seed=k) for k, stage in enumerate(vocab.STAGES)}
-    for stage, path in files.items():
-        torch.save(states[stage], path)
-    args = [a for stage, path in files.items() for a in (f"--{stage}", str(path))]
+    files, states, args = stage_files(tmp_path, 352)
     out = tmp_path / "model"
     assert main_import(["authors", *args, "--encoder", f"pianolm={shipped}", "--heads", "4",
                         "--out", str(out)]) == 0
