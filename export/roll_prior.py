@@ -168,14 +168,10 @@ class RollPrior(nn.Module):
     def _pitches(self, onsets: Tensor, frame: Tensor) -> Tensor:
         """Onset peaks at each position's frame and the better of the frames beside it, the
         lowest confident key first: [B, n, 88] (the pitch slots)."""
-        def at(f: Tensor) -> Tensor:  # [B, n] frames -> [B, n, 88]
-            index = _within(f, onsets.shape[-1] - 1)[:, :, None].expand(-1, -1, KEYS)
-            return torch.gather(onsets.transpose(1, 2), 1, index)
-
-        here = at(frame)
+        here = _at_frames(onsets, frame)
         confident = self._confident(here)
         above = confident.sum(dim=-1, keepdim=True) - torch.cumsum(confident, dim=-1)
-        beside = torch.maximum(at(frame - 1), at(frame + 1))
+        beside = torch.maximum(_at_frames(onsets, frame - 1), _at_frames(onsets, frame + 1))
         return (self.pitch_here * here + self.pitch_beside * beside
                 + self.pitch_order * confident * above)
 
@@ -194,15 +190,12 @@ class RollPrior(nn.Module):
         of its own tick for a chord's next key, and the eos term [B, n]."""
         best = onsets.max(dim=1).values[:, None, :].expand(-1, frame.shape[1], -1)  # [B, n, T]
         # at the current frame only the keys above the note just written are still to come
-        here = torch.gather(onsets.transpose(1, 2), 1,
-                            frame[:, :, None].expand(-1, -1, KEYS))  # [B, n, 88]
         higher = torch.arange(KEYS, device=onsets.device)[None, None, :] > done_key[..., None]
-        rest = torch.where(higher, here, torch.full_like(here, -PEAK_PENALTY)).max(dim=-1).values
+        rest = _max_where(_at_frames(onsets, frame), higher)
         frames = torch.arange(onsets.shape[-1], device=onsets.device)
         at_frame = frames[None, None, :] == frame[..., None]
         evidence = torch.where(at_frame, rest[..., None], best)
-        left = torch.where(frames[None, None, :] >= frame[..., None], evidence,
-                           torch.full_like(evidence, -PEAK_PENALTY)).max(dim=-1).values
+        left = _max_where(evidence, frames[None, None, :] >= frame[..., None])
         times = self.time_scale * self._skipping(evidence, frame)
         chord = self.same_tick * self._confident(rest)
         return times, chord, self.eos_scale * (self.threshold - left)
@@ -228,10 +221,20 @@ class RollPrior(nn.Module):
         # the frame roll below its level, or an offset peak above its own; confident above 0
         ended = torch.maximum(series(1) - self.offset_level, self.frame_level - series(2))
         frames = torch.arange(t, device=ev.device)
-        after = frames[None, None, :] > frame[..., None]
-        left = torch.where(after, ended, torch.full_like(ended, -PEAK_PENALTY)).max(dim=-1).values
+        left = _max_where(ended, frames[None, None, :] > frame[..., None])
         times = self.end_scale * self._skipping(ended, frame + 1)
         return times, self.sustain_scale * (self.threshold - left)
+
+
+def _at_frames(rolls: Tensor, frame: Tensor) -> Tensor:
+    """rolls [B, 88, T], frame [B, n] (kept in range) -> each position's frame [B, n, 88]."""
+    index = _within(frame, rolls.shape[-1] - 1)[:, :, None].expand(-1, -1, KEYS)
+    return torch.gather(rolls.transpose(1, 2), 1, index)
+
+
+def _max_where(evidence: Tensor, keep: Tensor) -> Tensor:
+    """The largest evidence along the last axis where `keep`; -PEAK_PENALTY where none is."""
+    return torch.where(keep, evidence, torch.full_like(evidence, -PEAK_PENALTY)).max(dim=-1).values
 
 
 def _within(index: Tensor, last: int) -> Tensor:
