@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -166,10 +166,11 @@ def _encoder_kind(encoder: str) -> tuple[str, Path]:
 
 
 def _stage_encoders(encoder: str, stage_encoders: dict[str, str | Path],
-                    trust_pickle: bool) -> nn.Module:
+                    trust_pickle: bool, sha256: Mapping[str, str]) -> nn.Module:
     """--encoder KIND=PATH and --STAGE-encoder PATH (the same kind) -> the system's encoder
     module: one encoder when every stage reads the same file, else StageEncoders running each
-    distinct file once (files with the same bytes are one encoder). The rolls are --encoder's."""
+    distinct file once (files with the same bytes are one encoder: `sha256` holds each file's,
+    keyed "encoder" and "STAGE_encoder"). The rolls are --encoder's."""
     from pianolm.export.stage_encoders import StageEncoders
 
     kind, path = _encoder_kind(encoder)
@@ -180,7 +181,8 @@ def _stage_encoders(encoder: str, stage_encoders: dict[str, str | Path],
         return _folder_encoder(path)
     files = {"encoder": path, **{s: Path(f) for s, f in stage_encoders.items()}}
     by_hash: dict[str, str] = {}  # sha256 -> the name of the first file with those bytes
-    names = {who: by_hash.setdefault(file_sha256(file), who) for who, file in files.items()}
+    names = {who: by_hash.setdefault(sha256["encoder" if who == "encoder" else f"{who}_encoder"],
+                                     who) for who in files}
     loaded = {name: _load_encoder(kind, files[name], trust_pickle)
               for name in dict.fromkeys(names.values())}
     reads = {stage: names.get(stage, "encoder") for stage in ("onset", "velocity", "offset")}
@@ -207,8 +209,12 @@ def import_authors(stages: dict[str, str | Path], encoder: str, heads: int, out:
     kind, _ = _encoder_kind(encoder)
     out = Path(out)
     _check_out(out, overwrite)
+    files = {"encoder": str(encoder.partition("=")[2]),
+             **{f"{stage}_encoder": str(file) for stage, file in stage_encoders.items()},
+             **{stage: str(file) for stage, file in stages.items()}}
+    sha256 = {k: _file_sha256(Path(f)) for k, f in files.items()}  # each file read once
     try:
-        system_encoder = _stage_encoders(encoder, stage_encoders, trust_pickle)
+        system_encoder = _stage_encoders(encoder, stage_encoders, trust_pickle, sha256)
         family = _family(kind, system_encoder)
         converted = {stage: convert_decoder(load_stage_checkpoint(file, trust_pickle), heads,
                                             family, source=str(file))
@@ -224,13 +230,9 @@ def import_authors(stages: dict[str, str | Path], encoder: str, heads: int, out:
     for stage, (_, state) in converted.items():
         system.decoders[stage].load_state_dict(state, strict=True, assign=True)
         system.decoders[stage].reset_buffers()
-    files = {"encoder": str(encoder.partition("=")[2]),
-             **{f"{stage}_encoder": str(file) for stage, file in stage_encoders.items()},
-             **{stage: str(file) for stage, file in stages.items()}}
-    source = SourceSpec(checkpoint=str(stages["onset"]), sha256=file_sha256(stages["onset"]),
+    source = SourceSpec(checkpoint=str(stages["onset"]), sha256=sha256["onset"],
                         metadata={"importer": "authors", "encoder_kind": kind, "files": files,
-                                  "sha256": {k: _file_sha256(Path(f))
-                                             for k, f in files.items()}})
+                                  "sha256": sha256})
     # Kong's CRNN keeps Kong's roll thresholds; HPPNet's rolls take runtime/rolls.py's defaults
     rolls = {"rolls": KONG_ROLLS.thresholds.to_dict()} if family == "crnn" else None
     return _write_folder(out, lambda tmp: export_model(system.eval(), tmp, precision,
