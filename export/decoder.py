@@ -447,8 +447,8 @@ class Decoder(nn.Module):
 
     def start_from_the_rolls(self) -> None:
         """A roll prior's stage starts as the roll decoder: the LM's own scores of the slots the
-        prior decides (the head rows, the pointer's query) start at zero, so its untrained
-        noise cannot tip them; training grows them from there."""
+        prior decides (the head rows, the pointer's query and sub-frame offset) start at zero,
+        so its untrained noise cannot tip them; training grows them from there."""
         slots = {"onset": [vocab.EOS, *range(vocab.PITCH_BASE, vocab.VELOCITY_BASE)],
                  "velocity": list(range(vocab.VELOCITY_BASE, vocab.VOCAB_SIZE)),
                  "offset": [vocab.NOTE_SUSTAIN]}[self.cfg.roll_prior]
@@ -456,6 +456,8 @@ class Decoder(nn.Module):
             self.head.weight[slots] = 0.0
             if self.pointer is not None and self.cfg.roll_prior != "velocity":
                 self.pointer.q.weight.zero_()
+                self.pointer.sub.weight.zero_()  # its sub-frame tick offset too
+                self.pointer.sub.bias.zero_()
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the RoPE and audio-PE tables, e.g. after loading weights into a model

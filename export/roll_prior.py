@@ -107,6 +107,19 @@ class RollPrior(nn.Module):
             self.frame_level = _scalar(0.0)
             self.offset_level = _scalar(0.0)
 
+    # The scales every term of a stage is multiplied by: scaling all of them by one factor
+    # scales the prior's logits, and changes no argmax among the slots it decides
+    _OUTER = {"onset": ("pitch_here", "pitch_beside", "pitch_order", "time_scale", "same_tick",
+                        "first_tick", "eos_scale"),
+              "velocity": ("velocity_width",),
+              "offset": ("end_scale", "first_tick", "sustain_scale")}
+
+    @torch.no_grad()
+    def temper(self, factor: float) -> None:
+        """Multiply the prior's logits by `factor` (a temperature of 1 / factor)."""
+        for name in self._OUTER[self.stage]:
+            getattr(self, name).mul_(factor)
+
     @torch.no_grad()
     def calibrate(self, onset_threshold: float, offset_threshold: float,
                   frame_threshold: float, velocity_curve: tuple[float, ...] = ()) -> None:

@@ -10,14 +10,23 @@ import numpy as np
 import pytest
 import torch
 
+from pianolm.export.decoder import Decoder, DecoderConfig
 from pianolm.export.train.embeddings import load_items, write_index, write_item
 from pianolm.export.train.examples import (
     EmbeddingStore,
+    allowed_next,
     build_examples,
     clean_ticknotes,
     shifted_segments,
 )
-from pianolm.export.train.lm import decode_scores, load_decoder, train_lm
+from pianolm.export.train.lm import (
+    decode_scores,
+    fit_prior_temperature,
+    greedy_tokens,
+    load_decoder,
+    train_lm,
+    validation_loss,
+)
 from pianolm.runtime import vocab as V
 from pianolm.runtime.notes import Note
 from pianolm.runtime.tokens import TickNote, encode, quantize, segment_notes
@@ -278,23 +287,31 @@ def test_cli_parses_every_subcommand():
     assert p.parse_args(["tune-rolls", "--encoder-dir", "e", "--data", "d"]).items == 32
 
 
-def test_roll_prior_trains_its_scales_faster_and_resumes(tmp_path):
-    """A roll-prior stage (export/roll_prior.py) trains on rolls-as-embeddings: its few scales
-    sit in their own optimizer group at --prior-lr-scale x the rate, and a resumed run equals
-    an uninterrupted one."""
-    root = tmp_path / "emb"
+@pytest.fixture(scope="module")
+def rolls_dir(tmp_path_factory):
+    """Embeddings as wide as the rolls (4 x 88), random: what a roll-prior stage reads."""
+    root = tmp_path_factory.mktemp("rolls")
     rng = np.random.default_rng(1)
     entries = [write_item(root, split, f"{split}-000000", NOTES,
                           {0.0: rng.random((3, 51, 352)).astype(np.float16)})
                for split in ("train", "validation")]
     write_index(root, entries, "stub", embed_dim=352, frames_per_segment=51,
                 frames_per_second=5.0, shifts=(0.0,))
+    return root
+
+
+PRIOR = dict(cross_positions="time", look_ahead=True, time_head="pointer", roll_prior=True)
+
+
+def test_roll_prior_trains_its_scales_faster_and_resumes(rolls_dir, tmp_path):
+    """A roll-prior stage (export/roll_prior.py) trains on rolls-as-embeddings: its few scales
+    sit in their own optimizer group at --prior-lr-scale x the rate, and a resumed run equals
+    an uninterrupted one."""
     opts = _opts(log_every=1, shifts=None, warmup_steps=1, val_every=0, decode_segments=0,
-                 cross_positions="time", look_ahead=True, time_head="pointer", roll_prior=True,
-                 prior_lr_scale=30.0)
+                 prior_lr_scale=30.0, **PRIOR)
     a, b = tmp_path / "a", tmp_path / "b"
-    train_lm("onset", str(root), a, steps=4, **opts)
-    train_lm("onset", str(root), b, steps=4, until_step=2, **opts)
+    train_lm("onset", str(rolls_dir), a, steps=4, **opts)
+    train_lm("onset", str(rolls_dir), b, steps=4, until_step=2, **opts)
     train_lm(out_dir=b, resume=True, quiet=True)
     sa = torch.load(a / "state.pt", weights_only=False)
     sb = torch.load(b / "state.pt", weights_only=False)
@@ -303,3 +320,84 @@ def test_roll_prior_trains_its_scales_faster_and_resumes(tmp_path):
     assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 1.0, 30.0]
     decoder, _ = load_decoder(a, best=False)
     assert decoder.cfg.roll_prior == "onset" and decoder.prior.threshold.item() != 0.0
+
+
+def _onset_example() -> np.ndarray:
+    (seg, *_) = shifted_segments(NOTES, 0.0, 2)
+    return np.asarray(encode("onset", seg)[0], np.int64)[None]
+
+
+def test_allowed_next_is_what_greedy_decoding_chooses_among():
+    """The constrained loss's mask: after a time token a pitch (never a time or eos), after a
+    pitch a time no earlier than its tick or eos; the reference token always."""
+    tokens = _onset_example()
+    allowed = allowed_next("onset", tokens, V.query_ticks(tokens[:, :-1]))
+    targets = tokens[0, 1:]
+    assert allowed[0, np.arange(len(targets)), targets].all()
+    for i in range(1, len(targets)):
+        token = int(tokens[0, i])
+        if V.TIME_BASE <= token < V.PITCH_BASE:  # a time was fed: a pitch comes next
+            assert allowed[0, i, V.PITCH_BASE:V.VELOCITY_BASE].any()
+            assert not allowed[0, i, :V.PITCH_BASE].any()
+        elif V.PITCH_BASE <= token < V.VELOCITY_BASE:
+            tick = int(tokens[0, i - 1]) - V.TIME_BASE
+            assert allowed[0, i, V.EOS]
+            assert not allowed[0, i, V.TIME_BASE:V.TIME_BASE + tick].any()
+            assert allowed[0, i, V.TIME_BASE + tick + V.MIN_PITCH // 10:V.PITCH_BASE - 1].any()
+            assert not allowed[0, i, V.PITCH_BASE:].any()
+    # the offset stage: a note ends after its onset, or sustains
+    (seg, *_) = shifted_segments(NOTES, 0.0, 2)
+    off = np.asarray(encode("offset", seg)[0], np.int64)[None]
+    ticks = V.query_ticks(off[:, :-1])
+    ends = allowed_next("offset", off, ticks)
+    at = [i for i in range(1, off.shape[1] - 1)
+          if V.PITCH_BASE <= off[0, i] < V.VELOCITY_BASE]
+    assert at
+    for i in at:
+        tick = int(ticks[0, i])
+        assert ends[0, i, V.NOTE_SUSTAIN] and ends[0, i, V.TIME_BASE + tick + 1]
+        assert not ends[0, i, V.TIME_BASE:V.TIME_BASE + tick + 1].any()
+
+
+def test_constrained_loss_fits_the_prior_without_changing_its_choices(rolls_dir):
+    """Over the grammar's tokens the loss is lower than over the vocabulary; tempering a new
+    roll-prior stage lowers it further and leaves every greedy token as it was."""
+    items = load_items(rolls_dir, "train")
+    examples, _ = build_examples(items, "onset", None, 2048)
+    store = EmbeddingStore(items)
+    cfg = DecoderConfig.from_preset("tiny", 352, ticks_per_frame=20, roll_prior="onset",
+                                    cross_positions="time", look_ahead=True,
+                                    time_head="pointer")
+    torch.manual_seed(0)
+    decoder = Decoder(cfg)
+    decoder.start_from_the_rolls()
+    whole = validation_loss(decoder, examples, store, 2)["val_loss"]
+    constrained = validation_loss(decoder, examples, store, 2, "onset")["val_loss"]
+    assert constrained < whole
+
+    def greedy() -> list[list[int]]:
+        emb = np.stack([store.get(e.item, e.shift, e.row) for e in examples])
+        return greedy_tokens("onset", decoder, emb, [e.segment for e in examples], 64)
+
+    before = greedy()
+    factor = fit_prior_temperature(decoder, examples, store, 2, "onset")
+    assert factor < 1.0  # the calibrated terms are sharper than random rolls are right
+    assert validation_loss(decoder, examples, store, 2, "onset")["val_loss"] < constrained
+    assert greedy() == before
+
+
+def test_best_by_decode_starts_from_the_start(rolls_dir, tmp_path):
+    """--best-by decode validates before the first step (the prior's start is a candidate),
+    and records how best.safetensors was chosen."""
+    out = tmp_path / "run"
+    train_lm("onset", str(rolls_dir), out, steps=2, **_opts(
+        shifts=None, val_every=2, val_segments=2, decode_segments=2, best_by="decode",
+        constrained_loss=True, fit_temperature=True, **PRIOR))
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "val"] == [0, 2]
+    assert [r["kind"] for r in rows][:2] == ["data", "prior"]
+    _, meta = load_decoder(out)
+    assert meta["best_by"] == "decode" and (out / "best.safetensors").is_file()
+    with pytest.raises(ValueError, match="decode_segments"):
+        train_lm("onset", str(rolls_dir), tmp_path / "x", steps=1,
+                 **_opts(best_by="decode", decode_segments=0, **PRIOR))

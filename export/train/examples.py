@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from pianolm.runtime import vocab as V
-from pianolm.runtime.grammar import REPEAT_TICKS
+from pianolm.runtime.grammar import REPEAT_TICKS, FlatGrammar, OnsetGrammar, offset_mask
 from pianolm.runtime.notes import Note
 from pianolm.runtime.sustain import extend_by_pedal
 from pianolm.runtime.tokens import (
@@ -274,11 +274,14 @@ class TrainBatch:
     mask: Tensor
     emb: Tensor
     query_ticks: Tensor
+    allowed: Tensor | None = None  # bool [B, L-1, vocab]: what the decode loop's grammar allows
 
 
-def collate(examples: Sequence[Example], store: EmbeddingStore) -> TrainBatch:
+def collate(examples: Sequence[Example], store: EmbeddingStore,
+            grammar: str | None = None) -> TrainBatch:
     """Right padding with pad tokens, masked out of the loss; a causal decoder never lets
-    padding influence the real positions before it."""
+    padding influence the real positions before it. `grammar` (a stage): also what the decode
+    loop would let each position predict (`allowed_next`)."""
     length = max(len(e.tokens) for e in examples)
     tokens = np.full((len(examples), length), V.PAD, np.int64)
     mask = np.zeros((len(examples), length), bool)
@@ -287,8 +290,34 @@ def collate(examples: Sequence[Example], store: EmbeddingStore) -> TrainBatch:
         mask[b, : len(e.tokens)] = e.predicted
     emb = np.stack([store.get(e.item, e.shift, e.row) for e in examples])
     t = torch.from_numpy(tokens)
+    ticks = V.query_ticks(tokens[:, :-1])
+    allowed = None if grammar is None else torch.from_numpy(allowed_next(grammar, tokens, ticks))
     return TrainBatch(t[:, :-1], t[:, 1:], torch.from_numpy(mask[:, 1:]), torch.from_numpy(emb),
-                      torch.from_numpy(V.query_ticks(tokens[:, :-1])))
+                      torch.from_numpy(ticks), allowed)
+
+
+def allowed_next(stage: str, tokens: np.ndarray, query_ticks: np.ndarray) -> np.ndarray:
+    """bool [B, L-1, vocab]: the tokens runtime/grammar.py lets each teacher-forced position
+    of `tokens` [B, L] (`sos task ...`, PAD after the end) predict, as the decode loop masks
+    them before its argmax. The reference token is always allowed (a reference the grammar
+    refuses, e.g. a key re-struck within REPEAT_TICKS, still trains). The offset stage's
+    limit of a key's next onset is left out: a note may end at any later tick or sustain."""
+    batch, length = tokens.shape
+    allowed = np.zeros((batch, length - 1, V.VOCAB_SIZE), dtype=bool)
+    if stage in ("onset", "flat"):
+        grammar = (OnsetGrammar if stage == "onset" else FlatGrammar)(batch, max_notes=length)
+        for i in range(1, length - 1):  # position 0 predicts the task token
+            allowed[:, i] = grammar.mask()
+            grammar.update(tokens[:, i + 1])
+    elif stage == "velocity":
+        allowed[..., V.VELOCITY_BASE:] = True
+    elif stage == "offset":
+        ends = offset_mask(query_ticks.reshape(-1), np.full(query_ticks.size, -1))
+        allowed[:] = ends.reshape(batch, length - 1, V.VOCAB_SIZE)
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    np.put_along_axis(allowed, tokens[:, 1:, None], True, axis=2)
+    return allowed
 
 
 class EpochSampler:

@@ -84,6 +84,7 @@ BEST_FILE = "best.safetensors"
 # for --init on a fresh machine, where the run folder itself is gone
 COMMITTED_FILE = "best.fp16.safetensors"
 # What each stage's greedy decode is scored by (the rest of a note comes from the reference)
+BEST_BY = ("loss", "decode")
 STAGE_METRICS = {"onset": ("onset",), "velocity": ("onset_offset_velocity",),
                  "offset": ("onset_offset",),
                  "flat": ("onset", "onset_offset", "onset_offset_velocity")}
@@ -131,10 +132,25 @@ class LMTrainConfig:
     # positions, a pointer time head and a rolls encoder (hppnet) required
     roll_prior: bool = False
     prior_lr_scale: float = 0.0  # the prior's scales learn at this x lr (0: as calibrated)
+    # Cross-entropy over the tokens the decode loop's grammar allows at each position (what
+    # greedy decoding chooses among), not the whole vocabulary. A roll prior's terms rank
+    # only allowed tokens (an earlier peak than the query's tick scores high, and the grammar
+    # forbids it): over the whole vocabulary they cost ~11 nats at init and training spends
+    # itself unlearning them.
+    constrained_loss: bool = False
+    # A new roll-prior stage's logits tempered to the lowest loss first (fit_prior_temperature)
+    fit_temperature: bool = False
+    # Which weights are best.safetensors: the lowest teacher-forced validation loss ("loss"),
+    # or the best greedy-decode F1 of the stage's metric ("decode"; the start included)
+    best_by: str = "loss"
 
     def __post_init__(self) -> None:
         if self.stage not in ALL_STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; expected one of {ALL_STAGES}")
+        if self.best_by not in BEST_BY:
+            raise ValueError(f"best_by {self.best_by!r}: choose from {list(BEST_BY)}")
+        if self.best_by == "decode" and not self.decode_segments:
+            raise ValueError("best_by 'decode' needs decode_segments > 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +164,8 @@ def lm_loss(decoder: Decoder, batch: TrainBatch) -> tuple[Tensor, Tensor]:
         return logits.sum() * 0.0, torch.zeros((), dtype=torch.int64)
     sel = logits[batch.mask]
     tgt = batch.targets[batch.mask]
+    if batch.allowed is not None:  # constrained_loss: the grammar's tokens only
+        sel = sel.masked_fill(~batch.allowed[batch.mask], float("-inf"))
     return F.cross_entropy(sel.float(), tgt), (sel.argmax(-1) == tgt).sum()
 
 
@@ -259,12 +277,12 @@ def decode_scores(stage: str, decoder: Decoder, examples: Sequence[Example],
 
 @torch.no_grad()
 def validation_loss(decoder: Decoder, examples: Sequence[Example], store: EmbeddingStore,
-                    batch: int) -> dict[str, float]:
+                    batch: int, grammar: str | None = None) -> dict[str, float]:
     was_training = decoder.training
     decoder.eval()
     total, correct, count = 0.0, 0, 0
     for i in range(0, len(examples), batch):
-        chunk = collate(examples[i:i + batch], store)
+        chunk = collate(examples[i:i + batch], store, grammar)
         loss, right = lm_loss(decoder, chunk)
         n = int(chunk.mask.sum())
         total, correct, count = total + float(loss) * n, correct + int(right), count + n
@@ -354,6 +372,25 @@ def calibrate_prior(decoder: Decoder, index: dict[str, Any]) -> None:
 # Training
 
 
+def fit_prior_temperature(decoder: Decoder, examples: Sequence[Example],
+                          store: EmbeddingStore, batch: int, grammar: str | None) -> float:
+    """Temper a new roll-prior stage's logits (RollPrior.temper) to the factor with the lowest
+    loss on `examples`, from a halving grid: the calibrated terms are far sharper than the
+    rolls are right, so cross-entropy would first spend its steps flattening them. With
+    constrained_loss the prior alone scores the allowed tokens at the start, so greedy decoding
+    does not change. Returns the factor."""
+    def loss(factor: float) -> float:
+        decoder.prior.temper(factor)
+        value = validation_loss(decoder, examples, store, batch, grammar)["val_loss"]
+        decoder.prior.temper(1.0 / factor)
+        return value
+
+    factors = [2.0 ** (-k / 2) for k in range(13)]  # 1 .. 1/64
+    best = min(factors, key=loss)
+    decoder.prior.temper(best)
+    return best
+
+
 def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
              out_dir: str | os.PathLike = "runs/lm", preset: str | None = None,
              steps: int | None = None, batch: int | None = None, lr: float | None = None, *,
@@ -412,10 +449,16 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
     if saved is None and cfg.init_from:
         load_init_decoder(decoder, cfg.init_from, f"a {cfg.preset} one for "
                           f"{cfg.embeddings_dir}")
+    tempered: float | None = None
     if saved is None and decoder.prior is not None:
         calibrate_prior(decoder, index)
-    run = Run(cfg, out, decoder, optimizer, rng, best_key="best_loss", best=float("inf"),
-              lower_is_better=True)
+        if cfg.fit_temperature:
+            tempered = fit_prior_temperature(
+                decoder, spread_examples(train_ex, cfg.val_segments), train_store, cfg.batch,
+                cfg.stage if cfg.constrained_loss else None)
+    by_loss = cfg.best_by == "loss"
+    run = Run(cfg, out, decoder, optimizer, rng, best_key="best_loss" if by_loss else "best_f",
+              best=float("inf") if by_loss else -1.0, lower_is_better=by_loss)
     run.start(saved, quiet)
     if saved is not None:
         sampler.load(saved["sampler"])
@@ -423,7 +466,12 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
         run.log.write("data", 0, train_segments=len(train_ex), val_segments=len(val_ex),
                       skipped_too_long=skipped, parameters=sum(p.numel() for p in
                                                                decoder.parameters()))
+        if tempered is not None:
+            run.log.write("prior", 0, temper=tempered)
+        if not by_loss and cfg.val_every:  # the start is a candidate too
+            _validate(run, val)
 
+    grammar = cfg.stage if cfg.constrained_loss else None
     decoder.train()
     meter = Meter()
     last_loss: float | None = None
@@ -432,7 +480,7 @@ def train_lm(stage: str | None = None, embeddings_dir: str | None = None,
             # data: the next shuffled examples, feature dropout on their embeddings
             lr_now = run.set_lr()
             batch_ex = [train_ex[i] for i in sampler.take(cfg.batch)]
-            data = collate(batch_ex, train_store)
+            data = collate(batch_ex, train_store, grammar)
             if cfg.emb_dropout:
                 data.emb = F.dropout(data.emb, cfg.emb_dropout, training=True)
             # forward / backward
@@ -481,7 +529,8 @@ def _validate(run: Run, val: _Validation) -> None:
     if not val.loss_examples:
         return
     cfg, decoder = run.cfg, run.model
-    scores = validation_loss(decoder, val.loss_examples, val.store, cfg.batch)
+    scores = validation_loss(decoder, val.loss_examples, val.store, cfg.batch,
+                             cfg.stage if cfg.constrained_loss else None)
     if val.decode_examples:
         t0 = time.perf_counter()
         decoded = decode_scores(cfg.stage, decoder, val.decode_examples, val.store, cfg.batch)
@@ -489,7 +538,9 @@ def _validate(run: Run, val: _Validation) -> None:
         scores.update({f"decode_{k}": v for k, v in decoded.items()
                        if k[:-2] in wanted or k == "exact"})
         scores["decode_seconds"] = time.perf_counter() - t0
-    if run.validated(scores, "val_loss"):
+    metric = ("val_loss" if cfg.best_by == "loss"
+              else f"decode_{STAGE_METRICS[cfg.stage][-1]}_f")
+    if run.validated(scores, metric):
         save_decoder(decoder, run.out, _decoder_meta(run, val.encoder_facts), file=BEST_FILE)
 
 
@@ -503,7 +554,7 @@ def _decoder_meta(run: Run, encoder_facts: Mapping[str, Any]) -> dict[str, Any]:
     cfg = run.cfg
     return {"format": "pianolm-decoder", "version": 1, "stage": cfg.stage,
             "preset": cfg.preset, "config": run.model.cfg.to_dict(), "encoder": encoder_facts,
-            "step": run.step, "val": run.last_val, "best_val_loss": run.best,
+            "step": run.step, "val": run.last_val, "best_by": cfg.best_by, "best": run.best,
             "train_config": asdict(cfg)}
 
 
@@ -542,6 +593,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         "a pointer head and a rolls encoder; export/roll_prior.py)")
     p.add_argument("--prior-lr-scale", type=float, help="the roll prior's scales learn at this "
                    "x --lr (default 0: they stay as calibrated)")
+    p.add_argument("--constrained-loss", action="store_true", default=None,
+                   help="cross-entropy over the tokens the decode grammar allows only")
+    p.add_argument("--fit-temperature", action="store_true", default=None,
+                   help="a new roll-prior stage's logits tempered to the lowest loss first")
+    p.add_argument("--best-by", choices=list(BEST_BY),
+                   help="best.safetensors by validation loss (default) or greedy-decode F1")
     p.add_argument("--init", dest="init_from", metavar="RUN",
                    help="start from another run's best weights (same preset and embedding "
                         "width; any stage)")

@@ -7,8 +7,13 @@
 #   bash recipes/default_model/train_prior.sh            # WORK (default work/), OUT below
 #
 # The stages start as the roll decoder (the prior decides its slots at init: the shipped
-# weights' scores of those slots are zeroed) and learn the corrections. Logs and the best
-# weights (fp16) are copied to recipes/default_model/record/lm-*-prior/ as they improve.
+# weights' scores of those slots are zeroed) and learn the corrections:
+# - the loss is cross-entropy over what the decode grammar allows (--constrained-loss), where
+#   the prior alone ranks the tokens at the start;
+# - the prior's logits are first tempered to the lowest loss (--fit-temperature: greedy
+#   decoding is unchanged), then its scales learn with the LM at a low rate (5e-5);
+# - the best weights are those with the best greedy-decode F1, the start included.
+# Logs and the best weights (fp16) are copied to recipes/default_model/record/lm-*-prior/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work="${WORK:-work}"
@@ -18,7 +23,7 @@ emb="$work/emb/prior"
 runs="$work/runs"
 out="${OUT:-$work/models/prior}"
 devset="${PIANOLM_DEVSET:-../shared/devset}"
-steps="${STEPS:-1500}"
+steps="${STEPS:-3000}"
 step() { printf '\n== %s  %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
 step "render 340 x 30 s pieces (training pianos, rooms and microphones; seed 4)"
@@ -38,9 +43,10 @@ done
 step "LM stages with the roll prior, from the shipped stages ($steps steps each)"
 lm=(--embeddings "$emb/mix" --preset mini --batch 8 --warmup-steps 50 --val-every 250
     --val-segments 36 --decode-segments 12 --threads 1 --log-every 50 --save-every 250
-    --cross-positions time --look-ahead --roll-prior --lr 3e-4)
+    --cross-positions time --look-ahead --roll-prior --lr 5e-5 --prior-lr-scale 1
+    --constrained-loss --fit-temperature --best-by decode)
 for stage in onset velocity offset; do
-  run="$runs/$stage-prior"
+  run="$runs/prior/$stage"
   head=(--time-head pointer)  # as shipped: the velocity stage predicts no time
   [[ $stage == velocity ]] && head=()
   if [[ -f "$run/state.pt" ]]; then pianolm train lm --out "$run" --resume
@@ -58,8 +64,13 @@ EOF
 done
 
 step "assemble, export, evaluate (LM and rolls, dev set)"
-pianolm train assemble --encoder-dir "$record/encoder-gen2" --onset "$runs/onset-prior" \
-  --velocity "$runs/velocity-prior" --offset "$runs/offset-prior" --out "$runs/system-prior"
-pianolm export --checkpoint "$runs/system-prior" --out "$out" --verify
+pianolm train assemble --encoder-dir "$record/encoder-gen2" --onset "$runs/prior/onset" \
+  --velocity "$runs/prior/velocity" --offset "$runs/prior/offset" --out "$runs/prior/system"
+pianolm export --checkpoint "$runs/prior/system" --out "$out" --verify
 pianolm eval --data "$devset" --model "$out" --threads 1 \
   --json "$record/lm-prior-eval-devset.json"
+heldout="${HELDOUT:-$work/heldout/iowa-steinway}"  # benchmarks/make_heldout_set.py
+if [[ -f "$heldout/index.json" || -f "$heldout/manifest.json" ]]; then
+  pianolm eval --data "$heldout" --model "$out" --threads 1 \
+    --json "$record/lm-prior-eval-heldout.json"
+fi
