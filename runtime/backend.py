@@ -73,10 +73,11 @@ class RollBackend(Backend, Protocol):
     (the ONNX Runtime and TensorRT backends): the roll-decoding baseline costs no second
     encoder pass."""
 
-    def encode_with_rolls(self, audio: np.ndarray
+    def encode_with_rolls(self, audio: np.ndarray, whole: bool = True
                           ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         """(embeddings [B, T, E], {onset, offset, frame, velocity: [B, T, 88]} or None when
-        the model has no roll outputs)."""
+        the model has no roll outputs). whole=False: audio may be a window shorter than a
+        segment (live streaming), where the backend can run one."""
         ...
 
 
@@ -194,11 +195,14 @@ def check_rows(rows: np.ndarray, batch: int) -> np.ndarray:
     return rows.astype(np.int64, copy=False)
 
 
-def check_audio(audio: np.ndarray, segment_samples: int) -> np.ndarray:
-    """Validate a batch of segments for Backend.encode; returns float32 [B, segment_samples]."""
+def check_audio(audio: np.ndarray, segment_samples: int, whole: bool = True) -> np.ndarray:
+    """Validate a batch of segments for Backend.encode; returns float32 [B, segment_samples]
+    (whole=False: [B, n], a window of 1 <= n <= segment_samples samples)."""
     audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim != 2 or audio.shape[1] != segment_samples:
-        raise ValueError(f"audio must be [B, {segment_samples}], got {audio.shape}")
+    if (audio.ndim != 2 or audio.shape[1] > segment_samples or audio.shape[1] < 1
+            or (whole and audio.shape[1] != segment_samples)):
+        wanted = segment_samples if whole else f"1..{segment_samples}"
+        raise ValueError(f"audio must be [B, {wanted}], got {audio.shape}")
     return audio
 
 

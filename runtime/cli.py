@@ -287,7 +287,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
         chunks = _stream_source(args)
         backend = open_backend("cpu", args.model or default_model_dir(), args.threads,
                                decoder="rolls")
-        st = StreamTranscriber(backend, hop_s=args.hop, lookahead_s=args.lookahead)
+        st = StreamTranscriber(backend, hop_s=args.hop, lookahead_s=args.lookahead,
+                               window_s=args.window)
     except (AudioError, BackendUnavailable, ManifestError, OSError, ValueError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
 
@@ -373,12 +374,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .manifest import ManifestError
     from .transcriber import Transcriber
 
-    if min(args.batch, args.max_queue) < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0 \
+    if min(args.batch, args.max_queue, args.max_streams) < 1 or args.max_wait_ms < 0 \
+            or min(args.max_body_mb, args.max_frame_kb, args.stream_idle_s) <= 0 \
             or (args.threads is not None and args.threads < 1):
-        raise UserError("--batch, --max-queue and --threads must be positive, --max-wait-ms "
-                        "at least 0, --max-body-mb above 0")
+        raise UserError("--batch, --max-queue, --max-streams and --threads must be positive, "
+                        "--max-wait-ms at least 0, --max-body-mb, --max-frame-kb and "
+                        "--stream-idle-s above 0")
     try:
         from .server import ServeConfig, create_app, run
+        from .stream_server import StreamLimits
     except ModuleNotFoundError as e:
         raise UserError(f"pianolm serve needs the serve extra: pip install 'pianolm[serve]' "
                         f"({e.name} is not installed)") from None
@@ -395,8 +399,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except (BackendUnavailable, ManifestError, OSError, ValueError) as e:
         sock.close()
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+    streams = StreamLimits(max_streams=args.max_streams, max_frame_kb=args.max_frame_kb,
+                           idle_s=args.stream_idle_s)
     config = ServeConfig(max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                         max_body_mb=args.max_body_mb)
+                         max_body_mb=args.max_body_mb, streams=streams)
     host, port = sock.getsockname()[:2]
     print(f"pianolm serve: http://{host}:{port}/v1/transcribe (decoder {transcriber.decoder}, "
           f"backend {transcriber.backend_name}, batch {args.batch})", flush=True)
@@ -541,11 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--pace", choices=["realtime", "fast"], default="realtime",
                     help="a file source: played at the audio clock (realtime, default) or "
                     "as fast as it transcribes (fast: tests, batch use)")
-    st.add_argument("--hop", type=float, default=2.5, help="seconds between encoder runs "
-                    "(default 2.5): an encoder pass per hop")
-    st.add_argument("--lookahead", type=float, default=2.5, help="seconds of right context "
-                    "a frame waits for (default 2.5); notes come lookahead to lookahead + "
+    st.add_argument("--hop", type=float, default=0.2, help="seconds between encoder runs "
+                    "(default 0.2): an encoder pass per hop")
+    st.add_argument("--lookahead", type=float, default=0.4, help="seconds of right context "
+                    "a frame waits for (default 0.4); notes come lookahead to lookahead + "
                     "hop seconds after they sound, plus the encoder's time")
+    st.add_argument("--window", type=float, default=2.0, help="seconds of audio per encoder "
+                    "run (default 2; at most the model's segment, 10 s): shorter costs less "
+                    "per hop, with less left context")
     st.add_argument("--rate", type=int, help="SOURCE -: sample rate in Hz (default 16000)")
     st.add_argument("--channels", type=int, help="SOURCE -: interleaved channels (default 1)")
     st.add_argument("--sample-format", choices=["s16le", "f32le"],
@@ -586,6 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "more are answered 503 with Retry-After (default 64)")
     sv.add_argument("--max-body-mb", type=float, default=100.0, help="largest request body "
                     "(default 100 MB; larger: 413)")
+    sv.add_argument("--max-streams", type=int, default=4, help="live streams (WS /v1/stream) "
+                    "at once; more are refused with 503 (default 4)")
+    sv.add_argument("--max-frame-kb", type=float, default=256.0, help="largest WebSocket "
+                    "message of a stream (default 256 kB)")
+    sv.add_argument("--stream-idle-s", type=float, default=10.0, help="a stream with no "
+                    "message for this long is closed (default 10 s)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning",
                                                              "info", "debug"],
                     help="uvicorn's log level (info: one access line per request)")

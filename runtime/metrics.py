@@ -216,3 +216,44 @@ def matched_pairs(notes_pred: Sequence[Note], notes_ref: Sequence[Note],
     matching = mir_eval.transcription.match_notes(ri, rp, ei, ep, onset_tolerance=onset_tolerance,
                                                   offset_ratio=None)
     return [(pred[j], ref[i]) for i, j in matching]
+
+
+ERROR_KINDS = ("matched", "missed", "timing", "repeat", "octave", "chord_ghost", "isolated",
+               "offset_early", "offset_late")
+
+
+def note_errors(notes_pred: Sequence[Note], notes_ref: Sequence[Note],
+                near: float = 0.15) -> dict[str, int]:
+    """Where a transcription errs, as counts (ERROR_KINDS), on the onset F1's matching:
+    - matched: predicted notes matched to a reference note (onset within 50 ms, same key);
+      offset_early / offset_late: of those, the ones whose offset misses the onset+offset
+      F1's tolerance, before or after the reference's;
+    - missed: reference notes no prediction matched;
+    - each unmatched prediction, by the first that applies: timing (the same key's reference
+      onset within `near` s, itself unmatched: a note placed too early or late), repeat (the
+      same, but that reference note is matched: a second strike), octave (a reference onset
+      within 50 ms an octave or two away, or a twelfth), chord_ghost (another key's reference
+      onset within 50 ms), isolated (no reference onset near)."""
+    pairs = matched_pairs(notes_pred, notes_ref)
+    out = dict.fromkeys(ERROR_KINDS, 0)
+    out["matched"], out["missed"] = len(pairs), len(notes_ref) - len(pairs)
+    for pred, ref in pairs:
+        tolerance = max(OFFSET_MIN_TOLERANCE, OFFSET_RATIO * (ref.offset - ref.onset))
+        if abs(pred.offset - ref.offset) > tolerance:
+            out["offset_early" if pred.offset < ref.offset else "offset_late"] += 1
+    taken_pred = {id(p) for p, _ in pairs}
+    taken_ref = {id(r) for _, r in pairs}
+    for pred in notes_pred:
+        if id(pred) in taken_pred:
+            continue
+        same = [r for r in notes_ref if r.pitch == pred.pitch and abs(r.onset - pred.onset) <= near]
+        close = [r for r in notes_ref if abs(r.onset - pred.onset) <= ONSET_TOLERANCE]
+        if same:
+            out["repeat" if all(id(r) in taken_ref for r in same) else "timing"] += 1
+        elif any(abs(r.pitch - pred.pitch) in (12, 19, 24) for r in close):
+            out["octave"] += 1
+        elif close:
+            out["chord_ghost"] += 1
+        else:
+            out["isolated"] += 1
+    return out

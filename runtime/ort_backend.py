@@ -98,17 +98,18 @@ class OrtBackend:
         """float32 waveform [B, segment_samples] -> embeddings [B, T, E] float32."""
         return self._encode(audio, with_rolls=False)[0]
 
-    def encode_with_rolls(self, audio: np.ndarray
+    def encode_with_rolls(self, audio: np.ndarray, whole: bool = True
                           ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         """`encode`, plus the encoder's piano rolls from the same run: {onset, offset, frame,
         velocity: float32 [B, T, 88]}, with pedal_onset/offset/frame [B, T, 1] where the encoder has
         a pedal model, or None when the model's encoder has no roll outputs
-        (format-1 folders)."""
-        return self._encode(audio, with_rolls=True)
+        (format-1 folders). whole=False: a window shorter than a segment (live streaming's
+        --window; the encoder graph's samples axis is dynamic)."""
+        return self._encode(audio, with_rolls=True, whole=whole)
 
-    def _encode(self, audio: np.ndarray, with_rolls: bool
+    def _encode(self, audio: np.ndarray, with_rolls: bool, whole: bool = True
                 ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
-        audio = check_audio(audio, self.segment_samples)
+        audio = check_audio(audio, self.segment_samples, whole)
         graph = self.manifest.encoder.graph
         rolls_spec = self.manifest.encoder.rolls
         keys = list(rolls_spec.outputs) if with_rolls and rolls_spec else []

@@ -4,6 +4,7 @@
                     body: the audio file, or a multipart `file`
     GET  /healthz   the process answers           GET /readyz   model loaded, batcher running
     GET  /metrics   Prometheus text format
+    WS   /v1/stream live transcription: PCM in, note events out (runtime/stream_server.py)
 
 Every request's segments go through one SegmentBatcher (runtime/batcher.py), so concurrent
 requests share decoder batches; the notes are those `pianolm transcribe` writes for the same
@@ -42,10 +43,11 @@ from starlette.exceptions import HTTPException
 from .audio import AudioError
 from .batcher import BatchRecord, DecodeFailed, QueueFull, SegmentBatcher
 from .errors import one_line
-from .manifest import model_sha256
+from .manifest import ManifestError, model_sha256
 from .midi import write_midi, write_notes_tsv
+from .stream_server import StreamLimits, add_stream_route
 from .sustain import SustainError, check_sustain
-from .transcriber import Transcriber, Transcription
+from .transcriber import Transcriber, Transcription, open_backend
 
 FORMATS = {"midi": "audio/midi", "json": "application/json",
            "tsv": "text/tab-separated-values; charset=utf-8"}
@@ -61,6 +63,7 @@ class ServeConfig:
     max_wait_ms: float = 10.0  # a short batch waits this long for more requests
     max_queue: int = 64  # requests admitted at once; more get 503
     max_body_mb: float = 100.0  # larger bodies get 413
+    streams: StreamLimits = StreamLimits()  # WS /v1/stream
 
 
 class _BodyTooLarge(Exception):
@@ -114,6 +117,13 @@ def create_app(transcriber: Transcriber, config: ServeConfig = ServeConfig()) ->
         await asyncio.to_thread(state["batcher"].stop)
 
     app = FastAPI(title="pianolm", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def stream_backend():  # live streams read rolls on the CPU, whatever serves the requests
+        if folder is None:
+            raise ManifestError("its backend has no model folder to open for streaming")
+        return open_backend("cpu", folder, transcriber.threads, decoder="rolls")
+
+    add_stream_route(app, config.streams, stream_backend)
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         metrics.requests.labels(str(status)).inc()

@@ -7,15 +7,16 @@
     for event in st.finish():                  # end of input: the rest, open notes closed
         ...
 
-Windows. The encoder is run on windows of the model's segment length (W = 10 s) that slide
-over the stream by a hop H; each window has a right context (lookahead) R and a left context
-C = W - H - R. Window k commits the frames [k H, (k + 1) H) of the timeline: those that no
-later window will see with more context on both sides. It can run once the audio reaches
-(k + 1) H + R, so a frame is committed between R and H + R seconds after it was played (plus
-the encoder's time, and the peak radius of the roll decoder). Windows before the stream's
-start are padded with silence on the left, so the first notes wait no longer than later ones.
-At the end of input one last window, aligned to the audio's end as the offline transcriber's
-last segment is, commits the frames left.
+Windows. The encoder is run on windows of W seconds (by default 2 s, DEFAULT_WINDOW_S; at most
+the model's segment, 10 s: a pass costs about in proportion to W) that slide over the stream by
+a hop H; each window has a right context (lookahead) R and a left context C = W - H - R. Window
+k commits the frames [k H, (k + 1) H) of the timeline: those that no later window will see with
+more context on both sides. It can run once the audio reaches (k + 1) H + R, so a frame is
+committed between R and H + R seconds after it was played (plus the encoder's time, and the
+peak radius of the roll decoder). Windows before the stream's start are padded with silence on
+the left, so the first notes wait no longer than later ones. At the end of input one last
+window, aligned to the audio's end as the offline transcriber's last segment is, commits the
+frames left. benchmarks/stream_latency.py measures latency against F1 per geometry.
 
 Notes. The committed frames go into a RollStream (runtime/rolls.py): the offline roll
 decoder's own rules, fed a piece at a time. A note_on is emitted once its onset frame is
@@ -52,8 +53,11 @@ from .notes import Note
 from .rolls import PEDAL_KEYS, ROLL_KEYS, RollDecodeConfig, RollStream
 from .sustain import SOUNDING, offsets_of
 
-DEFAULT_HOP_S = 2.5
-DEFAULT_LOOKAHEAD_S = 2.5
+# The default geometry: a 2 s encoder window every 0.2 s, 0.4 s of right context, chosen from
+# the latency / F1 curve (benchmarks/stream_latency.py, benchmarks/results/stream_latency_cpu.json)
+DEFAULT_WINDOW_S = 2.0
+DEFAULT_HOP_S = 0.2
+DEFAULT_LOOKAHEAD_S = 0.4
 MIN_PEAK = 0.05  # the quietest peak scaled up to input_peak: silence is not amplified to noise
 
 
@@ -156,15 +160,23 @@ class Windows:
     frame_samples: int  # 16 kHz samples per frame
 
     @classmethod
-    def plan(cls, manifest: Manifest, hop_s: float, lookahead_s: float) -> Windows:
+    def plan(cls, manifest: Manifest, hop_s: float, lookahead_s: float,
+             window_s: float | None = None) -> Windows:
+        """window_s: the encoder's window (default: the model's segment). A shorter one costs
+        less per hop, with less context on the left."""
         fps = manifest.encoder.frames_per_second
         frame_samples = round(SAMPLE_RATE / fps)
-        window = manifest.encoder.frames_per_segment - 1
-        if frame_samples * window != manifest.segment_samples or manifest.sample_rate != \
+        segment = manifest.encoder.frames_per_segment - 1
+        if frame_samples * segment != manifest.segment_samples or manifest.sample_rate != \
                 SAMPLE_RATE:
             raise ManifestError("streaming needs 16 kHz segments of whole encoder frames")
-        finite = math.isfinite(hop_s) and math.isfinite(lookahead_s)
-        hop, lookahead = (round(hop_s * fps), round(lookahead_s * fps)) if finite else (0, 0)
+        given = (hop_s, lookahead_s, segment / fps if window_s is None else window_s)
+        if not all(math.isfinite(x) for x in given):
+            raise ValueError("hop, lookahead and window must be finite numbers of seconds")
+        hop, lookahead, window = (round(x * fps) for x in given)
+        if window > segment:
+            raise ValueError(f"window {window_s} s: at most the model's segment, "
+                             f"{segment / fps:g} s")
         if hop < 1 or lookahead < 0 or hop + lookahead > window:
             raise ValueError(f"hop {hop_s} s and lookahead {lookahead_s} s: need hop >= one "
                              f"frame, lookahead >= 0 and hop + lookahead <= "
@@ -187,11 +199,13 @@ class StreamTranscriber:
         transcriber.open_backend(..., decoder="rolls")); the manifest's thresholds decode them.
     clock: wall-clock seconds (time.perf_counter); emitted_at counts from the first push, or
         from mark_start().
+    window_s: the encoder's window in seconds (Windows.plan; None: the model's segment).
     """
 
     def __init__(self, backend: RollBackend, hop_s: float = DEFAULT_HOP_S,
                  lookahead_s: float = DEFAULT_LOOKAHEAD_S,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 window_s: float | None = DEFAULT_WINDOW_S) -> None:
         manifest: Manifest | None = getattr(backend, "manifest", None)
         if manifest is None or manifest.encoder.rolls is None:
             raise ManifestError("streaming needs a model whose encoder outputs piano rolls "
@@ -203,8 +217,10 @@ class StreamTranscriber:
         if offsets_of(manifest, "rolls") != SOUNDING:
             raise ManifestError("streaming gives sounding offsets; this model's rolls end "
                                 "notes at key releases (not built yet)")
+        self.plan = Windows.plan(manifest, hop_s, lookahead_s, window_s)
         self.backend = backend
-        self.plan = Windows.plan(manifest, hop_s, lookahead_s)
+        if self.plan.window * self.plan.frame_samples < manifest.segment_samples:
+            self._probe(window_s)
         self.fps = manifest.encoder.frames_per_second
         self.input_peak = manifest.input_peak
         self.rolls = RollStream(self.fps, rolls.thresholds, track_starts=True)
@@ -274,6 +290,17 @@ class StreamTranscriber:
 
     # -- internals
 
+    def _probe(self, window_s: float | None) -> None:
+        """Run the encoder once on a silent window of the planned length: an encoder whose
+        front end needs more audio than that (e.g. a constant-Q transform's reflect padding)
+        is refused now, in one line, not at the first hop."""
+        silence = np.zeros((1, self.plan.window * self.plan.frame_samples), np.float32)
+        try:
+            self.backend.encode_with_rolls(silence, whole=False)
+        except Exception as e:  # the backend's own error type (ONNX Runtime's, ...)
+            raise ValueError(f"window {window_s} s: this model's encoder cannot run on so "
+                             f"short a window ({' '.join(str(e).split())[:160]})") from None
+
     def _commit(self, first: int, keep: slice) -> None:
         """Encode the window whose first sample is `first` and push its frames `keep`."""
         p = self.plan
@@ -289,7 +316,10 @@ class StreamTranscriber:
                 self._peak = max(self._peak, float(np.max(np.abs(fresh))))
                 self._peaked = hi
             window *= np.float32(self.input_peak / max(self._peak, MIN_PEAK))
-        _, rolls = self.backend.encode_with_rolls(window[None])
+        if n == self.backend.segment_samples:
+            _, rolls = self.backend.encode_with_rolls(window[None])
+        else:  # a --window shorter than the model's segment
+            _, rolls = self.backend.encode_with_rolls(window[None], whole=False)
         assert rolls is not None
         self.rolls.push({key: rolls[key][0, keep] for key in ROLL_KEYS})
         if self.pedal is not None:
@@ -322,27 +352,49 @@ class StreamTranscriber:
 SAMPLE_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 
 
+class PcmDecoder:
+    """Raw interleaved PCM bytes, in pieces of any size -> float32 mono 16 kHz samples: the
+    same mix-down and resampler (soxr) as runtime/audio.py uses for files. Bytes short of a
+    whole frame (one sample of every channel) wait for the next piece; at the end they are
+    dropped."""
+
+    def __init__(self, rate: int, channels: int, sample_format: str) -> None:
+        if sample_format not in SAMPLE_FORMATS:
+            raise ValueError(f"sample format {sample_format!r}: choose from "
+                             f"{', '.join(SAMPLE_FORMATS)}")
+        if rate < 1 or channels < 1:
+            raise ValueError(f"rate {rate} and channels {channels}: both must be positive")
+        self.rate, self.channels, self.sample_format = rate, channels, sample_format
+        self.dtype = SAMPLE_FORMATS[sample_format]
+        self.frame_bytes = self.dtype.itemsize * channels
+        self._resampler = To16k(rate)
+        self._rest = b""
+
+    def push(self, data: bytes) -> np.ndarray:
+        data = self._rest + data
+        cut = len(data) - len(data) % self.frame_bytes
+        self._rest = data[cut:]
+        x = np.frombuffer(data[:cut], self.dtype).reshape(-1, self.channels).astype(np.float32)
+        if self.sample_format == "s16le":
+            x /= 32768
+        return self._resampler.push(mix_to_mono(x))
+
+    def finish(self) -> np.ndarray:
+        """The resampler's tail (once, at the very end)."""
+        return self._resampler.push(np.zeros(0, np.float32), last=True)
+
+
 def pcm_chunks(read: Callable[[int], bytes], rate: int, channels: int, sample_format: str,
                block_s: float = 0.1) -> Iterator[np.ndarray]:
-    """Raw interleaved PCM from `read(n)` (b"" at the end) -> float32 mono 16 kHz chunks.
-
-    The same mix-down and resampler (soxr) as runtime/audio.py uses for files. A trailing
-    partial frame (fewer bytes than one sample of every channel) is dropped."""
-    dtype = SAMPLE_FORMATS[sample_format]
-    frame_bytes = dtype.itemsize * channels
-    block = max(1, round(block_s * rate)) * frame_bytes
-    resampler = To16k(rate)
-    rest = b""
+    """Raw interleaved PCM from `read(n)` (b"" at the end) -> float32 mono 16 kHz chunks
+    (PcmDecoder)."""
+    pcm = PcmDecoder(rate, channels, sample_format)
+    block = max(1, round(block_s * rate)) * pcm.frame_bytes
     while data := read(block):
-        data = rest + data
-        cut = len(data) - len(data) % frame_bytes
-        rest = data[cut:]
-        x = np.frombuffer(data[:cut], dtype).reshape(-1, channels)
-        x = x.astype(np.float32) / 32768 if sample_format == "s16le" else x.astype(np.float32)
-        out = resampler.push(mix_to_mono(x))
+        out = pcm.push(data)
         if out.size:
             yield out
-    tail = resampler.push(np.zeros(0, np.float32), last=True)
+    tail = pcm.finish()
     if tail.size:
         yield tail
 

@@ -489,9 +489,10 @@ class TensorRTBackend:
         """float32 waveform [B, segment_samples] -> embeddings [B, T, E] float32."""
         return self._encode(audio, with_rolls=False)[0]
 
-    def encode_with_rolls(self, audio: np.ndarray
+    def encode_with_rolls(self, audio: np.ndarray, whole: bool = True
                           ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
-        """`encode`, plus the rolls of the same run (runtime/backend.py RollBackend)."""
+        """`encode`, plus the rolls of the same run (runtime/backend.py RollBackend). The
+        engines' profiles hold whole segments only: a shorter window is refused."""
         return self._encode(audio, with_rolls=True)
 
     def _encode(self, audio: np.ndarray, with_rolls: bool

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from pianolm.runtime.cli import main
 from pianolm.runtime.manifest import MANIFEST_FILE, file_sha256, load_manifest
-from pianolm.runtime.metrics import METRICS, evaluate
+from pianolm.runtime.metrics import METRICS, evaluate, note_errors
 from pianolm.runtime.midi import write_midi, write_notes_tsv
 from pianolm.runtime.notes import Note
 from pianolm.runtime.rolls import ROLL_KEYS, RollDecodeConfig
@@ -57,6 +57,23 @@ def test_metrics_perfect_and_shifted_onsets():
     assert all(shifted[f"{m}_f"] == 0.0 for m in METRICS)
     assert evaluate([Note(n.onset + 0.04, n.offset, n.pitch, n.velocity) for n in REF],
                     REF)["onset_f"] == 1.0
+
+
+def test_note_errors_name_each_kind_of_error():
+    ref = [Note(1.0, 2.0, 60, 80), Note(1.0, 2.0, 64, 80), Note(3.0, 3.5, 50, 80),
+           Note(5.0, 6.0, 70, 80), Note(7.0, 9.0, 40, 80), Note(8.0, 8.2, 45, 80)]
+    pred = [Note(1.01, 2.0, 60, 80),  # matched
+            Note(1.0, 1.2, 64, 80),  # matched, its offset early
+            Note(3.1, 3.5, 50, 80),  # 100 ms late: timing (its reference unmatched)
+            Note(1.2, 2.0, 60, 80),  # the matched key again 200 ms on: not near, isolated
+            Note(1.1, 2.0, 64, 80),  # the matched key again 100 ms on: a repeat
+            Note(5.0, 6.0, 82, 80),  # an octave above a reference onset
+            Note(5.02, 6.0, 73, 80),  # another key at a reference onset: chord ghost
+            Note(7.0, 12.0, 40, 80),  # matched, its offset late
+            ]
+    errors = note_errors(pred, ref)
+    assert errors == {"matched": 3, "missed": 3, "timing": 1, "repeat": 1, "octave": 1,
+                      "chord_ghost": 1, "isolated": 1, "offset_early": 1, "offset_late": 1}
 
 
 def test_training_side_uses_the_runtime_metrics():
