@@ -12,7 +12,9 @@ backlog, as in `pianolm stream --pace realtime`.
 Per geometry: note_on latency p50 / p95 / max over all notes, onset F1 of the streamed notes
 against the offline roll transcription of the same file (`pianolm transcribe --decoder
 rolls`) and against the reference, the share of one core's time the stream used (compute
-seconds per audio second: above 1 it falls behind) and the backlog at the end of the longest clip.
+seconds per audio second: above 1 it falls behind) and the backlog at the end of the longest
+clip. Then the default geometry keeps up for `--keep-up-s` seconds (default 600) of the clips
+played one after another: the backlog and the process's resident memory every 10 s of audio.
 
     python benchmarks/stream_latency.py --threads 1 \\
         --out benchmarks/results/stream_latency_cpu.json
@@ -32,7 +34,14 @@ from pianolm.runtime.evaluation import find_clips, read_reference
 from pianolm.runtime.metrics import evaluate
 from pianolm.runtime.notes import Note
 from pianolm.runtime.provenance import write_report
-from pianolm.runtime.stream import Event, StreamTranscriber, file_chunks
+from pianolm.runtime.stream import (
+    DEFAULT_HOP_S,
+    DEFAULT_LOOKAHEAD_S,
+    DEFAULT_WINDOW_S,
+    Event,
+    StreamTranscriber,
+    file_chunks,
+)
 from pianolm.runtime.transcriber import Transcriber, default_model_dir, open_backend
 
 CHUNK_S = 0.1  # file_chunks' block: what a sound card hands over at a time
@@ -106,12 +115,53 @@ def stream_clip(backend, path: str, geometry: tuple[float | None, float, float])
     return Streamed(notes, latencies, compute, heard, backlog)
 
 
+def resident_mb() -> float | None:
+    """This process's resident memory now (Linux /proc), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def keep_up(backend, paths: list[str], seconds: float) -> dict:
+    """The default geometry on `seconds` of the clips played back to back, on the simulated
+    clock: every 10 s of audio, the backlog and resident memory."""
+    audio = [np.concatenate(list(file_chunks(p, CHUNK_S))) for p in paths]
+    clock = AudioClock()
+    st = StreamTranscriber(backend, DEFAULT_HOP_S, DEFAULT_LOOKAHEAD_S, clock=clock,
+                           window_s=DEFAULT_WINDOW_S)
+    clock.begin(0.0)
+    st.mark_start()
+    chunk, heard, compute, notes, trace = round(CHUNK_S * 16000), 0, 0.0, 0, []
+    while heard < seconds * 16000:
+        for x in audio:
+            for i in range(0, len(x), chunk):
+                heard += len(x[i:i + chunk])
+                clock.begin(heard / 16000)
+                t = time.perf_counter()
+                notes += sum(e.kind == "note_on" for e in st.push(x[i:i + chunk]))
+                compute += time.perf_counter() - t
+                clock.end()
+                if heard % (10 * 16000) < chunk:
+                    backlog = max(0.0, clock.busy_until - heard / 16000)
+                    trace.append({"audio_s": round(heard / 16000, 1),
+                                  "backlog_s": round(backlog, 3), "resident_mb": resident_mb()})
+    return {"window_s": DEFAULT_WINDOW_S, "hop_s": DEFAULT_HOP_S,
+            "lookahead_s": DEFAULT_LOOKAHEAD_S, "audio_s": heard / 16000, "notes": notes,
+            "core_share": compute / (heard / 16000), "trace": trace}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/devset", help="clips with references")
     ap.add_argument("--model", help="exported model folder (default: the shipped model)")
     ap.add_argument("--threads", type=int, default=1, help="encoder threads (default 1)")
     ap.add_argument("--limit", type=int, help="the first N clips only")
+    ap.add_argument("--keep-up-s", type=float, default=600.0,
+                    help="seconds of audio for the keep-up run (0: none)")
     ap.add_argument("--out", default="benchmarks/results/stream_latency_cpu.json")
     args = ap.parse_args()
     model = args.model or str(default_model_dir())
@@ -146,6 +196,10 @@ def main() -> None:
     result = {"data": args.data, "model": model, "clips": len(clips), "threads": args.threads,
               "chunk_s": CHUNK_S, "offline_onset_f_vs_reference": offline_f,
               "audio_s": seconds, "geometries": rows}
+    if args.keep_up_s > 0:
+        result["keep_up"] = keep_up(backend, [str(c.audio) for c in clips], args.keep_up_s)
+        summary = {k: v for k, v in result["keep_up"].items() if k != "trace"}
+        print({"keep_up": summary, "last": result["keep_up"]["trace"][-1]}, flush=True)
     write_report(args.out, "stream_latency", result)
     plot(rows, Path(args.out).with_suffix(".png"))
 

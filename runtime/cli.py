@@ -549,11 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "as fast as it transcribes (fast: tests, batch use)")
     st.add_argument("--hop", type=float, default=0.2, help="seconds between encoder runs "
                     "(default 0.2): an encoder pass per hop")
-    st.add_argument("--lookahead", type=float, default=0.4, help="seconds of right context "
-                    "a frame waits for (default 0.4); notes come lookahead to lookahead + "
+    st.add_argument("--lookahead", type=float, default=0.3, help="seconds of right context "
+                    "a frame waits for (default 0.3); notes come lookahead to lookahead + "
                     "hop seconds after they sound, plus the encoder's time")
-    st.add_argument("--window", type=float, default=2.0, help="seconds of audio per encoder "
-                    "run (default 2; at most the model's segment, 10 s): shorter costs less "
+    st.add_argument("--window", type=float, default=1.5, help="seconds of audio per encoder "
+                    "run (default 1.5; at most the model's segment, 10 s): shorter costs less "
                     "per hop, with less left context")
     st.add_argument("--rate", type=int, help="SOURCE -: sample rate in Hz (default 16000)")
     st.add_argument("--channels", type=int, help="SOURCE -: interleaved channels (default 1)")

@@ -5,6 +5,7 @@
     GET  /healthz   the process answers           GET /readyz   model loaded, batcher running
     GET  /metrics   Prometheus text format
     WS   /v1/stream live transcription: PCM in, note events out (runtime/stream_server.py)
+    GET  /          a page that streams a file or the microphone and draws the notes live
 
 Every request's segments go through one SegmentBatcher (runtime/batcher.py), so concurrent
 requests share decoder batches; the notes are those `pianolm transcribe` writes for the same
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -54,6 +55,7 @@ FORMATS = {"midi": "audio/midi", "json": "application/json",
 RETRY_AFTER_S = 1
 RAW_BODY = "body"  # the spooled file of a raw (not multipart) body
 _DISCONNECT_POLL_S = 0.1
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"  # GET /
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,10 @@ def create_app(transcriber: Transcriber, config: ServeConfig = ServeConfig()) ->
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(WEB_PAGE, media_type="text/html; charset=utf-8")
 
     @app.get("/healthz")
     async def healthz() -> dict:

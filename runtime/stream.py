@@ -7,7 +7,7 @@
     for event in st.finish():                  # end of input: the rest, open notes closed
         ...
 
-Windows. The encoder is run on windows of W seconds (by default 2 s, DEFAULT_WINDOW_S; at most
+Windows. The encoder is run on windows of W seconds (DEFAULT_WINDOW_S by default; at most
 the model's segment, 10 s: a pass costs about in proportion to W) that slide over the stream by
 a hop H; each window has a right context (lookahead) R and a left context C = W - H - R. Window
 k commits the frames [k H, (k + 1) H) of the timeline: those that no later window will see with
@@ -53,11 +53,12 @@ from .notes import Note
 from .rolls import PEDAL_KEYS, ROLL_KEYS, RollDecodeConfig, RollStream
 from .sustain import SOUNDING, offsets_of
 
-# The default geometry: a 2 s encoder window every 0.2 s, 0.4 s of right context, chosen from
-# the latency / F1 curve (benchmarks/stream_latency.py, benchmarks/results/stream_latency_cpu.json)
-DEFAULT_WINDOW_S = 2.0
+# The default geometry, chosen from the latency / F1 curve (benchmarks/stream_latency.py,
+# benchmarks/results/stream_latency_cpu.json): a 1.5 s encoder window every 0.2 s with 0.3 s of
+# right context, under half of one core for the shipped model
+DEFAULT_WINDOW_S = 1.5
 DEFAULT_HOP_S = 0.2
-DEFAULT_LOOKAHEAD_S = 0.4
+DEFAULT_LOOKAHEAD_S = 0.3
 MIN_PEAK = 0.05  # the quietest peak scaled up to input_peak: silence is not amplified to noise
 
 

@@ -28,9 +28,8 @@ from tests.struck_tones import struck_tones
 from tests.test_rolls_stream import _rolls
 
 # The synthetic struck tones below are not a piano: the model needs more right context on them
-# than on piano audio (the default 0.4 s lookahead finds 76 % of their offline notes, the dev
-# set's piano 99 %: test_default_geometry_on_the_dev_set). The CLI plumbing tests stream them
-# with whole 10 s windows.
+# than on piano audio, so the CLI plumbing tests stream them with whole 10 s windows. The
+# default geometry is checked on the dev set's piano (test_default_geometry_on_the_dev_set).
 WHOLE = ["--window", "10", "--hop", "2.5", "--lookahead", "2.5"]
 FAST = ["--pace", "fast", "--threads", "1", *WHOLE]
 
