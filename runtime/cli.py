@@ -241,14 +241,18 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
 
 
 def _stream_source(args: argparse.Namespace) -> Iterator:
-    """The stream's float32 mono 16 kHz chunks: a file (read as it plays) or stdin's PCM."""
+    """The stream's float32 mono 16 kHz chunks: a file (read as it plays), stdin's PCM, or
+    the microphone."""
+    from .live_io import mic_chunks
     from .stream import file_chunks, pcm_chunks
 
     pcm_flags = [f"--{n}" for n, v in (("rate", args.rate), ("channels", args.channels),
                                        ("sample-format", args.sample_format)) if v is not None]
     if args.source == "mic":
-        raise UserError("mic: live microphone input is not built yet; pipe raw PCM to "
-                        "`pianolm stream -` instead")
+        if pcm_flags:
+            raise UserError(f"{pcm_flags[0]} describes raw PCM on stdin (SOURCE -); the "
+                            "microphone is read at its own rate")
+        return mic_chunks()
     if args.source != "-":
         if pcm_flags:
             raise UserError(f"{pcm_flags[0]} describes raw PCM on stdin (SOURCE -); a file's "
@@ -266,6 +270,7 @@ def _stream_source(args: argparse.Namespace) -> Iterator:
 def cmd_stream(args: argparse.Namespace) -> None:
     from .audio import AudioError
     from .backend import BackendUnavailable
+    from .live_io import LiveDeviceError, MidiOut
     from .manifest import ManifestError
     from .midi import MidiError, write_midi
     from .notes import Note, Pedal
@@ -284,12 +289,14 @@ def cmd_stream(args: argparse.Namespace) -> None:
                 _refuse_inputs([args.source], [out])
             _refuse_overwrite([out], args.overwrite)
             _check_writable(out)
-        chunks = _stream_source(args)
         backend = open_backend("cpu", args.model or default_model_dir(), args.threads,
                                decoder="rolls")
         st = StreamTranscriber(backend, hop_s=args.hop, lookahead_s=args.lookahead,
                                window_s=args.window)
-    except (AudioError, BackendUnavailable, ManifestError, OSError, ValueError) as e:
+        port = MidiOut(args.midi_out) if args.midi_out else None
+        chunks = _stream_source(args)  # last: a microphone starts recording when opened
+    except (AudioError, BackendUnavailable, LiveDeviceError, ManifestError, OSError,
+            ValueError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
 
     def arrived(chunks: Iterator) -> Iterator:
@@ -304,6 +311,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
     def emit(events: list[Event]) -> None:
         for event in events:
             print(json.dumps(event.to_json()), flush=True)
+            if port is not None:
+                port.send(event)
             if out is None:
                 continue
             if event.kind.endswith("_on"):
@@ -316,7 +325,7 @@ def cmd_stream(args: argparse.Namespace) -> None:
                 notes.append(Note(on.time, event.time, event.pitch, on.velocity or 1))
 
     source = arrived(chunks)
-    if args.pace == "realtime" and args.source != "-":  # stdin arrives at its own pace
+    if args.pace == "realtime" and args.source not in ("-", "mic"):  # those have their own
         source = paced(source)
     try:
         try:
@@ -334,6 +343,11 @@ def cmd_stream(args: argparse.Namespace) -> None:
         raise  # the reader left (`| head`): main() exits quietly
     except (AudioError, MidiError, OSError, ValueError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+    finally:  # the microphone stops recording, the MIDI port is let go
+        if hasattr(chunks, "close"):
+            chunks.close()
+        if port is not None:
+            port.close()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -535,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "file played as live input, or raw PCM on stdin (SOURCE -). One JSON "
                         "event per line on stdout (README, Live transcription).")
     st.add_argument("source", metavar="SOURCE", help="an audio file, - (raw PCM on stdin), "
-                    "or mic (not built yet)")
+                    "or mic (the default input device; the live extra)")
     st.add_argument("-o", "--output", help="also write the whole performance to this .mid "
                     "at the end")
     st.add_argument("--model", help="exported model folder (default: the shipped model)")
@@ -544,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--decoder", choices=["lm", "rolls"], default="rolls",
                     help="rolls (default; the LM path is not built yet)")
     st.add_argument("--format", choices=["jsonl"], default="jsonl", help="event format")
+    st.add_argument("--midi-out", metavar="PORT", help="also send the events to this MIDI "
+                    "output port, or a new virtual port of that name (the live extra)")
     st.add_argument("--pace", choices=["realtime", "fast"], default="realtime",
                     help="a file source: played at the audio clock (realtime, default) or "
                     "as fast as it transcribes (fast: tests, batch use)")

@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -370,8 +371,101 @@ def test_ctrl_c_flushes_open_notes_and_writes_the_midi(piece, tmp_path, capsys, 
     assert len(read_midi(out)) == len(notes)
 
 
+class FakeInput:
+    """A sounddevice.InputStream stand-in that records `audio` [n] and then is stopped by
+    Ctrl-C, as a live microphone is."""
+
+    def __init__(self, audio: np.ndarray, **options) -> None:
+        self.audio, self.options, self.at, self.closed = audio, options, 0, False
+
+    def start(self) -> None:
+        pass
+
+    def read(self, n: int) -> tuple[np.ndarray, bool]:
+        if self.at >= len(self.audio):
+            raise KeyboardInterrupt
+        block = self.audio[self.at:self.at + n]
+        self.at += n
+        return block[:, None].astype(np.float32), False
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_mic_streams_what_the_device_records(piece, file_events, capsys, monkeypatch):
+    """`pianolm stream mic` on a device recording the piece: the file's notes."""
+    path, pcm = piece
+    mono = (pcm.astype(np.float32) / 32768).mean(axis=1)
+    streams = []
+
+    def input_stream(**options):
+        streams.append(FakeInput(mono, **options))
+        return streams[-1]
+
+    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(
+        query_devices=lambda kind: {"default_samplerate": 22050.0}, InputStream=input_stream))
+    code, lines, err = _run(capsys, "mic", "--threads", "1", *WHOLE)
+    assert code == 0, err
+    assert streams[0].options["samplerate"] == 22050 and streams[0].closed
+    # Ctrl-C ends the recording without the resampler's last milliseconds, so the last,
+    # end-aligned window sits a frame from the file's: a note near the end may differ
+    from_file = _notes(_as_events(file_events[0]))
+    assert evaluate(_notes(_as_events(lines)), from_file)["onset_f"] >= 0.97
+
+
+@pytest.mark.parametrize("device, says", [
+    (None, "mic needs the live extra: pip install 'pianolm[live]'"),
+    (types.SimpleNamespace(query_devices=lambda kind: (_ for _ in ()).throw(
+        ValueError("No input device matching"))), "mic: no usable input device"),
+])
+def test_mic_without_the_extra_or_a_device_is_one_line(capsys, monkeypatch, device, says):
+    monkeypatch.setitem(sys.modules, "sounddevice", device)
+    code, lines, err = _run(capsys, "mic")
+    assert code == 2 and not lines
+    assert says in _one_error_line(err)
+
+
+class FakePort:
+    def __init__(self) -> None:
+        self.messages, self.closed = [], False
+
+    def send(self, message) -> None:
+        self.messages.append(message)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_midi_out_sends_every_event(piece, file_events, capsys, monkeypatch):
+    import mido
+
+    port = FakePort()
+    monkeypatch.setattr(mido, "get_output_names", lambda: ["synth"])
+    monkeypatch.setattr(mido, "open_output", lambda name, virtual=False: port)
+    code, lines, err = _run(capsys, str(piece[0]), *FAST, "--midi-out", "synth")
+    assert code == 0, err
+    sent = [(m.type, m.note, m.velocity) for m in port.messages]
+    assert sent == [(d["type"], d["pitch"], d.get("velocity", 0)) for d in lines]
+    assert port.closed
+
+
+def test_midi_out_without_a_port_is_one_line(piece, capsys, monkeypatch):
+    import mido
+
+    def refuse(name, virtual=False):
+        raise OSError("ALSA: cannot open the sequencer")
+
+    monkeypatch.setattr(mido, "get_output_names", lambda: [])
+    monkeypatch.setattr(mido, "open_output", refuse)
+    code, lines, err = _run(capsys, str(piece[0]), *FAST, "--midi-out", "synth")
+    assert code == 2 and not lines
+    assert "--midi-out synth: no such port, and no virtual port here" in _one_error_line(err)
+
+
 @pytest.mark.parametrize("argv, says", [
-    (["mic"], "not built yet"),
     (["/no/such.wav"], "not found"),
     (["{piece}", "--rate", "8000"], "--rate"),
     (["{piece}", "--hop", "9"], "hop"),
