@@ -69,8 +69,8 @@ pianolm train assemble --encoder-dir "$record/encoder-gen2" --onset "$runs/prior
 pianolm export --checkpoint "$runs/prior/system" --out "$out" --verify
 pianolm eval --data "$devset" --model "$out" --threads 1 \
   --json "$record/lm-prior-eval-devset.json"
-heldout="${HELDOUT:-$work/heldout/iowa-steinway}"  # benchmarks/make_heldout_set.py
-if [[ -f "$heldout/index.json" || -f "$heldout/manifest.json" ]]; then
+heldout="${HELDOUT:-$work/heldout/iowa-steinway/eval}"  # benchmarks/make_heldout_set.py
+if [[ -d "$heldout" ]]; then
   pianolm eval --data "$heldout" --model "$out" --threads 1 \
     --json "$record/lm-prior-eval-heldout.json"
 fi
