@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from pianolm.runtime.stream import (
     DEFAULT_LOOKAHEAD_S,
     DEFAULT_WINDOW_S,
     Event,
+    Performance,
     StreamTranscriber,
     file_chunks,
 )
@@ -69,6 +69,44 @@ class AudioClock:
         return self._start + time.perf_counter() - self._wall
 
 
+class LiveRun:
+    """One stream on the simulated clock: each chunk is handed over when the audio clock
+    reaches its end, or when the previous chunk's work is done if that is later."""
+
+    def __init__(self, backend, geometry: tuple[float | None, float, float]) -> None:
+        window, hop, lookahead = geometry
+        self.clock = AudioClock()
+        self.st = StreamTranscriber(backend, hop, lookahead, clock=self.clock, window_s=window)
+        self.clock.begin(0.0)
+        self.st.mark_start()  # emitted_at counts from the first sample's arrival
+        self.samples = 0  # 16 kHz samples handed over
+        self.compute_s = 0.0  # wall time spent in push / finish
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples / 16000
+
+    @property
+    def backlog_s(self) -> float:
+        """How far the work runs behind the audio clock now."""
+        return max(0.0, self.clock.busy_until - self.audio_s)
+
+    def push(self, chunk: np.ndarray) -> list[Event]:
+        self.samples += len(chunk)
+        return self._timed(self.st.push, chunk)
+
+    def finish(self) -> list[Event]:
+        return self._timed(self.st.finish)
+
+    def _timed(self, work, *args) -> list[Event]:
+        self.clock.begin(self.audio_s)
+        t = time.perf_counter()
+        events = work(*args)
+        self.compute_s += time.perf_counter() - t
+        self.clock.end()
+        return events
+
+
 @dataclass
 class Streamed:
     notes: list[Note]
@@ -79,40 +117,15 @@ class Streamed:
 
 
 def stream_clip(backend, path: str, geometry: tuple[float | None, float, float]) -> Streamed:
-    window, hop, lookahead = geometry
-    clock = AudioClock()
-    st = StreamTranscriber(backend, hop, lookahead, clock=clock, window_s=window)
-    clock.begin(0.0)
-    st.mark_start()  # emitted_at counts from the first sample's arrival
-    events: list[Event] = []
-    compute, heard = 0.0, 0.0
-
-    def run(chunks: Iterator[np.ndarray]) -> None:
-        nonlocal compute, heard
-        for chunk in chunks:
-            heard += len(chunk) / 16000
-            clock.begin(heard)
-            t = time.perf_counter()
-            events.extend(st.push(chunk))
-            compute += time.perf_counter() - t
-            clock.end()
-
-    run(file_chunks(path, CHUNK_S))
-    backlog = max(0.0, clock.busy_until - heard)
-    clock.begin(heard)
-    t = time.perf_counter()
-    events.extend(st.finish())
-    compute += time.perf_counter() - t
-    sounding: dict[int, Event] = {}
-    notes, latencies = [], []
+    run = LiveRun(backend, geometry)
+    events = [e for chunk in file_chunks(path, CHUNK_S) for e in run.push(chunk)]
+    backlog = run.backlog_s
+    events += run.finish()
+    performance = Performance()
     for e in events:
-        if e.kind == "note_on":
-            sounding[e.pitch] = e
-            latencies.append(e.emitted_at - e.time)
-        elif e.kind == "note_off":
-            on = sounding.pop(e.pitch)
-            notes.append(Note(on.time, e.time, e.pitch, on.velocity or 1))
-    return Streamed(notes, latencies, compute, heard, backlog)
+        performance.add(e)
+    latencies = [e.emitted_at - e.time for e in events if e.kind == "note_on"]
+    return Streamed(performance.notes, latencies, run.compute_s, run.audio_s, backlog)
 
 
 def resident_mb() -> float | None:
@@ -130,28 +143,19 @@ def keep_up(backend, paths: list[str], seconds: float) -> dict:
     """The default geometry on `seconds` of the clips played back to back, on the simulated
     clock: every 10 s of audio, the backlog and resident memory."""
     audio = [np.concatenate(list(file_chunks(p, CHUNK_S))) for p in paths]
-    clock = AudioClock()
-    st = StreamTranscriber(backend, DEFAULT_HOP_S, DEFAULT_LOOKAHEAD_S, clock=clock,
-                           window_s=DEFAULT_WINDOW_S)
-    clock.begin(0.0)
-    st.mark_start()
-    chunk, heard, compute, notes, trace = round(CHUNK_S * 16000), 0, 0.0, 0, []
-    while heard < seconds * 16000:
+    run = LiveRun(backend, (DEFAULT_WINDOW_S, DEFAULT_HOP_S, DEFAULT_LOOKAHEAD_S))
+    chunk, notes, trace = round(CHUNK_S * 16000), 0, []
+    while run.samples < seconds * 16000:
         for x in audio:
             for i in range(0, len(x), chunk):
-                heard += len(x[i:i + chunk])
-                clock.begin(heard / 16000)
-                t = time.perf_counter()
-                notes += sum(e.kind == "note_on" for e in st.push(x[i:i + chunk]))
-                compute += time.perf_counter() - t
-                clock.end()
-                if heard % (10 * 16000) < chunk:
-                    backlog = max(0.0, clock.busy_until - heard / 16000)
-                    trace.append({"audio_s": round(heard / 16000, 1),
-                                  "backlog_s": round(backlog, 3), "resident_mb": resident_mb()})
+                notes += sum(e.kind == "note_on" for e in run.push(x[i:i + chunk]))
+                if run.samples % (10 * 16000) < chunk:
+                    trace.append({"audio_s": round(run.audio_s, 1),
+                                  "backlog_s": round(run.backlog_s, 3),
+                                  "resident_mb": resident_mb()})
     return {"window_s": DEFAULT_WINDOW_S, "hop_s": DEFAULT_HOP_S,
-            "lookahead_s": DEFAULT_LOOKAHEAD_S, "audio_s": heard / 16000, "notes": notes,
-            "core_share": compute / (heard / 16000), "trace": trace}
+            "lookahead_s": DEFAULT_LOOKAHEAD_S, "audio_s": run.audio_s, "notes": notes,
+            "core_share": run.compute_s / run.audio_s, "trace": trace}
 
 
 def main() -> None:

@@ -273,8 +273,7 @@ def cmd_stream(args: argparse.Namespace) -> None:
     from .live_io import LiveDeviceError, MidiOut
     from .manifest import ManifestError
     from .midi import MidiError, write_midi
-    from .notes import Note, Pedal
-    from .stream import Event, StreamTranscriber, paced
+    from .stream import Event, Performance, StreamTranscriber, paced
     from .transcriber import default_model_dir, open_backend
 
     if args.decoder != "rolls":
@@ -304,25 +303,15 @@ def cmd_stream(args: argparse.Namespace) -> None:
             st.mark_start()  # emitted_at counts from the first sample read
             yield chunk
 
-    sounding: dict[int | None, Event] = {}  # by pitch; None: the pedal
-    notes: list[Note] = []  # kept for -o only: the whole performance
-    pedals: list[Pedal] = []
+    performance = Performance() if out is not None else None  # for -o only
 
     def emit(events: list[Event]) -> None:
         for event in events:
             print(json.dumps(event.to_json()), flush=True)
             if port is not None:
                 port.send(event)
-            if out is None:
-                continue
-            if event.kind.endswith("_on"):
-                sounding[event.pitch] = event
-                continue
-            on = sounding.pop(event.pitch)
-            if event.pitch is None:
-                pedals.append((on.time, event.time))
-            else:
-                notes.append(Note(on.time, event.time, event.pitch, on.velocity or 1))
+            if performance is not None:
+                performance.add(event)
 
     source = arrived(chunks)
     if args.pace == "realtime" and args.source not in ("-", "mic"):  # those have their own
@@ -336,9 +325,9 @@ def cmd_stream(args: argparse.Namespace) -> None:
         emit(st.finish())
         if st.seconds == 0:
             raise UserError(f"{args.source}: no audio was read")
-        if out is not None:
+        if out is not None and performance is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
-            write_midi(notes, out, pedals=pedals)
+            write_midi(performance.notes, out, pedals=performance.pedals)
     except BrokenPipeError:
         raise  # the reader left (`| head`): main() exits quietly
     except (AudioError, MidiError, OSError, ValueError) as e:

@@ -47,9 +47,10 @@ import numpy as np
 # audio.py's block decoder, mix-down and resampler: one audio path for files and streams
 from .audio import SAMPLE_RATE, To16k, iter_file_16k, mix_to_mono, probe_audio
 from .backend import RollBackend
+from .errors import one_line
 from .kong_rolls import OFFSET_NEIGHBOUR, pedal_presses
 from .manifest import Manifest, ManifestError
-from .notes import Note
+from .notes import Note, Pedal
 from .rolls import PEDAL_KEYS, ROLL_KEYS, RollDecodeConfig, RollStream
 from .sustain import SOUNDING, offsets_of
 
@@ -88,6 +89,27 @@ class Event:
             out["velocity"] = self.velocity
         out["emitted_at"] = round(self.emitted_at, 4)
         return out
+
+
+class Performance:
+    """The notes and pedal presses a stream's events make: each note_on (pedal_on) paired
+    with the note_off (pedal_off) that closes it. Every note_on is closed by the end of a
+    stream, so after finish() this is the whole performance."""
+
+    def __init__(self) -> None:
+        self.notes: list[Note] = []
+        self.pedals: list[Pedal] = []
+        self._sounding: dict[int | None, Event] = {}  # by pitch; None: the pedal
+
+    def add(self, event: Event) -> None:
+        if event.kind.endswith("_on"):
+            self._sounding[event.pitch] = event
+            return
+        on = self._sounding.pop(event.pitch)
+        if event.pitch is None:
+            self.pedals.append((on.time, event.time))
+        else:
+            self.notes.append(Note(on.time, event.time, event.pitch, on.velocity or 1))
 
 
 def _order(event: Event) -> tuple[float, bool, int]:
@@ -300,7 +322,7 @@ class StreamTranscriber:
             self.backend.encode_with_rolls(silence, whole=False)
         except Exception as e:  # the backend's own error type (ONNX Runtime's, ...)
             raise ValueError(f"window {window_s} s: this model's encoder cannot run on so "
-                             f"short a window ({' '.join(str(e).split())[:160]})") from None
+                             f"short a window ({one_line(e)[:160]})") from None
 
     def _commit(self, first: int, keep: slice) -> None:
         """Encode the window whose first sample is `first` and push its frames `keep`."""

@@ -107,8 +107,9 @@ async def _serve(ws: WebSocket, limits: StreamLimits, backend: Callable) -> None
     try:
         given = any(k in query for k in ("rate", "channels", "format"))
         pcm = pcm_format(query) if given else None
-        transcriber = StreamTranscriber(await backend(), limits.hop_s, limits.lookahead_s,
-                                        window_s=limits.window_s)
+        # in a worker thread: a window shorter than a segment costs one probe encoder pass
+        transcriber = await asyncio.to_thread(StreamTranscriber, await backend(), limits.hop_s,
+                                              limits.lookahead_s, window_s=limits.window_s)
     except StreamError as e:
         await ws.send_denial_response(JSONResponse({"error": one_line(str(e))}, 400))
         return
